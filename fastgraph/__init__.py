@@ -1,0 +1,7 @@
+"""fastgraph: compile a ResNet as a torch.fx graph and make it train and infer fast.
+
+The one object that flows through fastgraph is a ``torch.fx.GraphModule``: passes
+(``fastgraph.passes``), training, export, profiling and the roofline all take one.
+"""
+
+__version__ = "0.1.0"

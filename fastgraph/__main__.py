@@ -1,0 +1,3 @@
+from fastgraph.cli import main
+
+raise SystemExit(main())

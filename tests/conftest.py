@@ -1,0 +1,47 @@
+"""Shared fixtures. Real CIFAR-10 comes from $FASTGRAPH_DATA, else the JPEG archive in
+../shared beside the checkout; tests that need it skip, saying so, when neither exists."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_ARCHIVE = REPO.parent / "shared" / "data" / "cifar10-jpeg" / "cifar10-jpeg.tar.xz"
+EXAMPLES = REPO / "examples"
+EXAMPLE_FILES = sorted(p.name for p in EXAMPLES.glob("*.py"))
+
+
+def real_data_path() -> Path | None:
+    """Where real CIFAR-10 is: $FASTGRAPH_DATA, else the shared JPEG archive, else None."""
+    env = os.environ.get("FASTGRAPH_DATA")
+    if env:
+        return Path(env)
+    return SHARED_ARCHIVE if SHARED_ARCHIVE.exists() else None
+
+
+@pytest.fixture(scope="session")
+def cifar10():
+    """The full real CIFAR-10 (decoded once, then read from the cache)."""
+    path = real_data_path()
+    if path is None:
+        pytest.skip("real CIFAR-10 not found: set FASTGRAPH_DATA or put ../shared beside the checkout")
+    from fastgraph.data import load_cifar10
+
+    return load_cifar10(path)
+
+
+@pytest.fixture(scope="session")
+def real_batch(cifar10):
+    """64 real CIFAR-10 test images, normalised float32 (64, 3, 32, 32), and their int64 labels."""
+    from fastgraph.data import normalize
+
+    return normalize(cifar10.test_images[:64]), cifar10.test_labels[:64]
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
