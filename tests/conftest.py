@@ -3,24 +3,10 @@
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED_ARCHIVE = REPO.parent / "shared" / "data" / "cifar10-jpeg" / "cifar10-jpeg.tar.xz"
-EXAMPLES = REPO / "examples"
-EXAMPLE_FILES = sorted(p.name for p in EXAMPLES.glob("*.py"))
-
-
-def real_data_path() -> Path | None:
-    """Where real CIFAR-10 is: $FASTGRAPH_DATA, else the shared JPEG archive, else None."""
-    env = os.environ.get("FASTGRAPH_DATA")
-    if env:
-        return Path(env)
-    return SHARED_ARCHIVE if SHARED_ARCHIVE.exists() else None
+from support import real_data_path
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,125 @@
+"""Load a user's plain PyTorch model file and build the model it defines.
+
+The file is imported in isolation (a private module name, removed from ``sys.modules``
+afterwards) so two model files with the same name never collide and nothing of the
+user's leaks into fastgraph. The entry point is, in order: ``--entry NAME``; a function
+``model()`` or ``build_model()``; else the one ``nn.Module`` subclass defined in the file
+that constructs with no arguments.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import inspect
+import itertools
+import sys
+import traceback
+import types
+from pathlib import Path
+
+from torch import nn
+
+from fastgraph.errors import ModelError
+
+ENTRY_FUNCTIONS = ("model", "build_model")
+_counter = itertools.count()
+
+
+def _user_line(exc: BaseException, path: Path) -> str:
+    """' (line N)' for the deepest traceback frame inside the user's file, else ''."""
+    frames = [f for f in traceback.extract_tb(exc.__traceback__) if Path(f.filename) == path]
+    return f" (line {frames[-1].lineno})" if frames else ""
+
+
+def import_model_file(path: str | Path) -> types.ModuleType:
+    """Execute a model file as a private module and return it.
+
+    Raises ``ModelError`` (one line) when the file is missing, has a syntax error (with
+    its line number) or raises while it is imported (with the line that raised).
+    """
+    path = Path(path).expanduser().resolve()
+    if not path.is_file():
+        raise ModelError(f"model file not found: {path}")
+    name = f"fastgraph_user_model_{next(_counter)}"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    # Sibling imports (a helper file next to the model) resolve as they would for the user.
+    sys.path.insert(0, str(path.parent))
+    sys.modules[name] = module  # dataclasses and pickling look the module up while it runs
+    try:
+        spec.loader.exec_module(module)
+    except SyntaxError as exc:
+        raise ModelError(f"syntax error in {path} line {exc.lineno}: {exc.msg}") from None
+    except Exception as exc:  # the user's code raised while being imported
+        raise ModelError(
+            f"importing {path} failed{_user_line(exc, path)}: {type(exc).__name__}: {exc}"
+        ) from None
+    finally:
+        sys.path.remove(str(path.parent))
+        sys.modules.pop(name, None)
+    return module
+
+
+def _constructs_without_arguments(cls: type) -> bool:
+    try:
+        params = list(inspect.signature(cls).parameters.values())
+    except (TypeError, ValueError):
+        return False
+    return all(
+        p.default is not inspect.Parameter.empty or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+        for p in params
+    )
+
+
+def find_entry(module: types.ModuleType, path: Path, entry: str | None = None):
+    """The callable that builds the model: ``entry``, ``model``/``build_model``, or the one
+    no-argument ``nn.Module`` subclass defined in the file. Raises ``ModelError``."""
+    if entry is not None:
+        if not hasattr(module, entry):
+            defined = sorted(k for k, v in vars(module).items()
+                             if callable(v) and getattr(v, "__module__", None) == module.__name__)
+            raise ModelError(f"{path} has no {entry!r}; it defines: {', '.join(defined) or 'nothing callable'}")
+        return getattr(module, entry)
+    for fn_name in ENTRY_FUNCTIONS:
+        if callable(getattr(module, fn_name, None)):
+            return getattr(module, fn_name)
+    classes = [v for v in vars(module).values()
+               if isinstance(v, type) and issubclass(v, nn.Module) and v.__module__ == module.__name__]
+    candidates = [c for c in classes if _constructs_without_arguments(c)]
+    if len(candidates) == 1:
+        return candidates[0]
+    if not candidates:
+        raise ModelError(
+            f"no entry point in {path}: define model() or build_model(), or one nn.Module "
+            "subclass that constructs with no arguments, or pass --entry NAME")
+    names = ", ".join(c.__name__ for c in candidates)
+    raise ModelError(f"ambiguous entry point in {path}: {names} all construct with no arguments; "
+                     "pass --entry NAME")
+
+
+def load_model(path: str | Path, entry: str | None = None) -> nn.Module:
+    """Build the ``nn.Module`` a model file defines (see the module docstring for the entry rules).
+
+    Args:
+        path: a ``.py`` file written as plain PyTorch (no fastgraph import needed).
+        entry: name of a function or class in the file to call with no arguments.
+
+    Returns:
+        The constructed ``nn.Module`` (parameters as the file initialises them).
+
+    Raises:
+        ModelError: file missing, syntax error, import error, no or ambiguous entry point,
+            the constructor raising (with its line), or an entry that returns no ``nn.Module``.
+    """
+    path = Path(path).expanduser().resolve()
+    module = import_model_file(path)
+    factory = find_entry(module, path, entry)
+    label = getattr(factory, "__name__", repr(factory))
+    try:
+        model = factory()
+    except Exception as exc:
+        raise ModelError(f"constructing {label} from {path} raised{_user_line(exc, path)}: "
+                         f"{type(exc).__name__}: {exc}") from None
+    if not isinstance(model, nn.Module):
+        raise ModelError(f"{label} in {path} returned {type(model).__name__}, not an nn.Module")
+    return model

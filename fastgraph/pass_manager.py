@@ -1,0 +1,199 @@
+"""Run a list of graph passes, lint after each, and verify the exact ones on real data.
+
+For every *exact* pass the manager compares the module before and after on a real
+CIFAR-10 batch in float64: the outputs and, in train mode, the gradients of the
+cross-entropy loss with respect to the input and to every parameter the two modules
+share by name. If any differs beyond tolerance it keeps the pre-pass module and reports
+the refusal with the measured difference (the torch.fx pass-manager idea of checking
+after each pass, with numerics in place of a lint only). *Training-time* passes change
+the function by design; they are applied and reported, not verified. The manager times
+nothing itself.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+
+from fastgraph import passes as registry
+from fastgraph.errors import UserError
+
+# Relative tolerance of the float64 check. The modules hold float32 weights (a fold is
+# computed in float64 and rounded once to float32), so honest rewrites differ by a few
+# float32 ulps of the output scale; a wrong rewrite differs by orders of magnitude more.
+RTOL = 1e-5
+
+
+@dataclass
+class PassOutcome:
+    """What one pass did: status is applied, refused, no-op or error."""
+
+    name: str
+    exactness: str
+    status: str
+    rewrites: int = 0
+    max_output_diff: float | None = None
+    max_grad_diff: float | None = None
+    tolerance: float | None = None
+    flops_before: float | None = None  # forward FLOPs per image
+    flops_after: float | None = None
+    bytes_before: float | None = None  # forward bytes moved per image (eager, unfused)
+    bytes_after: float | None = None
+    message: str = ""
+
+
+@dataclass
+class PassReport:
+    """The outcome of every pass, in order, for one mode."""
+
+    mode: str
+    outcomes: list[PassOutcome] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {"mode": self.mode, "passes": [asdict(o) for o in self.outcomes]}
+
+    @property
+    def applied(self) -> list[str]:
+        return [o.name for o in self.outcomes if o.status == "applied"]
+
+
+def _forward_backward(gm: fx.GraphModule, mode: str, x: torch.Tensor, y: torch.Tensor | None):
+    """Float64 outputs and (train mode) gradients of a copy of ``gm``; ``gm`` is untouched."""
+    model = copy.deepcopy(gm).double()
+    model.train(mode == "train")
+    x = x.detach().double().requires_grad_(mode == "train")
+    if mode != "train":
+        with torch.no_grad():
+            return model(x).detach(), {}
+    out = model(x)
+    loss = F.cross_entropy(out, y) if y is not None and out.dim() == 2 else out.square().mean()
+    loss.backward()
+    grads = {"<input>": x.grad.detach()}
+    grads.update({n: p.grad.detach() for n, p in model.named_parameters() if p.grad is not None})
+    return out.detach(), grads
+
+
+def _max_rel_diff(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
+    """(max |a - b|, the tolerance for it): RTOL times the larger of 1 and max |a|."""
+    if a.shape != b.shape:
+        return float("inf"), 0.0
+    return (a - b).abs().max().item(), RTOL * max(1.0, a.abs().max().item())
+
+
+def verify(before: fx.GraphModule, after: fx.GraphModule, mode: str,
+           batch: tuple[torch.Tensor, torch.Tensor | None], reference=None):
+    """Compare ``before`` and ``after`` on ``batch`` in float64.
+
+    Args:
+        before, after: the modules; neither is modified (copies run).
+        mode: "train" (batch-statistics BN, outputs and gradients) or "infer" (eval, outputs).
+        batch: (x float (N, 3, H, W), labels int64 (N,) or None).
+        reference: ``_forward_backward(before, ...)`` if already computed.
+
+    Returns:
+        (ok, max_output_diff, max_grad_diff or None, output tolerance, after's results).
+    """
+    x, y = batch
+    ref_out, ref_grads = reference or _forward_backward(before, mode, x, y)
+    out, grads = _forward_backward(after, mode, x, y)
+    out_diff, tol = _max_rel_diff(ref_out, out)
+    ok = out_diff <= tol
+    grad_diff = None
+    if mode == "train":
+        common = ref_grads.keys() & grads.keys()
+        grad_diff = 0.0
+        for name in common:
+            d, t = _max_rel_diff(ref_grads[name], grads[name])
+            grad_diff = max(grad_diff, d)
+            ok = ok and d <= t
+    return ok, out_diff, grad_diff, tol, (out, grads)
+
+
+def _costs(gm: fx.GraphModule, example: torch.Tensor | None):
+    """(forward FLOPs per image, forward bytes per image) of ``gm``, or (None, None)."""
+    if example is None:
+        return None, None
+    from fastgraph.roofline import node_costs  # deferred: FLOP counting is not needed to verify
+
+    costs = node_costs(gm, example)
+    return sum(c.flops for c in costs), sum(c.bytes for c in costs)
+
+
+def run_passes(gm: fx.GraphModule, names: list[str], *, mode: str,
+               batch: tuple[torch.Tensor, torch.Tensor | None] | None = None,
+               options: dict[str, dict] | None = None,
+               cost_example: torch.Tensor | None = None) -> tuple[fx.GraphModule, PassReport]:
+    """Apply the passes ``names`` in order to ``gm`` for ``mode``.
+
+    Args:
+        gm: the traced model; never modified (passes work on copies).
+        names: registered pass names (see ``fastgraph.passes.REGISTRY``).
+        mode: "train" or "infer"; a pass registered for neither raises.
+        batch: a real batch (x float32 (N, 3, 32, 32) normalised, labels int64 (N,)),
+            needed when the list holds an exact pass.
+        options: per-pass keyword options, e.g. ``{"whitening": {"images": x}}``.
+        cost_example: a (1, 3, H, W) input; when given, FLOPs and bytes per image are
+            counted before and after every pass.
+
+    Returns:
+        (the final GraphModule, a ``PassReport``).
+
+    Raises:
+        UserError: unknown pass, a pass that does not apply in ``mode``, an exact pass
+            without a batch to verify it on, or a data pass without its data option.
+    """
+    if mode not in registry.MODES:
+        raise UserError(f"mode must be one of {', '.join(registry.MODES)}, not {mode!r}")
+    options = options or {}
+    infos = []
+    for name in names:
+        try:
+            info = registry.get(name)
+        except KeyError as exc:
+            raise UserError(exc.args[0]) from None
+        if mode not in info.modes:
+            raise UserError(f"pass {name} applies in {'/'.join(info.modes)} mode, not {mode}")
+        if info.exact and batch is None:
+            raise UserError(f"pass {name} is exact and must be verified: give a real data batch")
+        infos.append(info)
+
+    report = PassReport(mode)
+    reference = None  # float64 results of the current module, reused across exact passes
+    flops, nbytes = _costs(gm, cost_example)
+    for info in infos:
+        outcome = PassOutcome(info.name, info.exactness, "no-op", flops_before=flops,
+                              bytes_before=nbytes, flops_after=flops, bytes_after=nbytes)
+        report.outcomes.append(outcome)
+        try:
+            after = info.fn(gm, **options.get(info.name, {}))
+            after.graph.lint()
+        except (UserError, ValueError) as exc:
+            # A pass's own guard rejecting the user's options or batch: the user's to fix.
+            raise UserError(f"pass {info.name}: {exc}") from None
+        outcome.rewrites = registry.rewrite_count(gm, after)
+        if outcome.rewrites == 0:
+            outcome.message = "nothing to rewrite"
+            continue
+        if info.exact:
+            if reference is None:
+                reference = _forward_backward(gm, mode, *batch)
+            ok, out_diff, grad_diff, tol, results = verify(gm, after, mode, batch, reference)
+            outcome.max_output_diff, outcome.max_grad_diff, outcome.tolerance = out_diff, grad_diff, tol
+            if not ok:
+                outcome.status = "refused"
+                worst = max(out_diff, grad_diff or 0.0)
+                outcome.message = f"differs by {worst:.3g} > tolerance {tol:.3g}: kept the module before it"
+                continue
+            reference = results
+        else:
+            reference = None  # the function changed: the next exact pass needs a new reference
+            outcome.message = "changes the function: train with it"
+        outcome.status = "applied"
+        gm = after
+        flops, nbytes = _costs(gm, cost_example)
+        outcome.flops_after, outcome.bytes_after = flops, nbytes
+    return gm, report
