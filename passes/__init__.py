@@ -19,8 +19,8 @@ from __future__ import annotations
 import copy
 import importlib
 import pkgutil
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch.fx as fx
 
