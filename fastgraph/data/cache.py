@@ -1,0 +1,206 @@
+"""Decode-once cache of CIFAR-10 arrays, keyed by the source's path, size and mtime.
+
+Decoding 60,000 JPEGs takes seconds; reading the decoded uint8 arrays back takes a
+fraction of one. The cache is an uncompressed ``.npz`` (numpy's zip of ``.npy``
+arrays; zip's CRC-32 makes a flipped byte or a truncated file fail to load, so a corrupt
+cache is detected and rebuilt instead of returning wrong pixels). It is written to a
+temporary file and renamed into place, so an interrupted decode never leaves a partial
+cache behind.
+
+Where: next to the source (``<source>.fastgraph-cache.npz``) when its folder is
+writable, else in the cache dir (``$FASTGRAPH_CACHE``, else ``~/.cache/fastgraph``) as
+``cifar10-<hash of the resolved source path>.npz``. A folder whose mode bits grant no
+write permission counts as read-only even for root, so a shared data set marked
+read-only is never written beside.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import stat
+import tempfile
+import warnings
+import zipfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+
+try:  # POSIX: one decode at a time per cache file; other loaders wait, then read it
+    import fcntl
+except ImportError:  # pragma: no cover - Windows: no lock, atomic rename still holds
+    fcntl = None
+
+# Bump when the arrays' layout or the key's meaning changes, so old caches rebuild.
+FORMAT_VERSION = 1
+CACHE_SUFFIX = ".fastgraph-cache.npz"
+
+
+class Arrays(NamedTuple):
+    """Decoded CIFAR-10 as numpy arrays.
+
+    train_images/test_images: uint8 (N, 3, 32, 32), contiguous NCHW, pixel values 0..255.
+    train_labels/test_labels: int64 (N,), class indices into ``classes``.
+    classes: tuple of class names.
+    """
+
+    train_images: np.ndarray
+    train_labels: np.ndarray
+    test_images: np.ndarray
+    test_labels: np.ndarray
+    classes: tuple[str, ...]
+
+
+def cache_dir() -> Path:
+    """The cache folder: ``$FASTGRAPH_CACHE``, else ``~/.cache/fastgraph``."""
+    env = os.environ.get("FASTGRAPH_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "fastgraph"
+
+
+def source_key(source: Path, kind: str, extra: str = "") -> str:
+    """A string that changes whenever the source's content may have changed.
+
+    A file is identified by its resolved path, size and mtime (ns); a folder by its
+    resolved path and every file's relative path, size and mtime inside it. ``kind``
+    (the decoder) and ``extra`` (e.g. the md5 table used) are part of the key too, so a
+    cache built under other checks is not reused.
+    """
+    source = source.resolve()
+    st = source.stat()
+    if source.is_dir():
+        digest = hashlib.sha1()
+        for root, dirs, files in os.walk(source):
+            dirs.sort()
+            for name in sorted(files):
+                p = os.path.join(root, name)
+                s = os.stat(p)
+                digest.update(f"{os.path.relpath(p, source)}\0{s.st_size}\0{s.st_mtime_ns}\n".encode())
+        content = digest.hexdigest()
+    else:
+        content = f"{st.st_size}:{st.st_mtime_ns}"
+    return json.dumps(
+        {"format": FORMAT_VERSION, "kind": kind, "source": str(source), "content": content,
+         "extra": extra},
+        sort_keys=True,
+    )
+
+
+def _marked_writable(folder: Path) -> bool:
+    # os.access alone says yes to root for any folder on a read-write mount; the mode
+    # bits say whether the owner meant the folder to stay untouched.
+    try:
+        mode = folder.stat().st_mode
+    except OSError:
+        return False
+    return bool(mode & (stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH)) and os.access(folder, os.W_OK)
+
+
+def candidate_paths(source: Path) -> list[Path]:
+    """Where the cache of ``source`` may live, in order of preference."""
+    source = source.resolve()
+    fallback = cache_dir() / f"cifar10-{hashlib.sha1(str(source).encode()).hexdigest()[:16]}.npz"
+    beside = source.parent / (source.name + CACHE_SUFFIX)
+    return [beside, fallback] if _marked_writable(source.parent) else [fallback]
+
+
+def read(path: Path, key: str) -> Arrays | None:
+    """The arrays cached at ``path`` under ``key``; None if absent, stale or corrupt."""
+    if not path.is_file():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            if str(z["key"]) != key:
+                return None
+            arrays = Arrays(
+                z["train_images"], z["train_labels"], z["test_images"], z["test_labels"],
+                tuple(str(c) for c in z["classes"]),
+            )
+    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile):
+        return None  # truncated or corrupt (zip CRC, bad header): rebuild
+    ok = (
+        arrays.train_images.dtype == np.uint8 and arrays.test_images.dtype == np.uint8
+        and arrays.train_images.ndim == 4 and arrays.test_images.ndim == 4
+        and arrays.train_images.shape[1:] == (3, 32, 32)
+        and arrays.test_images.shape[1:] == (3, 32, 32)
+        and arrays.train_labels.shape == (len(arrays.train_images),)
+        and arrays.test_labels.shape == (len(arrays.test_images),)
+    )
+    return arrays if ok else None
+
+
+def write(path: Path, key: str, arrays: Arrays) -> None:
+    """Write ``arrays`` to ``path`` atomically (temporary file in the same folder, then rename).
+
+    Raises OSError if the folder cannot be written.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(
+                f, key=np.array(key), train_images=arrays.train_images,
+                train_labels=arrays.train_labels, test_images=arrays.test_images,
+                test_labels=arrays.test_labels, classes=np.array(arrays.classes),
+            )
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp makes it owner-only; the cache is as public as its source
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    # Several test runs may start on a cold cache at once: let one decode, the rest wait
+    # and then read its result instead of each spending the CPU on the same decode.
+    if fcntl is None:
+        yield
+        return
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        f = open(path.with_name(path.name + ".lock"), "a")  # noqa: SIM115 - held across yield
+    except OSError:
+        yield
+        return
+    with f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def load_or_build(source: Path, key: str, build: Callable[[], Arrays]) -> tuple[Arrays, Path | None, bool]:
+    """Cached arrays of ``source`` under ``key``, decoding with ``build()`` on a miss.
+
+    Returns (arrays, cache path or None when no location was writable, whether it was a
+    cache hit). Errors raised by ``build`` (e.g. DataError) propagate; a cache that cannot
+    be written only warns.
+    """
+    candidates = candidate_paths(source)
+    for path in candidates:
+        arrays = read(path, key)
+        if arrays is not None:
+            return arrays, path, True
+    first = candidates[0]
+    with _locked(first):
+        arrays = read(first, key)  # another process may have built it while we waited
+        if arrays is not None:
+            return arrays, first, True
+        arrays = build()
+        for path in candidates:
+            try:
+                write(path, key, arrays)
+                return arrays, path, False
+            except OSError as exc:
+                last = exc
+        warnings.warn(f"could not write the CIFAR-10 cache ({last}); the next load decodes again",
+                      stacklevel=3)
+        return arrays, None, False

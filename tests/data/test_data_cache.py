@@ -1,0 +1,124 @@
+"""The decode-once cache: hits, invalidation on a changed source, corrupt caches, atomic
+writes, and the fallback to $FASTGRAPH_CACHE beside a read-only source."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+from cifar_builders import make_tar, write_batches, write_imagefolder
+from PIL import Image
+
+from fastgraph.data import cache, load_cifar10
+from fastgraph.errors import DataError
+
+
+def _same(a, b):
+    for name in ("train_images", "train_labels", "test_images", "test_labels"):
+        assert torch.equal(getattr(a, name), getattr(b, name)), name
+    assert a.classes == b.classes
+
+
+def test_second_load_reads_the_cache(tmp_path, sample, isolated_cache):
+    src = write_imagefolder(tmp_path / "d", sample)
+    first = load_cifar10(src)
+    assert not first.from_cache
+    assert first.cache_path == tmp_path / ("d" + cache.CACHE_SUFFIX)  # beside a writable source
+    second = load_cifar10(src)
+    assert second.from_cache and second.cache_path == first.cache_path
+    _same(first, second)
+    assert second.load_seconds < first.load_seconds
+    assert not isolated_cache.exists()  # nothing written to the cache dir
+
+
+def test_changed_source_invalidates(tmp_path, sample, isolated_cache):
+    src = write_imagefolder(tmp_path / "d", sample)
+    before = load_cifar10(src)
+    target = src / "train" / "airplane" / "0.png"
+    pixels = np.asarray(Image.open(target)).copy()
+    pixels[0, 0] = 255 - pixels[0, 0]
+    Image.fromarray(pixels).save(target)
+    after = load_cifar10(src)
+    assert not after.from_cache
+    assert torch.equal(after.train_images[0], torch.from_numpy(pixels.transpose(2, 0, 1).copy()))
+    assert not torch.equal(after.train_images[0], before.train_images[0])
+    assert load_cifar10(src).from_cache
+
+
+def test_replaced_archive_invalidates(tmp_path, sample, isolated_cache):
+    src = write_imagefolder(tmp_path / "d", sample)
+    archive = make_tar(src, tmp_path / "c.tar")
+    assert not load_cifar10(archive).from_cache
+    assert load_cifar10(archive).from_cache
+    (src / "test" / "truck" / "9.png").unlink()
+    make_tar(src, archive)
+    ds = load_cifar10(archive)
+    assert not ds.from_cache and len(ds.test_labels) == len(sample.test_labels) - 1
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip"])
+def test_corrupt_cache_is_rebuilt(tmp_path, sample, isolated_cache, damage):
+    md5 = write_batches(tmp_path / "cifar-10-batches-py", sample)
+    good = load_cifar10(tmp_path, checksums=md5)
+    path = good.cache_path
+    data = bytearray(path.read_bytes())
+    if damage == "truncate":
+        data = data[: len(data) // 2]
+    else:
+        data[len(data) // 3] ^= 0xFF  # inside the image array: caught by zip's CRC-32
+    path.write_bytes(bytes(data))
+    rebuilt = load_cifar10(tmp_path, checksums=md5)
+    assert not rebuilt.from_cache
+    _same(good, rebuilt)
+    assert load_cifar10(tmp_path, checksums=md5).from_cache
+
+
+def test_failed_decode_leaves_no_cache(tmp_path, sample, isolated_cache):
+    src = write_imagefolder(tmp_path / "d", sample)
+    (src / "test" / "cat" / "0.png").write_bytes(b"broken")
+    with pytest.raises(DataError):
+        load_cifar10(src)
+    assert not any(p.name.startswith("d.") for p in tmp_path.iterdir() if p.suffix != ".lock")
+    assert not isolated_cache.exists() or not any(isolated_cache.glob("*.npz*"))
+
+
+def test_other_checksums_do_not_reuse_the_cache(tmp_path, sample, isolated_cache):
+    md5 = write_batches(tmp_path / "cifar-10-batches-py", sample)
+    assert not load_cifar10(tmp_path, checksums=md5).from_cache
+    with pytest.raises(DataError, match="data_batch_1: md5"):
+        load_cifar10(tmp_path)  # the published md5s still apply: no shortcut through the cache
+
+
+def test_read_only_source_caches_in_cache_dir(tmp_path, sample, isolated_cache):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    archive = make_tar(write_imagefolder(tmp_path / "d", sample), ro / "c.tar.gz")
+    os.chmod(ro, 0o555)  # marked read-only; honoured even when the tests run as root
+    try:
+        first = load_cifar10(archive)
+        assert first.cache_path.parent == isolated_cache
+        assert sorted(os.listdir(ro)) == ["c.tar.gz"]
+        second = load_cifar10(archive)
+        assert second.from_cache and second.cache_path == first.cache_path
+        _same(first, second)
+    finally:
+        os.chmod(ro, 0o755)
+
+
+def test_cache_write_is_atomic(tmp_path, sample):
+    # A write that fails part-way (here: a folder in the way of the final name) leaves
+    # neither a cache nor a temporary file behind.
+    md5 = write_batches(tmp_path / "cifar-10-batches-py", sample)
+    from fastgraph.data import pickled
+
+    arrays = pickled.read_folder(tmp_path / "cifar-10-batches-py", md5)
+    target = tmp_path / "out" / "c.npz"
+    target.mkdir(parents=True)
+    with pytest.raises(OSError):
+        cache.write(target, "k", arrays)
+    assert os.listdir(tmp_path / "out") == ["c.npz"] and target.is_dir()
+    target.rmdir()
+    cache.write(target, "k", arrays)
+    assert cache.read(target, "k") is not None and cache.read(target, "other") is None
