@@ -113,20 +113,21 @@ def verify(before: fx.GraphModule, after: fx.GraphModule, mode: str,
     return ok, out_diff, grad_diff, tol, (out, grads)
 
 
-def _costs(gm: fx.GraphModule, example: torch.Tensor | None):
-    """(forward FLOPs per image, forward bytes per image) of ``gm``, or (None, None)."""
+def _costs(gm: fx.GraphModule, example: torch.Tensor | None, batch_size: int):
+    """(forward FLOPs per image, forward bytes per image at ``batch_size``) of ``gm``, or (None, None)."""
     if example is None:
         return None, None
     from fastgraph.roofline import node_costs  # deferred: FLOP counting is not needed to verify
 
-    costs = node_costs(gm, example)
+    costs = node_costs(gm, example, batch_size=batch_size)
     return sum(c.flops for c in costs), sum(c.bytes for c in costs)
 
 
 def run_passes(gm: fx.GraphModule, names: list[str], *, mode: str,
                batch: tuple[torch.Tensor, torch.Tensor | None] | None = None,
                options: dict[str, dict] | None = None,
-               cost_example: torch.Tensor | None = None) -> tuple[fx.GraphModule, PassReport]:
+               cost_example: torch.Tensor | None = None,
+               cost_batch_size: int = 512) -> tuple[fx.GraphModule, PassReport]:
     """Apply the passes ``names`` in order to ``gm`` for ``mode``.
 
     Args:
@@ -138,6 +139,7 @@ def run_passes(gm: fx.GraphModule, names: list[str], *, mode: str,
         options: per-pass keyword options, e.g. ``{"whitening": {"images": x}}``.
         cost_example: a (1, 3, H, W) input; when given, FLOPs and bytes per image are
             counted before and after every pass.
+        cost_batch_size: the batch over which parameter reads are spread in the byte count.
 
     Returns:
         (the final GraphModule, a ``PassReport``).
@@ -163,7 +165,7 @@ def run_passes(gm: fx.GraphModule, names: list[str], *, mode: str,
 
     report = PassReport(mode)
     reference = None  # float64 results of the current module, reused across exact passes
-    flops, nbytes = _costs(gm, cost_example)
+    flops, nbytes = _costs(gm, cost_example, cost_batch_size)
     for info in infos:
         outcome = PassOutcome(info.name, info.exactness, "no-op", flops_before=flops,
                               bytes_before=nbytes, flops_after=flops, bytes_after=nbytes)
@@ -194,6 +196,6 @@ def run_passes(gm: fx.GraphModule, names: list[str], *, mode: str,
             outcome.message = "changes the function: train with it"
         outcome.status = "applied"
         gm = after
-        flops, nbytes = _costs(gm, cost_example)
+        flops, nbytes = _costs(gm, cost_example, cost_batch_size)
         outcome.flops_after, outcome.bytes_after = flops, nbytes
     return gm, report

@@ -30,47 +30,49 @@ def _arrow(before, after, fmt) -> str:
 
 
 def pass_table(passes: list[dict], mode: str) -> Table:
-    """One row per pass: status, rewrites, exactness, verified difference, FLOPs and bytes."""
-    t = Table(title=f"Passes ({mode} mode)", title_justify="left")
-    for col in ("pass", "exactness", "status", "rewrites", "max |diff| (tol)", "FLOPs/img", "bytes/img", "note"):
-        t.add_column(col, justify="right" if col in ("rewrites",) else "left")
+    """One row per pass: status, rewrites, exactness, verified difference, FLOPs and bytes per image."""
+    t = Table(title=f"Passes ({mode} mode; exact ones verified in float64 on real CIFAR-10)",
+              title_justify="left")
+    for col in ("pass", "kind", "status", "rewrites", "max |diff|", "tol", "fwd FLOPs/img", "fwd bytes/img"):
+        t.add_column(col, justify="right" if col in ("rewrites", "max |diff|", "tol") else "left")
     styles = {"applied": "green", "refused": "red", "error": "red", "no-op": "dim"}
     for p in passes:
-        diff = "-"
+        diff = tol = "-"
         if p["max_output_diff"] is not None:
-            worst = max(p["max_output_diff"], p["max_grad_diff"] or 0.0)
-            diff = f"{worst:.2g} ({p['tolerance']:.1g})"
+            diff = f"{max(p['max_output_diff'], p['max_grad_diff'] or 0.0):.2g}"
+            tol = f"{p['tolerance']:.1g}"
         t.add_row(p["name"], p["exactness"], f"[{styles.get(p['status'], '')}]{p['status']}",
-                  str(p["rewrites"]), diff,
+                  str(p["rewrites"]), diff, tol,
                   _arrow(p["flops_before"], p["flops_after"], si),
-                  _arrow(p["bytes_before"], p["bytes_after"], lambda v: si(v, "B")),
-                  p["message"])
+                  _arrow(p["bytes_before"], p["bytes_after"], lambda v: si(v, "B")))
     return t
 
 
 def roofline_table(result: dict) -> Table:
     """Roofline of the run on the profile, and the step measured on this device, before and after."""
     rows = result["roofline"]
-    what = "training run" if result["mode"] == "train" else "inference on the test set"
-    t = Table(title=f"Roofline: {what} on {result['profile']} at {result['precision']}"
-                    + (f", {result['epochs']} epochs" if result["mode"] == "train" else ""),
+    what = f"training, {result['epochs']} epochs" if result["mode"] == "train" else "inference, test set"
+    t = Table(title=f"Roofline ({what}) on {result['profile']} at {result['precision']}; "
+                    f"step measured on {result['device']}, batch {result['batch_size']}",
               title_justify="left")
-    for col in ("graph", "FLOPs/img", "bytes/img", "intensity", "roofline", "bound",
-                f"measured step ({result['device']}, batch {result['batch_size']})", "images/s",
-                "achieved FLOP/s"):
-        t.add_column(col)
+    for col in ("graph", "FLOPs/img", "bytes/img", "FLOP/B", "roofline", "bound", "measured step",
+                "img/s", "FLOP/s"):
+        t.add_column(col, justify="left" if col in ("graph", "bound") else "right")
     for r in rows:
         t.add_row(r["graph"], si(r["step_flops_per_image"]), si(r["step_bytes_per_image"], "B"),
-                  f"{r['arithmetic_intensity']:.3g} FLOP/B", seconds(r["roofline_seconds"]), r["bound"],
+                  f"{r['arithmetic_intensity']:.3g}", seconds(r["roofline_seconds"]), r["bound"],
                   seconds(r["measured_step_seconds"]), f"{r['measured_images_per_second']:.4g}",
-                  si(r["measured_flops_per_second"], "FLOP/s"))
+                  si(r["measured_flops_per_second"]))
     return t
 
 
 def print_optimize_report(result: dict, console: Console | None = None) -> None:
     """Print the optimize report (pass table, roofline table, where the module went)."""
-    console = console or Console()
+    console = console or Console(width=max(Console().width, 110))
     console.print(pass_table(result["passes"], result["mode"]))
+    for p in result["passes"]:
+        if p["message"] and p["status"] != "no-op":
+            console.print(f"  {p['name']}: {p['message']}")
     console.print(roofline_table(result))
     if len(result["roofline"]) == 2:
         before, after = result["roofline"]
