@@ -78,7 +78,8 @@ def find_entry(module: types.ModuleType, path: Path, entry: str | None = None):
         if not hasattr(module, entry):
             defined = sorted(k for k, v in vars(module).items()
                              if callable(v) and getattr(v, "__module__", None) == module.__name__)
-            raise ModelError(f"{path} has no {entry!r}; it defines: {', '.join(defined) or 'nothing callable'}")
+            listed = ", ".join(defined) or "nothing callable"
+            raise ModelError(f"{path} has no {entry!r}; it defines: {listed}")
         return getattr(module, entry)
     for fn_name in ENTRY_FUNCTIONS:
         if callable(getattr(module, fn_name, None)):

@@ -34,12 +34,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--entry", help="function or class in the file that builds the model")
     p.add_argument("--mode", choices=("train", "infer"), default="train",
                    help="optimise the training step (default) or inference")
-    p.add_argument("--passes", help="comma-separated pass names, in order (default: the exact "
-                   "passes for the mode: train: %s; infer: %s)" % (
-                       ",".join(DEFAULT_PASSES["train"]), ",".join(DEFAULT_PASSES["infer"])))
+    defaults = "; ".join(f"{mode}: {','.join(names)}" for mode, names in DEFAULT_PASSES.items())
+    p.add_argument("--passes", help=f"comma-separated pass names, in order (default: the exact passes "
+                   f"for the mode, {defaults})")
     p.add_argument("--profile", default="a100", help="hardware profile for the roofline (default a100)")
     p.add_argument("--precision", default="bf16", help="fp32, tf32, fp16 or bf16 (default bf16)")
-    p.add_argument("--epochs", type=int, default=10, help="epochs of 50,000 images in the roofline (default 10)")
+    p.add_argument("--epochs", type=int, default=10,
+                   help="epochs of 50,000 images in the roofline (default 10)")
     p.add_argument("--batch-size", type=int, default=None,
                    help="batch of the measured step (default 512 on CUDA, 32 on CPU)")
     p.add_argument("--steps", type=int, default=3, help="timed steps per measurement (default 3)")
@@ -117,7 +118,9 @@ def run(args: argparse.Namespace) -> int:
     index = torch.arange(n) * (len(data.test_images) // n)
     x, y = normalize(data.test_images[index]), data.test_labels[index]
     verify_batch = (x[:VERIFY_IMAGES], y[:VERIFY_IMAGES])
-    names = [n.strip() for n in args.passes.split(",") if n.strip()] if args.passes else DEFAULT_PASSES[args.mode]
+    names = DEFAULT_PASSES[args.mode]
+    if args.passes:
+        names = [n.strip() for n in args.passes.split(",") if n.strip()]
     if args.mode == "infer":
         gm.eval()  # inference passes such as fold_bn act on eval-mode BatchNorm
         model.eval()
@@ -131,9 +134,10 @@ def run(args: argparse.Namespace) -> int:
                                 epochs=args.epochs, batch_size=args.batch_size or 512)
         step = _measure(module, args.mode, x[:batch_size], y[:batch_size], device, args.precision,
                         args.steps)
+        images_per_second = batch_size / step.median_seconds
         rows.append({"graph": label, **est, "measured_step_seconds": step.median_seconds,
-                     "measured_images_per_second": batch_size / step.median_seconds,
-                     "measured_flops_per_second": est["step_flops_per_image"] * batch_size / step.median_seconds,
+                     "measured_images_per_second": images_per_second,
+                     "measured_flops_per_second": est["step_flops_per_image"] * images_per_second,
                      "timing_method": step.method})
 
     out = Path(args.out) if args.out else Path.cwd() / f"{Path(args.model).stem}.optimized.pt"

@@ -26,7 +26,8 @@ def build_example(name: str):
 
 
 def cli_error(capsys, *argv) -> str:
-    """Run the CLI (``capsys`` is pytest's fixture), assert exit 2 with exactly one line on stderr, return that line."""
+    """Run the CLI (``capsys`` is pytest's fixture); assert exit 2 and exactly one line on
+    stderr; return that line."""
     from fastgraph.cli import main
 
     assert main(list(argv)) == 2

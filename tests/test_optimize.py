@@ -16,7 +16,8 @@ from support import EXAMPLES, cli_error, real_data_path
 # A narrow ResNet-9 written like examples/resnet9.py (conv -> BN -> ReLU -> max-pool) so the
 # end-to-end runs stay fast on two CPU cores.
 SMALL_RESNET9 = (EXAMPLES / "resnet9.py").read_text().replace(
-    "def build_model():\n    return ResNet9()", "def build_model():\n    return ResNet9(width=(8, 16, 32, 64))")
+    "def build_model():\n    return ResNet9()",
+    "def build_model():\n    return ResNet9(width=(8, 16, 32, 64))")
 
 
 @pytest.fixture
