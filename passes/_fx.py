@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import torch
 import torch.fx as fx
 import torch.nn as nn
+import torch.nn.functional as F
 
 
 def module_of(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:
@@ -38,3 +40,182 @@ def unique_name(gm: fx.GraphModule, base: str) -> str:
     while name in existing:
         name, i = f"{base}_{i}", i + 1
     return name
+
+
+def call_sites(gm: fx.GraphModule, target: str) -> int:
+    """How many ``call_module`` nodes call the submodule ``target`` (a shared module has several)."""
+    return sum(1 for n in gm.graph.nodes if n.op == "call_module" and n.target == target)
+
+
+def stock_module(gm: fx.GraphModule, node: fx.Node, cls: type[nn.Module]) -> nn.Module | None:
+    """The submodule ``node`` calls when it is a ``cls`` whose forward is ``cls``'s own, else ``None``.
+
+    An exact pass rewrites a module by its known arithmetic; a subclass that overrides
+    ``forward`` may compute something else, so it is left alone.
+    """
+    mod = module_of(gm, node)
+    if isinstance(mod, cls) and type(mod).forward is cls.forward:
+        return mod
+    return None
+
+
+def _arg(node: fx.Node, index: int, name: str, default):
+    """Argument ``name`` of a call: keyword, else positional ``index``, else ``default``."""
+    if name in node.kwargs:
+        return node.kwargs[name]
+    if len(node.args) > index:
+        return node.args[index]
+    return default
+
+
+def _literal(value) -> bool:
+    """Whether a call argument is known at trace time (not computed by another node)."""
+    return not isinstance(value, fx.Node)
+
+
+# Elementwise activations that are non-decreasing functions, so f(max(x)) == max(f(x)).
+# Exact types only: a subclass may change forward.
+_MONOTONIC_MODULES = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.CELU, nn.Hardtanh)
+_RELU_FUNCTIONS = (F.relu, F.relu_, torch.relu, torch.relu_, F.relu6)
+_INPLACE_FUNCTIONS = (F.relu_, torch.relu_, F.leaky_relu_, F.elu_, F.celu_, F.hardtanh_)
+
+
+def is_monotonic_activation(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """Whether ``node`` applies a non-decreasing elementwise activation to its first input.
+
+    ReLU, ReLU6, LeakyReLU (slope >= 0), ELU (alpha >= 0), CELU (alpha > 0) and Hardtanh,
+    as modules, ``torch.nn.functional`` calls, ``torch.relu`` or ``Tensor.relu``, in place
+    or not. Parameters computed at run time (graph nodes) are refused: monotonicity
+    cannot be checked then. GELU, SiLU and Mish fall over part of the negative axis, so
+    they never qualify.
+    """
+    if only_input(node) is None:
+        return False
+    if node.op == "call_module":
+        mod = module_of(gm, node)
+        if type(mod) not in _MONOTONIC_MODULES:
+            return False
+        if isinstance(mod, nn.LeakyReLU):
+            return mod.negative_slope >= 0
+        if isinstance(mod, nn.ELU):
+            return mod.alpha >= 0
+        if isinstance(mod, nn.CELU):
+            return mod.alpha > 0
+        return True
+    if node.op == "call_method":
+        return node.target in ("relu", "relu_")
+    if node.op != "call_function":
+        return False
+    fn = node.target
+    if fn in _RELU_FUNCTIONS:
+        return True
+    if fn in (F.leaky_relu, F.leaky_relu_):
+        slope = _arg(node, 1, "negative_slope", 0.01)
+        return _literal(slope) and slope >= 0
+    if fn in (F.elu, F.elu_):
+        alpha = _arg(node, 1, "alpha", 1.0)
+        return _literal(alpha) and alpha >= 0
+    if fn in (F.celu, F.celu_):
+        alpha = _arg(node, 1, "alpha", 1.0)
+        return _literal(alpha) and alpha > 0
+    if fn in (F.hardtanh, F.hardtanh_):
+        return _literal(_arg(node, 1, "min_val", -1.0)) and _literal(_arg(node, 2, "max_val", 1.0))
+    return False
+
+
+# Elementwise activations of any shape (a training-time pass may move any of them).
+_POINTWISE_MODULES = _MONOTONIC_MODULES + (
+    nn.GELU, nn.SiLU, nn.Mish, nn.Hardswish, nn.Sigmoid, nn.Tanh, nn.Softplus,
+)
+_POINTWISE_FUNCTIONS = _RELU_FUNCTIONS + _INPLACE_FUNCTIONS + (
+    F.leaky_relu, F.elu, F.celu, F.hardtanh, F.gelu, F.silu, F.mish, F.hardswish,
+    F.softplus, torch.sigmoid, torch.tanh, F.sigmoid, F.tanh,
+)
+_POINTWISE_METHODS = ("relu", "relu_", "sigmoid", "tanh")
+
+
+def is_pointwise_activation(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """Whether ``node`` applies a known elementwise activation (monotonic or not) to its input."""
+    if only_input(node) is None:
+        return False
+    if node.op == "call_module":
+        return type(module_of(gm, node)) in _POINTWISE_MODULES
+    if node.op == "call_method":
+        return node.target in _POINTWISE_METHODS
+    return node.op == "call_function" and node.target in _POINTWISE_FUNCTIONS
+
+
+def is_inplace(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """Whether ``node`` overwrites its input (``inplace=True`` module or flag, ``*_`` function)."""
+    if node.op == "call_module":
+        return bool(getattr(module_of(gm, node), "inplace", False))
+    if node.op == "call_method":
+        return str(node.target).endswith("_")
+    if node.op == "call_function":
+        index = _INPLACE_FLAG_INDEX.get(node.target)
+        return node.target in _INPLACE_FUNCTIONS or (
+            index is not None and _arg(node, index, "inplace", False) is True)
+    return False
+
+
+# Position of the ``inplace`` flag in each functional activation's signature.
+_INPLACE_FLAG_INDEX = {F.relu: 1, F.relu6: 1, F.leaky_relu: 2, F.elu: 2, F.celu: 2, F.hardtanh: 3}
+
+
+def is_max_pool(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """Whether ``node`` is a 2-D max-pool (fixed or adaptive) returning values only, no indices,
+    whose every window holds at least one input element.
+
+    A padded and dilated window can fall entirely on padding (input 1x1, kernel 2,
+    padding 1, dilation 2: taps at -1 and +1); its output is -inf, and max-pool then
+    commutes with no activation (relu(-inf) = 0), so such pools are refused. Without
+    padding, or with dilation 1, every window touches the input.
+    """
+    if only_input(node) is None:
+        return False
+    if node.op == "call_module":
+        mod = module_of(gm, node)
+        if type(mod) is nn.AdaptiveMaxPool2d:
+            return not mod.return_indices
+        return (type(mod) is nn.MaxPool2d and not mod.return_indices
+                and _windows_touch_input(mod.padding, mod.dilation))
+    if node.op != "call_function":
+        return False
+    if node.target is F.adaptive_max_pool2d:
+        return _arg(node, 2, "return_indices", False) is False
+    # torch.max_pool2d returns values only; torch.adaptive_max_pool2d returns (values, indices).
+    if node.target is F.max_pool2d and _arg(node, 6, "return_indices", False) is not False:
+        return False
+    if node.target is F.max_pool2d or node.target is torch.max_pool2d:
+        return _windows_touch_input(_arg(node, 3, "padding", 0), _arg(node, 4, "dilation", 1))
+    return False
+
+
+def _windows_touch_input(padding, dilation) -> bool:
+    """Whether max-pool windows with this padding and dilation always cover an input element."""
+    if not (_literal(padding) and _literal(dilation)):
+        return False
+    pads = padding if isinstance(padding, (tuple, list)) else (padding,)
+    dils = dilation if isinstance(dilation, (tuple, list)) else (dilation,)
+    if not all(isinstance(v, int) for v in (*pads, *dils)):
+        return False
+    return all(p == 0 for p in pads) or all(d == 1 for d in dils)
+
+
+def reorder_chain(head: fx.Node, old: list[fx.Node], new: list[fx.Node]) -> None:
+    """Rewire the single-input chain ``head -> old[0] -> ... -> old[-1]`` as ``head -> new[0] -> ...``.
+
+    ``new`` is a permutation of ``old``; every node of the chain takes the previous one as
+    its first argument, and the users of ``old[-1]`` then read ``new[-1]``. The chain is
+    placed where ``old[-1]`` was, after all of its inputs and before all of its users,
+    so the graph stays in topological order.
+    """
+    anchor = old[-1].next
+    if new[-1] is not old[-1]:
+        old[-1].replace_all_uses_with(new[-1])
+    prev = head
+    for node in new:
+        node.update_arg(0, prev)
+        prev = node
+    for node in new:
+        anchor.prepend(node)
