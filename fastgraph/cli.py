@@ -11,6 +11,7 @@ import argparse
 import importlib
 import sys
 
+import fastgraph
 from fastgraph.errors import UserError
 
 # subcommand -> (module, one-line help). A command module keeps heavy and optional
@@ -34,7 +35,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="fastgraph", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="fastgraph", description=fastgraph.__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
     for name, (module_name, help_text) in COMMANDS.items():
