@@ -6,13 +6,17 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
+from fastgraph.modules import GhostBatchNorm
+
 from . import copy_module, finish, register
-from ._fx import call_sites, only_input, single_user, stock_module
+from ._fx import call_sites, module_of, only_input, single_user, stock_module
 
 
 def _foldable(gm: fx.GraphModule, bn_node: fx.Node) -> fx.Node | None:
     """The conv node that ``bn_node`` can be folded into, else ``None`` (the guards)."""
     bn = stock_module(gm, bn_node, nn.BatchNorm2d)
+    if bn is None and type(module_of(gm, bn_node)) is GhostBatchNorm:
+        bn = module_of(gm, bn_node)  # in eval mode it is exactly BatchNorm2d (never splits)
     if bn is None or bn.training or len(bn_node.args) != 1 or bn_node.kwargs:
         return None
     # Without running statistics BatchNorm normalises by batch statistics even in eval

@@ -205,3 +205,17 @@ def test_only_the_foldable_pair_folds(real_batch, real64, same_function):
     assert not hasattr(out, "bn")
     x, y = real64(16)
     same_function(gm, out, x, y, train=False)
+
+
+def test_ghost_batchnorm_in_eval_folds(example_module, real_batch, real64, same_function):
+    """After training with ghost BN the inference graph still folds: in eval mode a
+    GhostBatchNorm is exactly BatchNorm2d (running statistics, never split)."""
+    from fastgraph.passes.ghost_batchnorm import ghost_batchnorm
+
+    model = realistic_bn(example_module("resnet20.py"), real_batch[0][:16])
+    ghost = ghost_batchnorm(fx.symbolic_trace(model), ghost_batch_size=8).eval().to(torch.float64)
+    out = fold_bn(ghost)
+    assert rewrite_count(ghost, out) == FOLDS["resnet20.py"]
+    x, y = real64(24)
+    same_function(ghost, out, x[16:], y[16:], train=False)
+    assert fold_bn(ghost.train()) is ghost  # training-mode ghost BN splits: never folded
