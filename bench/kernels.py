@@ -1,0 +1,480 @@
+"""Benchmark fastgraph's Triton kernels against eager PyTorch and torch.compile on one CUDA GPU.
+
+    python bench/kernels.py                      # everything, batch 512 and 1024
+    python bench/kernels.py --only bn_act --batch-sizes 512 --no-compile
+    python bench/kernels.py --dry-run            # CPU + Triton interpreter, tiny shapes: checks
+                                                 # the script end to end, writes no file
+
+What is timed, for CIFAR-10 shapes (3x32x32 images; batch 512 and 1024):
+- ``augment``: gather + crop (pad/translate) + flip + optional cutout + normalise + cast +
+  channels-last, from a uint8 dataset of 50,000 images resident on the GPU (random pixel
+  values: the kernel's time does not depend on them). Two recipes: Page's (pad 4, flip,
+  cutout 8) and airbench's (pad 2, flip, no cutout); float32 and bfloat16 outputs.
+- ``bn_act``: training-mode BatchNorm + activation, forward and forward+backward (grads of
+  input, weight, bias), bfloat16 channels-last (the training format; ``--dtypes`` adds
+  float32), at the BN shapes of Page's ResNet-9 (64@32x32, 128@16x16, 256@8x8, 512@4x4;
+  CELU alpha 0.075, ghost batches of 32) and airbench94 (64@32x32, 256@16x16, 256@8x8; GELU).
+Each against the same computation in eager PyTorch (the ``*_reference`` functions) and
+compiled by ``torch.compile`` (inductor, default mode). The Triton result is checked against
+the reference before it is timed. The eager bn_act baseline is what a PyTorch model runs
+(``F.batch_norm`` on the storage dtype, then the activation; ghost batches by one reshape).
+
+Timing: ``triton.testing.do_bench`` (CUDA events; L2 cache flushed before every run;
+warm-up 25 ms, then runs for 100 ms), median and 20th/80th percentiles, milliseconds; the
+torch.compile warm-up (compilation) happens before timing. Bandwidth: an explicit byte count
+divided by the median time. For bn_act the count is the minimum traffic any implementation
+needs (forward: read x, write y; forward+backward adds read x, read dy, write dx), so GB/s
+compares implementations on one scale; the kernels' own traffic (module docstring of
+``fastgraph.kernels.bn_act``) is also recorded. GB/s is set against the device-to-device
+copy bandwidth measured in the same run (a 1 GiB ``copy_``, counting read + write) and
+against the hardware profile's peak (``profiles/hardware/<gpu>.toml``), when one matches.
+
+Writes ``bench/results/kernels-<device>-<date>.json`` and ``.md`` (device, torch, triton and
+CUDA versions, git commit, date, timing method, every number). Without a CUDA device it
+exits with status 2 and one line: GPU numbers are never taken on a CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "bench" / "results"
+TIMING_METHOD = ("triton.testing.do_bench: CUDA events, L2 flushed before each run, warmup 25 ms, "
+                 "rep 100 ms; median and 20th/80th percentiles in ms; torch.compile warm-up excluded")
+DRY_TIMING_METHOD = "dry run: time.perf_counter on the CPU through Triton's interpreter; not a measurement"
+
+# (label, channels, resolution, activation, alpha, samples per ghost batch or None)
+RESNET9_BN = [(f"resnet9 {c}@{r}x{r}", c, r, "celu", 0.075, 32)
+              for c, r in ((64, 32), (128, 16), (256, 8), (512, 4))]
+AIRBENCH94_BN = [(f"airbench94 {c}@{r}x{r}", c, r, "gelu", 1.0, None)
+                 for c, r in ((64, 32), (256, 16), (256, 8))]
+# (label, pad, cutout size): Page's and airbench's augmentation
+AUGMENT_RECIPES = [("page: pad 4, flip, cutout 8", 4, 8), ("airbench: pad 2, flip", 2, 0)]
+DTYPES = {"bf16": "bfloat16", "fp32": "float32", "fp16": "float16"}
+
+
+@dataclass
+class Row:
+    kernel: str
+    case: str
+    shape: list[int]
+    dtype: str
+    pass_: str  # "fwd" or "fwd+bwd"
+    impl: str  # "triton", "eager", "compile"
+    median_ms: float | None = None
+    p20_ms: float | None = None
+    p80_ms: float | None = None
+    bytes_min: int = 0
+    bytes_kernel: int = 0
+    gbps: float | None = None
+    frac_copy: float | None = None
+    frac_profile: float | None = None
+    speedup_vs_eager: float | None = None
+    checked: bool | None = None
+    error: str | None = None
+
+
+@dataclass
+class Context:
+    torch: object
+    device: object
+    dry_run: bool
+    copy_bw: float | None = None  # bytes/s
+    profile_bw: float | None = None  # bytes/s
+    compile_: bool = True
+    rows: list[Row] = field(default_factory=list)
+
+
+# ----------------------------------------------------------------------------- timing
+
+
+def _time(ctx: Context, fn) -> tuple[float, float, float]:
+    """(median, p20, p80) in ms."""
+    if ctx.dry_run:
+        fn()
+        samples = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            fn()
+            samples.append((time.perf_counter() - t0) * 1e3)
+        samples.sort()
+        return statistics.median(samples), samples[0], samples[-1]
+    import triton.testing
+
+    p50, p20, p80 = triton.testing.do_bench(fn, warmup=25, rep=100, quantiles=[0.5, 0.2, 0.8])
+    return p50, p20, p80
+
+
+def _measure_copy_bandwidth(ctx: Context) -> float:
+    """Device-to-device copy bandwidth in bytes/s (read + write of a 1 GiB tensor)."""
+    torch = ctx.torch
+    nbytes = (1 << 20) if ctx.dry_run else (1 << 30)
+    src = torch.empty(nbytes, dtype=torch.uint8, device=ctx.device)
+    dst = torch.empty_like(src)
+    median_ms, _, _ = _time(ctx, lambda: dst.copy_(src))
+    return 2 * nbytes / (median_ms * 1e-3)
+
+
+def _profile_bandwidth(device_name: str):
+    """(profile name, display name, bytes/s) of the hardware profile matching the GPU, else None."""
+    try:
+        from fastgraph.roofline import list_profiles, load_profile
+    except ImportError:
+        return None
+    lowered = device_name.lower()
+    for name in list_profiles():
+        if re.search(rf"\b{re.escape(name)}\b", lowered):
+            profile = load_profile(name)
+            if "pcie" in lowered and "pcie" not in profile.display_name.lower():
+                return None  # the shipped profiles are the SXM parts: a PCIe card has less bandwidth
+            return name, profile.display_name, float(profile.memory_bandwidth)
+    return None
+
+
+def _record(ctx: Context, row: Row, fn) -> Row:
+    try:
+        row.median_ms, row.p20_ms, row.p80_ms = _time(ctx, fn)
+    except Exception as exc:  # a failing compile must not lose the other numbers
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        row.error = f"{type(exc).__name__}: {first_line}"[:300]
+        ctx.rows.append(row)
+        return row
+    row.gbps = row.bytes_min / (row.median_ms * 1e-3) / 1e9
+    if ctx.copy_bw:
+        row.frac_copy = row.gbps * 1e9 / ctx.copy_bw
+    if ctx.profile_bw:
+        row.frac_profile = row.gbps * 1e9 / ctx.profile_bw
+    ctx.rows.append(row)
+    return row
+
+
+def _speedups(rows: list[Row]) -> None:
+    def key(r):
+        return r.kernel, r.case, r.dtype, r.pass_, tuple(r.shape)
+
+    eager = {key(r): r.median_ms for r in rows if r.impl == "eager"}
+    for r in rows:
+        base = eager.get(key(r))
+        if base and r.median_ms:
+            r.speedup_vs_eager = base / r.median_ms
+
+
+def _compiled(ctx: Context, fn):
+    """``torch.compile(fn)``; each benchmark case is a new shape, so allow one recompilation
+    per case and fail loudly (an error row) rather than fall back to eager past the limit."""
+    torch = ctx.torch
+    import torch._dynamo.config as dynamo_config
+
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(dynamo_config, name):
+            setattr(dynamo_config, name, 1024)
+    for name in ("accumulated_recompile_limit", "accumulated_cache_size_limit"):
+        if hasattr(dynamo_config, name):
+            setattr(dynamo_config, name, 4096)
+    if hasattr(dynamo_config, "fail_on_recompile_limit_hit"):
+        dynamo_config.fail_on_recompile_limit_hit = True
+    if ctx.dry_run:  # inductor's C++ build is minutes on a small CPU; aot_eager exercises the path
+        return torch.compile(fn, backend="aot_eager", dynamic=False)
+    return torch.compile(fn, dynamic=False)
+
+
+# ----------------------------------------------------------------------------- augment
+
+
+def bench_augment(ctx: Context, batch_sizes, dtypes) -> None:
+    torch = ctx.torch
+    from fastgraph.data import CIFAR10_MEAN, CIFAR10_STD
+    from fastgraph.kernels.augment import _launch_augment, augment_reference, draw_augmentation
+
+    n_images = 2000 if ctx.dry_run else 50_000
+    g = torch.Generator(device=ctx.device).manual_seed(0)
+    images = torch.randint(0, 256, (n_images, 3, 32, 32), dtype=torch.uint8, device=ctx.device, generator=g)
+    for batch in batch_sizes:
+        index = torch.randperm(n_images, device=ctx.device, generator=g)[:batch]
+        for label, pad, cutout_size in AUGMENT_RECIPES:
+            shift, flip, cutout = draw_augmentation(batch, g, pad=pad, cutout_size=cutout_size)
+            for dtype_name in dtypes:
+                out_dtype = getattr(torch, DTYPES[dtype_name])
+                if ctx.dry_run and out_dtype != torch.float32:
+                    continue  # the interpreter has no bfloat16
+                kw = dict(mean=CIFAR10_MEAN, std=CIFAR10_STD, pad=pad, pad_mode="reflect",
+                          cutout_size=cutout_size, out_dtype=out_dtype, channels_last=True)
+                args = (images, index, shift, flip, cutout)
+                size = torch.empty((), dtype=out_dtype).element_size()
+                nbytes = batch * 3 * 32 * 32 * (1 + size) + batch * 41
+                base = dict(kernel="augment", case=label, shape=[batch, 3, 32, 32], dtype=dtype_name,
+                            pass_="fwd", bytes_min=nbytes, bytes_kernel=nbytes)
+                checked = torch.equal(_launch_augment(*args, **kw), augment_reference(*args, **kw))
+                impls = [("triton", _launch_augment), ("eager", augment_reference)]
+                if ctx.compile_:
+                    impls.append(("compile", _compiled(ctx, augment_reference)))
+                for impl, fn in impls:
+                    row = Row(impl=impl, checked=checked if impl == "triton" else None, **base)
+                    _record(ctx, row, lambda fn=fn, args=args, kw=kw: fn(*args, **kw))
+
+
+# ----------------------------------------------------------------------------- bn_act
+
+
+def eager_bn_act(x, running_mean, running_var, weight, bias, *, training, activation, alpha, ghost_splits):
+    """What a PyTorch model runs: ``F.batch_norm`` on the storage dtype (cuDNN takes bfloat16
+    input with float32 parameters), then the activation; ghost batches as Page's one reshape
+    (N, C, H, W) -> (N/S, S*C, H, W) with repeated running statistics, averaged back."""
+    import torch.nn.functional as F
+
+    n, c, h, w = x.shape
+    if ghost_splits == 1:
+        z = F.batch_norm(x, running_mean, running_var, weight, bias, training, 0.1, 1e-5)
+    else:
+        rm, rv = running_mean.repeat(ghost_splits), running_var.repeat(ghost_splits)
+        grouped = x.reshape(n // ghost_splits, ghost_splits * c, h, w)
+        z = F.batch_norm(grouped, rm, rv, weight.repeat(ghost_splits), bias.repeat(ghost_splits), training,
+                         0.1, 1e-5).reshape(n, c, h, w)
+        running_mean.copy_(rm.view(ghost_splits, c).mean(0))
+        running_var.copy_(rv.view(ghost_splits, c).mean(0))
+    if activation == "celu":
+        return F.celu(z, alpha)
+    return F.gelu(z) if activation == "gelu" else F.silu(z)
+
+
+def bench_bn_act(ctx: Context, batch_sizes, dtypes) -> None:
+    torch = ctx.torch
+    from fastgraph.kernels.bn_act import _forward_triton, bn_act, bn_act_reference
+
+    for batch in batch_sizes:
+        for label, channels, res, activation, alpha, ghost_size in RESNET9_BN + AIRBENCH94_BN:
+            if ctx.dry_run:
+                channels, res = max(3, channels // 32), max(2, res // 8)
+                ghost_size = ghost_size and 4
+            splits = batch // ghost_size if ghost_size else 1
+            case = label + (f", ghost batches of {ghost_size}" if ghost_size else "")
+            for dtype_name in dtypes:
+                dtype = getattr(torch, DTYPES[dtype_name])
+                if ctx.dry_run and dtype != torch.float32:
+                    continue
+                shape = (batch, channels, res, res)
+                x = torch.randn(shape, device=ctx.device).to(dtype)
+                x = x.contiguous(memory_format=torch.channels_last)
+                dy = torch.randn_like(x)
+                weight = torch.rand(channels, device=ctx.device) + 0.5
+                bias = torch.randn(channels, device=ctx.device)
+                running = (torch.zeros(channels, device=ctx.device), torch.ones(channels, device=ctx.device))
+                kw = dict(training=True, activation=activation, alpha=alpha, ghost_splits=splits)
+                numel, size = x.numel(), x.element_size()
+
+                def run(fn, x=x, kw=kw, running=running, weight=weight, bias=bias):
+                    return fn(x, *running, weight, bias, **kw)
+
+                checked = _check_bn_act(torch, x, running, weight, bias, dy, kw, bn_act, bn_act_reference)
+                impls = [("triton", bn_act), ("eager", eager_bn_act)]
+                # The kernels alone, without the operator's dispatch and the running-stat copies:
+                # what the fused op costs under torch.compile, where that overhead is traced away.
+                launch_only = Row(kernel="bn_act", case=case, shape=list(shape), dtype=dtype_name,
+                                  impl="kernels only", pass_="fwd", bytes_min=2 * numel * size,
+                                  bytes_kernel=3 * numel * size)
+                launch_args = (x, *running, weight, bias, True, 0.1, 1e-5, activation, alpha, splits)
+                _record(ctx, launch_only, lambda a=launch_args: _forward_triton(*a))
+                if ctx.compile_:
+                    impls.append(("compile", _compiled(ctx, lambda *a, **k: eager_bn_act(*a, **k))))
+                for impl, fn in impls:
+                    base = dict(kernel="bn_act", case=case, shape=list(shape), dtype=dtype_name, impl=impl,
+                                checked=checked if impl == "triton" else None)
+                    _record(ctx, Row(pass_="fwd", bytes_min=2 * numel * size, bytes_kernel=3 * numel * size,
+                                     **base), lambda fn=fn: run(fn))
+                    xg = x.detach().requires_grad_()
+                    wg, bg = weight.detach().requires_grad_(), bias.detach().requires_grad_()
+
+                    def step(fn=fn, xg=xg, wg=wg, bg=bg, dy=dy, kw=kw, running=running):
+                        y = fn(xg, *running, wg, bg, **kw)
+                        return torch.autograd.grad(y, (xg, wg, bg), dy)
+
+                    _record(ctx, Row(pass_="fwd+bwd", bytes_min=5 * numel * size,
+                                     bytes_kernel=8 * numel * size, **base), step)
+
+
+def _check_bn_act(torch, x, running, weight, bias, dy, kw, fused, reference) -> bool:
+    """Whether the kernels' output and input gradient match the reference (dtype tolerance)."""
+    outs = []
+    for fn in (fused, reference):
+        xg = x.detach().requires_grad_()
+        y = fn(xg, *(r.clone() for r in running), weight, bias, **kw)
+        (dx,) = torch.autograd.grad(y, (xg,), dy)
+        outs.append((y.float(), dx.float()))
+    tol = 1e-4 if x.dtype == torch.float32 else 5e-2
+    return all(torch.allclose(a, b, rtol=tol, atol=tol) for a, b in zip(outs[0], outs[1], strict=True))
+
+
+# ----------------------------------------------------------------------------- reporting
+
+
+def _git_commit() -> tuple[str, bool]:
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True,
+                                check=True).stdout.strip()
+        dirty = bool(subprocess.run(["git", "status", "--porcelain"], cwd=REPO, capture_output=True,
+                                    text=True, check=True).stdout.strip())
+        return commit, dirty
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown", False
+
+
+def _fmt(v, spec):
+    return "-" if v is None else format(v, spec)
+
+
+def _table_rows(rows: list[Row]):
+    header = ["kernel", "case", "shape", "dtype", "pass", "impl", "median ms", "p20-p80 ms", "GB/s",
+              "% copy BW", "% profile BW", "x eager", "checked"]
+    body = []
+    for r in rows:
+        spread = "-" if r.p20_ms is None else f"{r.p20_ms:.4f}-{r.p80_ms:.4f}"
+        median = _fmt(r.median_ms, ".4f") if not r.error else f"error: {r.error}"
+        pct_copy = _fmt(r.frac_copy and 100 * r.frac_copy, ".0f")
+        pct_profile = _fmt(r.frac_profile and 100 * r.frac_profile, ".0f")
+        checked = "-" if r.checked is None else ("yes" if r.checked else "NO")
+        body.append([r.kernel, r.case, "x".join(map(str, r.shape)), r.dtype, r.pass_, r.impl, median, spread,
+                     _fmt(r.gbps, ".0f"), pct_copy, pct_profile, _fmt(r.speedup_vs_eager, ".2f"), checked])
+    return header, body
+
+
+def _markdown(meta: dict, rows: list[Row]) -> str:
+    header, body = _table_rows(rows)
+    lines = [f"# fastgraph kernels on {meta['device']['name']}", ""]
+    for key in ("date", "git_commit", "git_dirty", "torch", "triton", "cuda", "timing_method"):
+        lines.append(f"- {key}: {meta[key]}")
+    copy_gbps = meta["copy_bandwidth_bytes_per_s"] / 1e9
+    lines.append(f"- device-to-device copy bandwidth (measured): {copy_gbps:.0f} GB/s")
+    prof = meta["profile"]
+    if prof:
+        lines.append(f"- hardware profile: {prof['display_name']} ({prof['name']}), "
+                     f"{prof['memory_bandwidth'] / 1e9:.0f} GB/s")
+    else:
+        lines.append("- hardware profile: none matches this device (column left empty)")
+    lines += ["- bn_act GB/s use the minimum bytes (fwd 2, fwd+bwd 5 accesses per element); the kernels "
+              "move 3 and 8 (see bytes_kernel in the JSON)", ""]
+    lines.append("| " + " | ".join(header) + " |")
+    lines.append("|" + "---|" * len(header))
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in body]
+    return "\n".join(lines) + "\n"
+
+
+def _print_table(rows: list[Row], title: str) -> None:
+    header, body = _table_rows(rows)
+    try:
+        from rich.console import Console
+        from rich.table import Table
+    except ImportError:
+        print(title)
+        for row in [header] + body:
+            print("  ".join(str(c) for c in row))
+        return
+    table = Table(title=title)
+    for h in header:
+        table.add_column(h)
+    for row in body:
+        table.add_row(*(str(c) for c in row))
+    console = Console()
+    if not console.is_terminal:  # a log file: do not squeeze the table into 80 columns
+        console = Console(width=220)
+    console.print(table)
+
+
+def _slug(name: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--only", nargs="+", choices=["augment", "bn_act"], default=["augment", "bn_act"])
+    p.add_argument("--batch-sizes", nargs="+", type=int, default=[512, 1024])
+    p.add_argument("--dtypes", nargs="+", choices=sorted(DTYPES), default=None,
+                   help="bn_act storage dtypes (default bf16); augment output dtypes (default fp32 bf16)")
+    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile baselines")
+    p.add_argument("--out", type=Path, default=RESULTS, help="results folder (default bench/results)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="CPU + Triton interpreter, tiny shapes; prints the table, writes nothing")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.dry_run:
+        os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported
+    import torch
+
+    if not args.dry_run and not torch.cuda.is_available():
+        print("bench/kernels.py: no CUDA device; GPU numbers are only taken on a GPU "
+              "(--dry-run checks the script on the CPU without writing results)", file=sys.stderr)
+        return 2
+    import triton
+
+    device = torch.device("cpu") if args.dry_run else torch.device("cuda")
+    ctx = Context(torch=torch, device=device, dry_run=args.dry_run, compile_=not args.no_compile)
+    batch_sizes = [8, 16] if args.dry_run else args.batch_sizes
+    if args.dry_run:
+        torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    device_name = (platform.processor() or "cpu") if args.dry_run else torch.cuda.get_device_name(device)
+    ctx.copy_bw = _measure_copy_bandwidth(ctx)
+    profile = None if args.dry_run else _profile_bandwidth(device_name)
+    ctx.profile_bw = profile[2] if profile else None
+    if "augment" in args.only:
+        bench_augment(ctx, batch_sizes, args.dtypes or ["fp32", "bf16"])
+    if "bn_act" in args.only:
+        bench_bn_act(ctx, batch_sizes, args.dtypes or (["fp32"] if args.dry_run else ["bf16"]))
+    _speedups(ctx.rows)
+
+    commit, dirty = _git_commit()
+    meta = {
+        "benchmark": "kernels",
+        "device": {"name": device_name, **({} if args.dry_run else {
+            "capability": list(torch.cuda.get_device_capability(device)),
+            "memory_bytes": torch.cuda.get_device_properties(device).total_memory,
+            "sm_count": torch.cuda.get_device_properties(device).multi_processor_count})},
+        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "git_commit": commit,
+        "git_dirty": dirty,
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "cuda": torch.version.cuda,
+        "python": platform.python_version(),
+        "timing_method": DRY_TIMING_METHOD if args.dry_run else TIMING_METHOD,
+        "copy_bandwidth_bytes_per_s": ctx.copy_bw,
+        "profile": ({"name": profile[0], "display_name": profile[1], "memory_bandwidth": profile[2]}
+                    if profile else None),
+    }
+    title = f"fastgraph kernels, {device_name}, {meta['date']}"
+    if args.dry_run:
+        _print_table(ctx.rows, "DRY RUN on the CPU (Triton interpreter, tiny shapes): NOT a measurement")
+        failed = [r for r in ctx.rows if r.error or r.checked is False]
+        for r in failed:
+            print(f"dry run problem: {r.kernel} {r.case} {r.impl} {r.pass_}: {r.error or 'check failed'}",
+                  file=sys.stderr)
+        return 1 if failed else 0
+    _print_table(ctx.rows, title)
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = args.out / f"kernels-{_slug(device_name)}-{meta['date'][:10]}"
+    payload = dict(meta, results=[{("pass" if k == "pass_" else k): v for k, v in asdict(r).items()}
+                                  for r in ctx.rows])
+    stem.with_suffix(".json").write_text(json.dumps(payload, indent=2) + "\n")
+    stem.with_suffix(".md").write_text(_markdown(meta, ctx.rows))
+    print(f"wrote {stem}.json and {stem}.md")
+    return 0 if all(r.checked is not False for r in ctx.rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,349 @@
+"""The fused BatchNorm + activation kernels against F.batch_norm + the activation: outputs,
+gradients (input, weight, bias) and running statistics, on irregular shapes, both memory
+formats, every activation, ghost batches, eval mode; the module, the operator under
+torch.compile, and the PyTorch fallback."""
+
+from __future__ import annotations
+
+import copy
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.testing import assert_close
+
+from fastgraph.kernels import bn_act as bn
+from fastgraph.kernels.bn_act import BatchNormActivation, bn_act, bn_act_reference
+from fastgraph.modules import GhostBatchNorm, GhostBatchSizeError
+
+pytestmark = pytest.mark.kernels
+
+
+def _inputs(shape, *, channels_last=False, affine=True, offset=0.5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    n, c, h, w = shape
+    x = torch.randn(shape, generator=g) * 2 + offset
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    weight = torch.rand(c, generator=g) + 0.5 if affine else None
+    bias = torch.randn(c, generator=g) if affine else None
+    running = (torch.randn(c, generator=g), torch.rand(c, generator=g) + 0.5)
+    dy = torch.randn(shape, generator=g)
+    return x, weight, bias, running, dy
+
+
+def _run(fn, x, weight, bias, running, dy, **kw):
+    """Forward + backward of ``fn``; returns (y, dx, dweight, dbias, running_mean, running_var)."""
+    x = x.clone().requires_grad_()
+    params = [p.clone().requires_grad_() if p is not None else None for p in (weight, bias)]
+    rm, rv = (r.clone() for r in running)
+    y = fn(x, rm, rv, *params, **kw)
+    y.backward(dy)
+    grads = [p.grad if p is not None else None for p in params]
+    return y.detach(), x.grad, *grads, rm, rv
+
+
+def _compare(got, want, count):
+    """fp32 tolerances: elementwise results to ~1e-5; weight/bias gradients are sums of
+    ``count`` terms per channel, so their absolute tolerance grows with it."""
+    names = ("y", "dx", "dweight", "dbias", "running_mean", "running_var")
+    for name, a, b in zip(names, got, want, strict=True):
+        if b is None:
+            assert a is None, name
+            continue
+        atol = 2e-6 * count if name in ("dweight", "dbias") else 2e-5
+        assert_close(a, b, rtol=1e-4, atol=atol, msg=lambda m, n=name: f"{n}: {m}")
+
+
+CASES = [
+    # shape, activation, alpha, ghost_splits, channels_last, affine
+    ((5, 3, 4, 4), "celu", 0.075, 1, False, True),  # Page's alpha; N odd, C=3
+    ((6, 5, 3, 3), "gelu", 1.0, 3, False, True),  # ghost batches of 2, odd spatial size
+    ((4, 24, 2, 2), "silu", 1.0, 2, True, True),  # channels_last
+    ((7, 5, 1, 1), "identity", 1.0, 1, False, True),  # H = W = 1
+    ((8, 3, 5, 7), "celu", 0.3, 4, True, False),  # no affine, channels_last, ghost batches
+    ((2, 40, 3, 5), "gelu", 1.0, 1, True, True),  # more channels than one block
+    ((68, 3, 2, 2), "silu", 1.0, 34, False, True),  # more ghost batches than one tile of them
+]
+
+
+@pytest.mark.parametrize("shape, activation, alpha, splits, channels_last, affine", CASES)
+def test_training_matches_reference(shape, activation, alpha, splits, channels_last, affine):
+    x, weight, bias, running, dy = _inputs(shape, channels_last=channels_last, affine=affine)
+    kw = dict(training=True, momentum=0.3, activation=activation, alpha=alpha, ghost_splits=splits)
+    got = _run(bn_act, x, weight, bias, running, dy, **kw)
+    want = _run(bn_act_reference, x, weight, bias, running, dy, **kw)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    assert got[0].is_contiguous(memory_format=fmt) and got[1].is_contiguous(memory_format=fmt)
+    assert not torch.equal(got[4], running[0])  # the running statistics moved
+    _compare(got, want, shape[0] * shape[2] * shape[3])
+
+
+@pytest.mark.parametrize("shape, activation, channels_last", [
+    ((1, 5, 3, 3), "celu", False),  # N = 1 is fine in eval
+    ((3, 24, 1, 1), "gelu", True),
+    ((2, 3, 4, 4), "silu", False),
+])
+def test_eval_uses_running_statistics(shape, activation, channels_last):
+    x, weight, bias, running, dy = _inputs(shape, channels_last=channels_last)
+    kw = dict(training=False, activation=activation, alpha=0.5)
+    got = _run(bn_act, x, weight, bias, running, dy, **kw)
+    want = _run(bn_act_reference, x, weight, bias, running, dy, **kw)
+    assert torch.equal(got[4], running[0]) and torch.equal(got[5], running[1])
+    _compare(got, want, shape[0] * shape[2] * shape[3])
+
+
+@pytest.mark.parametrize("shape, splits, channels_last, config", [
+    ((4, 24, 16, 16), 2, False, None),  # tiles inside one sample, several chunks per ghost batch
+    ((4, 24, 16, 16), 2, True, None),
+    ((30, 5, 7, 7), 3, False, None),  # H*W not a power of two: tiles span samples
+    ((8, 40, 8, 8), 4, True, None),
+    ((4, 3, 16, 16), 1, False, bn._Config(16, 4, True, 1000, 4)),  # 64 chunks: more than one tile of them
+])
+def test_gpu_tiling_under_the_interpreter(shape, splits, channels_last, config):
+    """The tile shapes and chunking the kernels use on a GPU give the reference's results."""
+    x, weight, bias, running, dy = _inputs(shape, channels_last=channels_last)
+    n, c, h, w = shape
+    cfg = config or bn._config("cuda", c, h * w, (n // splits) * h * w, channels_last, programs=16)
+    assert cfg.chunks((n // splits) * h * w, splits, c)[1] > 1  # the chunk merge is exercised
+
+    def fused(x, rm, rv, weight, bias, **kw):
+        class Fn(torch.autograd.Function):
+            @staticmethod
+            def forward(ctx, x, weight, bias):
+                y, mean, invstd, new_rm, new_rv = bn._forward_triton(
+                    x, rm, rv, weight, bias, True, 0.1, 1e-5, "gelu", 1.0, splits, config=cfg)
+                rm.copy_(new_rm), rv.copy_(new_rv)
+                ctx.save_for_backward(x, weight, bias, mean, invstd)
+                return y
+
+            @staticmethod
+            def backward(ctx, dy):
+                x, weight, bias, mean, invstd = ctx.saved_tensors
+                return bn._backward_triton(dy, x, weight, bias, mean, invstd, True, "gelu", 1.0, config=cfg)
+
+        return Fn.apply(x, weight, bias)
+
+    got = _run(fused, x, weight, bias, running, dy)
+    want = _run(bn_act_reference, x, weight, bias, running, dy, training=True, activation="gelu",
+                ghost_splits=splits)
+    _compare(got, want, n * h * w)
+
+
+def test_statistics_survive_a_large_mean():
+    """Chan's merge keeps the variance of x = 1000 + noise accurate in float32 (E[x^2] - E[x]^2
+    would lose it to cancellation)."""
+    x = torch.randn(16, 4, 8, 8, generator=torch.Generator().manual_seed(3), dtype=torch.float64) + 1000.0
+    rm, rv = torch.zeros(4), torch.ones(4)
+    bn_act(x.float(), rm, rv, None, None, training=True, momentum=1.0, activation="identity")
+    assert_close(rm, x.mean(dim=(0, 2, 3)).float(), rtol=1e-6, atol=0)
+    assert_close(rv, x.var(dim=(0, 2, 3)).float(), rtol=1e-3, atol=0)
+
+
+def test_float64_runs_pytorch_ops_in_float64():
+    """The pass manager checks passes in float64: the operator keeps float64 precision."""
+    x, weight, bias, running, dy = _inputs((6, 5, 3, 3))
+    x, weight, bias, dy = x.double(), weight.double(), bias.double(), dy.double()
+    running = tuple(r.double() for r in running)
+    # alpha = 0.5 is exact in float32: PyTorch's CELU backward rounds alpha to float32.
+    kw = dict(training=True, activation="celu", alpha=0.5, ghost_splits=2)
+    _compare_64 = dict(rtol=1e-12, atol=1e-12)
+    for a, b in zip(_run(bn_act, x, weight, bias, running, dy, **kw),
+                    _run(bn_act_reference, x, weight, bias, running, dy, **kw), strict=True):
+        assert a.dtype == torch.float64
+        assert_close(a, b, **_compare_64)
+
+
+@pytest.mark.parametrize("activation", bn.ACTIVATIONS)
+@pytest.mark.parametrize("training", [True, False])
+def test_pytorch_path_backward_gradcheck(activation, training):
+    """The closed-form backward of the PyTorch path (CPU graphs under torch.compile)."""
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(4, 3, 2, 2, dtype=torch.float64, generator=g, requires_grad=True)
+    w = (torch.rand(3, dtype=torch.float64, generator=g) + 0.5).requires_grad_()
+    b = torch.randn(3, dtype=torch.float64, generator=g, requires_grad=True)
+    rm, rv = torch.zeros(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64)
+
+    def f(x, w, b):
+        return bn_act(x, None if training else rm, None if training else rv, w, b, training=training,
+                      activation=activation, alpha=0.7, ghost_splits=2 if training else 1)
+
+    assert torch.autograd.gradcheck(f, (x, w, b))
+
+
+def test_frozen_weight_gets_no_gradient():
+    x, weight, bias, running, dy = _inputs((4, 5, 3, 3))
+    weight.requires_grad_(False)
+    b = bias.clone().requires_grad_()
+    bn_act(x.requires_grad_(), *running, weight, b, training=True).backward(dy)
+    assert weight.grad is None and b.grad is not None and x.grad is not None
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(ghost_splits=3), "ghost batches"),
+    (dict(x=torch.randn(1, 3, 1, 1)), "more than 1 value"),
+    (dict(training=False, running_mean=None, running_var=None), "running_mean"),
+    (dict(activation="relu"), "activation"),
+    (dict(weight=torch.ones(4)), "weight"),
+])
+def test_bad_arguments_raise(kw, match):
+    args = dict(x=torch.randn(4, 3, 2, 2), running_mean=torch.zeros(3), running_var=torch.ones(3),
+                weight=torch.ones(3), bias=torch.zeros(3), training=True)
+    args.update(kw)
+    for fn in (bn_act, bn_act_reference):
+        with pytest.raises(ValueError, match=match):
+            fn(**args)
+
+
+# ----------------------------------------------------------------------------- the module
+
+
+def test_module_is_a_drop_in_for_batchnorm2d():
+    bn2d = nn.BatchNorm2d(5, momentum=0.2, eps=1e-4)
+    bn2d.weight.data.uniform_(0.5, 1.5), bn2d.bias.data.normal_()
+    x = torch.randn(6, 5, 4, 4)
+    bn2d(x)  # non-trivial running statistics and num_batches_tracked
+    fused = BatchNormActivation(5, activation="silu", momentum=0.2, eps=1e-4)
+    assert list(fused.state_dict()) == list(bn2d.state_dict())
+    fused.load_state_dict(bn2d.state_dict())
+    for train in (True, False):
+        bn2d.train(train), fused.train(train)
+        assert_close(fused(x), F.silu(bn2d(x)), rtol=1e-5, atol=1e-5)
+    for key, value in bn2d.state_dict().items():
+        assert_close(fused.state_dict()[key], value, rtol=1e-5, atol=1e-6, msg=key)
+    assert int(fused.num_batches_tracked) == 2
+
+
+def test_module_ghost_batch_size_matches_ghost_batchnorm():
+    """``ghost_batch_size`` groups samples exactly as fastgraph.modules.GhostBatchNorm does."""
+    ghost = GhostBatchNorm(4, ghost_batch_size=3)
+    fused = BatchNormActivation(4, activation="celu", alpha=0.3, ghost_batch_size=3)
+    x = torch.randn(12, 4, 3, 3, generator=torch.Generator().manual_seed(6))
+    assert_close(fused(x), F.celu(ghost(x), 0.3), rtol=1e-5, atol=1e-5)
+    assert_close(fused.running_mean, ghost.running_mean, rtol=1e-5, atol=1e-7)
+    assert_close(fused.running_var, ghost.running_var, rtol=1e-5, atol=1e-7)
+    with pytest.raises(GhostBatchSizeError):
+        fused(torch.randn(10, 4, 3, 3))
+
+
+def test_compiled_model_has_no_graph_break_and_matches_eager():
+    """torch.compile(fullgraph=True) fails on any graph break; on the CPU the operator's graph
+    holds the PyTorch path, eagerly the interpreted Triton kernels run."""
+    torch.manual_seed(0)
+    eager = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1, bias=False), BatchNormActivation(8, "celu", alpha=0.3, ghost_splits=2),
+        nn.Conv2d(8, 6, 3, bias=False), BatchNormActivation(6, "gelu"),
+        nn.Flatten(), nn.Linear(6 * 4 * 4, 10),
+    )
+    compiled_model = copy.deepcopy(eager)
+    compiled = torch.compile(compiled_model, backend="aot_eager", fullgraph=True)
+    x = torch.randn(8, 3, 6, 6)
+    for model in (eager, compiled):
+        model(x).square().mean().backward()
+    assert_close(compiled(x), eager(x), rtol=1e-5, atol=1e-5)  # second step, updated statistics
+    for (name, p), q in zip(eager.named_parameters(), compiled_model.parameters(), strict=True):
+        assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-5, msg=name)
+    for (name, b), c in zip(eager.named_buffers(), compiled_model.buffers(), strict=True):
+        assert_close(c, b, rtol=1e-5, atol=1e-6, msg=name)
+    eager.eval(), compiled_model.eval()
+    assert_close(compiled(x), eager(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.gpu
+def test_compiled_kernels_on_cuda(run_on_gpu):
+    run_on_gpu("""
+import torch
+from torch.testing import assert_close
+from fastgraph.kernels.bn_act import bn_act, bn_act_reference, BatchNormActivation
+torch.manual_seed(0)
+for shape, splits in (((512, 64, 32, 32), 16), ((64, 24, 7, 7), 2), ((33, 5, 4, 4), 1)):
+    for dtype, tol in ((torch.float32, 1e-4), (torch.bfloat16, 3e-2)):
+        for cl in (True, False):
+            for act in ("celu", "gelu", "silu"):
+                x = (torch.randn(shape, device="cuda") * 2 + 1).to(dtype)
+                if cl:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                c = shape[1]
+                out = []
+                for fn in (bn_act, bn_act_reference):
+                    xx = x.clone().requires_grad_()
+                    w = torch.linspace(0.5, 1.5, c, device="cuda", requires_grad=True)
+                    b = torch.linspace(-1, 1, c, device="cuda", requires_grad=True)
+                    rm, rv = torch.zeros(c, device="cuda"), torch.ones(c, device="cuda")
+                    y = fn(xx, rm, rv, w, b, training=True, activation=act, alpha=0.3, ghost_splits=splits)
+                    y.float().square().sum().backward()
+                    per_channel = x[:, 0].numel()  # weight/bias grads are sums over it
+                    out.append((y.float(), xx.grad.float(), w.grad / per_channel, b.grad / per_channel,
+                                rm, rv))
+                for a, r in zip(*out, strict=True):
+                    assert_close(a, r, rtol=tol, atol=tol)
+model = torch.nn.Sequential(torch.nn.Conv2d(3, 64, 3, padding=1), BatchNormActivation(64, "gelu")).cuda()
+compiled = torch.compile(model, fullgraph=True)
+x = torch.randn(256, 3, 32, 32, device="cuda")
+compiled(x).sum().backward()
+assert_close(compiled(x), model(x), rtol=1e-4, atol=1e-4)
+""")
+
+
+def test_everything_works_without_triton():
+    """Where triton is not installed both modules import, and the public functions, the module
+    and torch.compile run on the PyTorch paths."""
+    code = """
+import sys
+sys.modules["triton"] = None  # import triton now raises ImportError
+import torch
+from torch.testing import assert_close
+from fastgraph.kernels import augment as A, bn_act as B
+assert not B.HAS_TRITON
+g = torch.Generator().manual_seed(0)
+images = torch.randint(0, 256, (6, 3, 8, 8), dtype=torch.uint8, generator=g)
+shift, flip, cutout = A.draw_augmentation(4, g, pad=2, cutout_size=3, image_size=(8, 8))
+kw = dict(mean=(120.0, 115.0, 100.0), std=(60.0, 61.0, 62.0), cutout_size=3)
+index = torch.tensor([0, 5, 2, 2])
+assert torch.equal(A.augment(images, index, shift, flip, cutout, **kw),
+                   A.augment_reference(images, index, shift, flip, cutout, **kw))
+m = B.BatchNormActivation(3, "celu", alpha=0.5, ghost_splits=2)
+x = torch.randn(4, 3, 5, 5, requires_grad=True, generator=g)
+m(x).square().sum().backward()
+x2 = x.detach().clone().requires_grad_()
+w, b = torch.ones(3, requires_grad=True), torch.zeros(3, requires_grad=True)
+B.bn_act_reference(x2, None, None, w, b, training=True, activation="celu", alpha=0.5,
+                   ghost_splits=2).square().sum().backward()
+assert_close(x.grad, x2.grad, rtol=1e-4, atol=1e-5)
+assert_close(m.weight.grad, w.grad, rtol=1e-4, atol=1e-4)
+torch.compile(m, backend="aot_eager", fullgraph=True)(x)
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+def test_kernels_compile_for_h100(compile_for_gpu):
+    """Every bn_act kernel compiles to an sm_90 cubin for bfloat16 (the GPU path cannot run
+    here); with the divisibility Triton's launcher infers, channels_last tiles load as vectors."""
+    ints = ["C", "HW", "G", "M", "K", "s_n", "s_c", "s_p", "tiles_per_chunk", "n_rows", "rows_per_chunk"]
+    sig = {n: "i32" for n in ints} | {n: "fp32" for n in ("momentum", "eps", "alpha")}
+    ptrs = ["x_ptr", "y_ptr", "dy_ptr", "dx_ptr"]
+    sig |= {n: "*bf16" for n in ptrs}
+    tables = ["part_mean_ptr", "part_m2_ptr", "w_ptr", "b_ptr", "rm_ptr", "rv_ptr", "mean_ptr", "var_ptr",
+              "invstd_ptr", "scale_ptr", "shift_ptr", "new_rm_ptr", "new_rv_ptr", "part_dz_ptr",
+              "part_dzx_ptr", "sum_dz_ptr", "sum_dzx_ptr", "dw_ptr", "db_ptr"]
+    sig |= {n: "*fp32" for n in tables}
+    divisible = ptrs + tables + ["C", "HW", "M", "s_n", "s_p", "n_rows"]
+    tile = dict(BLOCK_R=32, BLOCK_C=64, IN_SAMPLE=True, s_c=1)  # channels_last, 64 channels
+    flags = dict(HAS_WEIGHT=True, HAS_BIAS=True)
+    mod = "fastgraph.kernels.bn_act"
+    specs = [
+        (mod, "_bn_stats_partial", sig, tile, divisible, 4),
+        (mod, "_bn_stats_finalize", sig, dict(flags, TRAINING=True, BLOCK_K=32, BLOCK_C=64), divisible, 4),
+        (mod, "_bn_act_apply", sig, dict(tile, ACT=1, UPDATE_RUNNING=True, BLOCK_G=16), divisible, 4),
+        (mod, "_bn_act_bwd_partial", sig, dict(tile, **flags, ACT=2), divisible, 4),
+        (mod, "_bn_act_bwd_finalize", sig, dict(BLOCK_K=32, BLOCK_C=64), divisible, 4),
+        (mod, "_bn_act_bwd_dx", sig, dict(tile, **flags, ACT=3, TRAINING=True, BLOCK_G=16), divisible, 4),
+    ]
+    results = {r["kernel"]: r for r in compile_for_gpu(specs)}
+    assert all(r["cubin_bytes"] > 0 for r in results.values())
+    for name in ("_bn_act_apply", "_bn_act_bwd_dx"):
+        assert results[name]["vector_loads"] > 0 and results[name]["vector_stores"] > 0, results[name]
