@@ -1,0 +1,358 @@
+"""Profile training steps of a model file per graph node: torch.profiler trace, NVTX ranges, a table.
+
+``fastgraph profile MODEL.py`` traces the model (and applies a recipe's passes with
+``--recipe``), wraps every module call in a named range (the ``nvtx_ranges`` pass), and
+runs training steps (forward, cross-entropy, backward, SGD with momentum) on real
+CIFAR-10 training batches under ``torch.profiler`` (CPU activity, plus CUDA on a GPU;
+``record_shapes``, ``with_flops``). Each step is itself split into ``step``, ``data``,
+``forward``, ``backward`` and ``optimizer`` ranges. It writes the Chrome trace and prints
+one row per module call of the graph.
+
+Attribution: a node's forward time is its range's; its backward time is that of the
+autograd functions (``autograd::engine::evaluate_function: ...`` events) whose sequence
+number is one of the forward ops inside its range, the link PyTorch's profiler records
+between a forward op and its backward. Times are CPU times of the ops on CPU and their
+CUDA kernel times on a GPU, averaged over the profiled steps; the step time is the wall
+time of the ``step`` range, which ends with a device synchronisation on a GPU. Profiler
+overhead is included in CPU times.
+
+FLOPs per node are the model of :mod:`fastgraph.roofline_nodes` (forward FLOPs from
+``FlopCounterMode`` times the batch, times 2 or 3 for the backward), not the profiler's
+``with_flops`` counts, which cover the forward only (DESIGN.md, known traps); those are
+kept in the JSON as ``profiler_forward_flops`` for comparison.
+
+With ``--nsys`` the same steps run without torch.profiler, between
+``cudaProfilerStart``/``Stop``, for ``nsys profile -t cuda,nvtx
+--capture-range=cudaProfilerApi``; the command line is printed at the end of a normal run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from fastgraph.errors import UserError
+
+PHASES = ("step", "data", "forward", "backward", "optimizer")
+BACKWARD_PREFIX = "autograd::engine::evaluate_function: "
+CHECK_IMAGES = 32  # real training images the nvtx_ranges pass is verified on (float64)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="plain PyTorch model file (.py)")
+    p.add_argument("--entry", help="function or class in the file that builds the model")
+    p.add_argument("--recipe", help="apply this training recipe's passes first (shipped name or .toml)")
+    p.add_argument("--steps", type=int, default=5, help="profiled training steps (default 5)")
+    p.add_argument("--warmup", type=int, default=2, help="unprofiled steps first (default 2)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="images per step (default 512 on CUDA, 32 on CPU)")
+    p.add_argument("--out", default="fastgraph-profile",
+                   help="folder for trace.json (default fastgraph-profile)")
+    p.add_argument("--data", help="CIFAR-10 (folder or archive; default $FASTGRAPH_DATA)")
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default cuda if present)")
+    p.add_argument("--profile", default="h100", help="hardware profile for the share of peak (default h100)")
+    p.add_argument("--precision", choices=("fp32", "tf32", "fp16", "bf16"), default=None,
+                   help="autocast precision on CUDA and the peak it is held against (default bf16 on CUDA, "
+                        "fp32 on CPU, where steps always run in fp32)")
+    p.add_argument("--json", metavar="FILE", help="write the table and settings as JSON")
+    p.add_argument("--nsys", action="store_true",
+                   help="run the steps for Nsight Systems (NVTX ranges, cudaProfilerStart/Stop) "
+                        "instead of torch.profiler")
+
+
+# ---------------------------------------------------------------------- attribution
+
+
+def _seconds(event, cuda: bool) -> float:
+    return (event.device_time_total if cuda else event.cpu_time_total) / 1e6  # profiler reports microseconds
+
+
+def _descendants(event):
+    stack = list(event.cpu_children)
+    while stack:
+        child = stack.pop()
+        yield child
+        stack.extend(child.cpu_children)
+
+
+def attribute(events, labels: list[str], *, cuda: bool, steps: int) -> dict:
+    """Per-node and per-phase seconds per step from a profiler's events.
+
+    Args:
+        events: ``prof.events()`` (``FunctionEvent`` list) of ``steps`` profiled steps.
+        labels: the range names of the graph's nodes (module paths).
+        cuda: take CUDA kernel time (``device_time_total``) instead of CPU time.
+
+    Returns:
+        ``{"nodes": {label: {"forward_seconds", "backward_seconds", "calls", "profiler_forward_flops"}},
+        "phases": {phase: seconds}, "backward_unattributed_seconds": s}``, all per step.
+    """
+    wanted = set(labels)
+    nodes = {name: {"forward_seconds": 0.0, "backward_seconds": 0.0, "calls": 0, "profiler_forward_flops": 0}
+             for name in labels}
+    phases: dict[str, float] = defaultdict(float)
+    owner: dict[int, str] = {}  # forward op sequence number -> node label
+    cpu_ranges = [e for e in events if e.device_type == torch.autograd.DeviceType.CPU]
+    for e in cpu_ranges:
+        if e.name in wanted:
+            node = nodes[e.name]
+            node["forward_seconds"] += _seconds(e, cuda)
+            node["calls"] += 1
+            for child in _descendants(e):
+                if child.sequence_nr >= 0:
+                    owner[child.sequence_nr] = e.name
+            # top-level ops only: the profiler gives aten::conv2d and its aten::convolution the same FLOPs
+            node["profiler_forward_flops"] += sum(int(c.flops or 0) for c in e.cpu_children)
+        elif e.name == "step":  # wall time: the step ends with a device synchronisation
+            phases[e.name] += e.cpu_time_total / 1e6
+        elif e.name in PHASES:
+            phases[e.name] += _seconds(e, cuda)
+    unattributed = backward = 0.0
+    for e in cpu_ranges:
+        if e.name.startswith(BACKWARD_PREFIX):
+            seconds = _seconds(e, cuda)
+            backward += seconds
+            name = owner.get(e.sequence_nr)
+            if name is None:
+                unattributed += seconds
+            else:
+                nodes[name]["backward_seconds"] += seconds
+    if cuda:  # on a GPU the autograd engine launches the backward kernels from its own thread,
+        phases["backward"] = backward  # outside the caller's "backward" range
+    per_step = 1.0 / max(steps, 1)
+    for node in nodes.values():
+        node["forward_seconds"] *= per_step
+        node["backward_seconds"] *= per_step
+        node["calls"] = node["calls"] / max(steps, 1)
+        node["profiler_forward_flops"] = node["profiler_forward_flops"] * per_step
+    return {"nodes": nodes, "phases": {k: v * per_step for k, v in phases.items()},
+            "backward_unattributed_seconds": unattributed * per_step}
+
+
+def table_rows(attributed: dict, points: dict, labels: list[str], peak: float) -> tuple[list[dict], float]:
+    """One row per node label (graph order): times, % of step, FLOPs, FLOP/s, share of peak, intensity."""
+    step_seconds = attributed["phases"].get("step", 0.0)
+    rows = []
+    for label in labels:
+        timing = attributed["nodes"][label]
+        point = points.get(label)
+        seconds = timing["forward_seconds"] + timing["backward_seconds"]
+        flops = point.flops if point else 0.0
+        achieved = flops / seconds if seconds and flops else None
+        rows.append({"node": label, "forward_seconds": timing["forward_seconds"],
+                     "backward_seconds": timing["backward_seconds"], "seconds": seconds,
+                     "percent_of_step": 100 * seconds / step_seconds if step_seconds else None,
+                     "flops": flops, "bytes": point.bytes if point else 0.0,
+                     "achieved_flops_per_second": achieved,
+                     "fraction_of_peak": achieved / peak if achieved else None,
+                     "arithmetic_intensity": point.arithmetic_intensity if point else 0.0,
+                     "profiler_forward_flops": timing["profiler_forward_flops"]})
+    return rows, step_seconds
+
+
+# ---------------------------------------------------------------------- command
+
+
+def nsys_command(args: argparse.Namespace, out: Path) -> str:
+    """The ``nsys profile`` command line that captures the same steps with their NVTX ranges."""
+    argv = ["fastgraph", "profile", args.model]
+    for flag, value in (("--entry", args.entry), ("--recipe", args.recipe), ("--steps", args.steps),
+                        ("--warmup", args.warmup), ("--batch-size", args.batch_size), ("--data", args.data),
+                        ("--device", args.device), ("--precision", args.precision)):
+        if value is not None:
+            argv += [flag, str(value)]
+    nsys = ["nsys", "profile", "-t", "cuda,nvtx", "--capture-range=cudaProfilerApi",
+            "--capture-range-end=stop", "-o", str(out / f"nsys-{Path(args.model).stem}")]
+    return shlex.join(nsys + argv + ["--nsys"])
+
+
+def _build(args, device: torch.device, data, batch_size: int):
+    """(the training GraphModule before ranges, with ranges on the device, real batch for checks)."""
+    from fastgraph.data import normalize
+    from fastgraph.loading import load_model
+    from fastgraph.pass_manager import run_passes
+    from fastgraph.tracing import trace
+
+    gm = trace(load_model(args.model, args.entry), args.model)
+    stride = len(data.train_images) // 256  # class-sorted folders: every class
+    index = torch.arange(256) * stride
+    images, labels = normalize(data.train_images[index]), data.train_labels[index]
+    if args.recipe:
+        from fastgraph.recipes import load_recipe
+        from fastgraph.trained import training_graph
+
+        gm = training_graph(gm, load_recipe(args.recipe).to_dict(), images=images, labels=labels)
+    gm.train()
+    check = (images[:CHECK_IMAGES], labels[:CHECK_IMAGES])
+    ranged, _ = run_passes(gm, ["nvtx_ranges"], mode="train", batch=check)
+    module = ranged.to(device)
+    if device.type == "cuda":
+        module = module.to(memory_format=torch.channels_last)
+    return gm, module.train(), images
+
+
+def run(args: argparse.Namespace) -> int:
+    from fastgraph import nvtx
+    from fastgraph.data import CIFAR10_MEAN, CIFAR10_STD, load_cifar10
+    from fastgraph.export import resolve_device
+    from fastgraph.roofline import load_profile
+    from fastgraph.roofline_nodes import node_points
+
+    if args.steps < 1 or args.warmup < 0 or (args.batch_size is not None and args.batch_size < 2):
+        raise UserError("--steps must be >= 1, --warmup >= 0 and --batch-size >= 2")
+    device = resolve_device(args.device)
+    cuda = device.type == "cuda"
+    if args.nsys and not cuda:
+        raise UserError("--nsys captures CUDA work for Nsight Systems: it needs a CUDA device")
+    precision = args.precision or ("bf16" if cuda else "fp32")
+    hardware = load_profile(args.profile)
+    peak = hardware.peak(precision)
+    batch_size = args.batch_size or (512 if cuda else 32)
+    data = load_cifar10(args.data)
+    total = batch_size * (args.warmup + args.steps)
+    if total > len(data.train_images):
+        raise UserError(f"{args.warmup + args.steps} steps of {batch_size} images exceed the "
+                        f"{len(data.train_images)} training images")
+
+    gm, module, images = _build(args, device, data, batch_size)
+    points = {p.label: p for p in node_points(gm, hardware, precision, mode="train", batch_size=batch_size,
+                                              example=images[:2])}
+    labels = list(dict.fromkeys(nvtx.range_names(module)))  # a module called twice is one row
+    order = torch.randperm(len(data.train_images), generator=torch.Generator().manual_seed(0))[:total]
+    pixels = data.train_images[order].to(device)
+    targets = data.train_labels[order].to(device)
+    mean = torch.tensor(CIFAR10_MEAN, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(CIFAR10_STD, device=device).view(1, 3, 1, 1)
+    optimizer = torch.optim.SGD(module.parameters(), lr=1e-3, momentum=0.9, nesterov=True, weight_decay=5e-4)
+    low = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision)
+    if cuda and precision == "tf32":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+
+    def step(i: int) -> None:
+        with nvtx.range("step"):
+            with nvtx.range("data"):
+                x = (pixels[i * batch_size:(i + 1) * batch_size].float() - mean) / std
+                if cuda:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                y = targets[i * batch_size:(i + 1) * batch_size]
+            with nvtx.range("forward"):
+                with torch.autocast(device.type, dtype=low, enabled=cuda and low is not None):
+                    loss = F.cross_entropy(module(x).float(), y)
+            with nvtx.range("backward"):
+                loss.backward()
+            with nvtx.range("optimizer"):
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            if cuda:
+                torch.cuda.synchronize(device)
+
+    out = Path(args.out).expanduser()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"cannot create --out {out}: {exc.strerror or exc}") from None
+    if args.nsys:
+        return _run_for_nsys(step, args, device)
+
+    from torch.profiler import ProfilerActivity, profile, schedule
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    trace_path = out / "trace.json"
+    captured = []
+
+    def ready(prof) -> None:  # end of the active steps: the events are cleared after this
+        prof.export_chrome_trace(str(trace_path))
+        captured.append(prof.events())
+
+    plan = schedule(wait=0, warmup=args.warmup, active=args.steps, repeat=1)
+    with profile(activities=activities, schedule=plan, on_trace_ready=ready, record_shapes=True,
+                 with_flops=True) as prof:
+        for i in range(args.warmup + args.steps):
+            step(i)
+            prof.step()
+    attributed = attribute(captured[0], labels, cuda=cuda, steps=args.steps)
+    rows, step_seconds = table_rows(attributed, points, labels, peak)
+    node_seconds = sum(r["seconds"] for r in rows)
+    result = {
+        "model": str(Path(args.model).resolve()), "recipe": args.recipe, "device": _device_name(device),
+        "torch": torch.__version__, "batch_size": batch_size, "steps": args.steps, "warmup": args.warmup,
+        "precision": precision, "run_precision": precision if cuda else "fp32",
+        "profile": hardware.name, "peak_flops_per_second": peak,
+        "nvtx_backend": nvtx.backend(),
+        "timing_method": (f"torch.profiler, {'CUDA kernel' if cuda else 'CPU op'} times per node, "
+                          "wall time of "
+                          f"the step range, mean of {args.steps} steps after {args.warmup} warm-up"),
+        "flops_method": "node_costs forward FLOPs x batch x (1 + input gradient + weight gradient)",
+        "step_seconds": step_seconds, "step_flops": sum(p.flops for p in points.values()),
+        "phases": attributed["phases"], "nodes_seconds": node_seconds,
+        "backward_unattributed_seconds": attributed["backward_unattributed_seconds"],
+        "trace": str(trace_path.resolve()), "nsys_command": nsys_command(args, out), "rows": rows,
+    }
+    if args.json:
+        path = Path(args.json).expanduser()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(result, indent=2) + "\n")
+    print_report(result)
+    return 0
+
+
+def _run_for_nsys(step, args, device: torch.device) -> int:
+    """Warm-up, then the steps between cudaProfilerStart/Stop; prints the mean step time."""
+    from fastgraph.timing import measure_step_time
+
+    counter = iter(range(args.warmup + args.steps))
+    for _ in range(args.warmup):
+        step(next(counter))
+    torch.cuda.synchronize(device)
+    torch.cuda.profiler.start()
+    timed = measure_step_time(lambda: step(next(counter)), device, warmup=0, iters=args.steps)
+    torch.cuda.profiler.stop()
+    print(f"{args.steps} steps captured for Nsight Systems: median {timed.median_seconds * 1e3:.3g} ms "
+          f"per step ({timed.method}); open the .nsys-rep, NVTX ranges name the graph's modules")
+    return 0
+
+
+def _device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
+def print_report(result: dict, console=None) -> None:
+    """The per-node table and the phase summary (the same numbers as the JSON)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from fastgraph.report import seconds, si
+
+    console = console or Console(width=max(Console().width, 130))
+    t = Table(title=f"Per node, mean of {result['steps']} training steps of {result['batch_size']} images on "
+                    f"{result['device']} ({result['timing_method'].split(',')[1].strip()})",
+              title_justify="left")
+    for col in ("node", "forward", "backward", "self time", "% of step", "FLOPs", "achieved",
+                f"% of {result['profile']} peak", "FLOP/B"):
+        t.add_column(col, justify="left" if col == "node" else "right")
+    for r in result["rows"]:
+        pct = f"{r['percent_of_step']:.1f}%" if r["percent_of_step"] is not None else "-"
+        share = f"{100 * r['fraction_of_peak']:.3g}%" if r["fraction_of_peak"] is not None else "-"
+        t.add_row(r["node"], seconds(r["forward_seconds"]), seconds(r["backward_seconds"]),
+                  seconds(r["seconds"]), pct, si(r["flops"]), si(r["achieved_flops_per_second"], "FLOP/s"),
+                  share, f"{r['arithmetic_intensity']:.3g}")
+    console.print(t)
+    phases = result["phases"]
+    step_s = result["step_seconds"] or 1.0
+    console.print("Step " + seconds(result["step_seconds"]) + ": " + ", ".join(
+        f"{name} {seconds(phases.get(name, 0.0))} ({100 * phases.get(name, 0.0) / step_s:.0f}%)"
+        for name in PHASES[1:]) + f"; graph modules {seconds(result['nodes_seconds'])} "
+        f"({100 * result['nodes_seconds'] / step_s:.0f}%), other backward ops "
+        f"{seconds(result['backward_unattributed_seconds'])}")
+    console.print(f"Model FLOPs per step {si(result['step_flops'])} ({result['flops_method']}); achieved "
+                  f"{si(result['step_flops'] / step_s, 'FLOP/s')} = "
+                  f"{100 * result['step_flops'] / step_s / result['peak_flops_per_second']:.3g}% of the "
+                  f"{result['profile']} {result['precision']} peak")
+    console.print(f"Chrome trace (chrome://tracing, ui.perfetto.dev): {result['trace']}")
+    console.print(f"Nsight Systems, same steps with NVTX ranges:\n  {result['nsys_command']}")

@@ -1,0 +1,169 @@
+"""Roofline of a model on a hardware profile, node by node: a table, a log-log PNG and JSON.
+
+``fastgraph roofline MODEL.py --profile h100`` traces the model file and places every
+graph node on the profile's roofline: FLOPs and bytes of one training step (or one
+inference batch) from :mod:`fastgraph.roofline_nodes`, the arithmetic intensity, the
+attainable FLOP/s and the roofline time, and the whole step as one more point. With
+``--measured`` (the JSON of ``fastgraph profile``) the measured FLOP/s of each node are
+plotted and tabled beside the prediction.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from fastgraph.errors import UserError
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="plain PyTorch model file (.py)")
+    p.add_argument("--entry", help="function or class in the file that builds the model")
+    p.add_argument("--profile", default="h100", help="hardware profile name or .toml file (default h100)")
+    p.add_argument("--precision", default="bf16", help="fp32, tf32, fp16 or bf16 (default bf16)")
+    p.add_argument("--mode", choices=("train", "infer"), default="train",
+                   help="a training step (default) or an inference batch")
+    p.add_argument("--batch-size", type=_positive_int, default=512, help="images per step (default 512)")
+    p.add_argument("--out", default="roofline.png", help="the PNG to write (default roofline.png)")
+    p.add_argument("--json", metavar="FILE", help="write one entry per node, and the step, as JSON")
+    p.add_argument("--measured", metavar="PROFILE_JSON",
+                   help="the --json of `fastgraph profile`: plot measured FLOP/s per node")
+
+
+def read_measured(path: str) -> dict:
+    """The ``fastgraph profile --json`` record at ``path``.
+
+    Raises:
+        UserError: missing file, invalid JSON, or not a ``fastgraph profile`` record.
+    """
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise UserError(f"--measured file not found: {file}")
+    try:
+        record = json.loads(file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UserError(f"--measured {file}: not valid JSON ({exc})") from None
+    if not isinstance(record, dict) or not isinstance(record.get("rows"), list) or "batch_size" not in record:
+        raise UserError(f"--measured {file} is not the --json output of `fastgraph profile`")
+    return record
+
+
+def roofline_record(gm, profile, precision: str, mode: str, batch_size: int,
+                    measured: dict | None = None) -> dict:
+    """The roofline of ``gm`` as a JSON-ready dict: profile, one entry per node, the step.
+
+    With ``measured`` (a profile record), nodes gain ``measured_seconds`` (per step),
+    ``achieved_flops_per_second`` and ``fraction_of_attainable``, matched by label
+    (module path); the step gains the measured step time.
+
+    Raises:
+        UserError: see :func:`fastgraph.roofline_nodes.node_points`; a measured record
+            that matches no node of the graph.
+    """
+    from fastgraph.roofline_nodes import node_points, step_point
+
+    points = node_points(gm, profile, precision, mode=mode, batch_size=batch_size)
+    nodes = [p.as_dict() for p in points]
+    step = step_point(points, profile, precision)
+    if measured is not None:
+        rows = {r["node"]: r for r in measured["rows"]}
+        matched = 0
+        for n in nodes:
+            row = rows.get(n["label"])
+            if row is None or not row.get("seconds"):
+                continue
+            matched += 1
+            n["measured_seconds"] = row["seconds"]
+            n["achieved_flops_per_second"] = n["flops"] / row["seconds"]
+            n["fraction_of_attainable"] = (n["achieved_flops_per_second"] / n["attainable_flops_per_second"]
+                                           if n["attainable_flops_per_second"] else None)
+        if not matched:
+            raise UserError("--measured: no row matches a node of this graph (profiled from another model?)")
+        step_seconds = measured.get("step_seconds")
+        if step_seconds:
+            step["measured_seconds"] = step_seconds
+            step["achieved_flops_per_second"] = step["flops"] / step_seconds
+    return {"profile": profile.name, "display_name": profile.display_name, "precision": precision,
+            "mode": mode, "batch_size": batch_size, "peak_flops_per_second": profile.peak(precision),
+            "memory_bandwidth": profile.memory_bandwidth, "ridge_point": profile.ridge_point(precision),
+            "nodes": nodes, "step": step}
+
+
+def roofline_table(record: dict):
+    """One row per node and one for the step: FLOPs, bytes, intensity, bound, roofline time, measured."""
+    from rich.table import Table
+
+    from fastgraph.report import seconds, si
+
+    measured = any("measured_seconds" in n for n in record["nodes"])
+    t = Table(title=f"Roofline per node: {record['mode']} step of {record['batch_size']} images on "
+                    f"{record['display_name']} at {record['precision']} "
+                    f"(ridge {record['ridge_point']:.3g} FLOPs/B)",
+              title_justify="left")
+    cols = ["node", "FLOPs", "bytes", "FLOP/B", "bound", "attainable", "roofline", "% of step"]
+    if measured:
+        cols += ["measured", "achieved", "% of attainable"]
+    for c in cols:
+        t.add_column(c, justify="left" if c in ("node", "bound") else "right")
+    total = record["step"]["roofline_seconds"] or 1.0
+    for n in record["nodes"] + [dict(record["step"], label="step (sum of nodes)", bound="-")]:
+        row = [n["label"], si(n["flops"]), si(n["bytes"], "B"), f"{n['arithmetic_intensity']:.3g}",
+               n["bound"], si(n["attainable_flops_per_second"], "FLOP/s"), seconds(n["roofline_seconds"]),
+               f"{100 * n['roofline_seconds'] / total:.1f}%"]
+        if measured:
+            frac = n.get("fraction_of_attainable")
+            row += [seconds(n.get("measured_seconds")), si(n.get("achieved_flops_per_second"), "FLOP/s"),
+                    f"{100 * frac:.1f}%" if frac is not None else "-"]
+        t.add_row(*row)
+    return t
+
+
+def run(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from fastgraph.loading import load_model
+    from fastgraph.roofline import load_profile
+    from fastgraph.roofline_plot import plot_roofline
+    from fastgraph.tracing import trace
+
+    profile = load_profile(args.profile)
+    profile.peak(args.precision)
+    measured = read_measured(args.measured) if args.measured else None
+    batch_size = args.batch_size
+    if measured is not None:
+        if args.mode != "train":
+            raise UserError("--measured comes from training steps (`fastgraph profile`): use --mode train")
+        batch_size = int(measured["batch_size"])  # FLOPs per step must be those of the measured steps
+    gm = trace(load_model(args.model, args.entry), args.model)
+    record = roofline_record(gm, profile, args.precision, args.mode, batch_size, measured)
+    record["model"] = str(Path(args.model).resolve())
+    title = (f"{Path(args.model).name}: {args.mode} step of {batch_size} images on {profile.display_name}, "
+             f"{args.precision}" + (" (measured: " + str(measured.get("device")) + ")" if measured else ""))
+    measured_points = None
+    if measured is not None:
+        measured_points = [n for n in record["nodes"] if "achieved_flops_per_second" in n]
+    plot = plot_roofline(args.out, profile=profile, precision=args.precision, points=record["nodes"],
+                         step=record["step"], title=title, measured=measured_points)
+    record["plot"] = str(plot.resolve())
+    if args.json:
+        path = Path(args.json).expanduser()
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(record, indent=2) + "\n")
+        except OSError as exc:
+            raise UserError(f"cannot write --json {path}: {exc.strerror or exc}") from None
+    console = Console(width=max(Console().width, 160 if measured else 120))
+    console.print(roofline_table(record))
+    console.print(f"Roofline plot written to {plot}")
+    return 0

@@ -1,0 +1,206 @@
+"""Trained weights for a traced model: a plain ``state_dict`` file or a training checkpoint.
+
+``fastgraph export`` and ``fastgraph profile`` take the model file the user wrote plus,
+optionally, weights:
+
+- a plain ``state_dict`` (``torch.save(model.state_dict(), path)``, also the
+  ``{"state_dict": ...}`` wrapper), loaded into the traced model as it is;
+- a ``fastgraph train --checkpoint DIR`` checkpoint (``DIR`` or ``DIR/checkpoint.pt``,
+  see :mod:`fastgraph.checkpoint`): its ``model`` (or ``ema``) state belongs to the
+  *training* graph, the traced model rewritten by the recipe's passes (whitening adds a
+  fixed conv, fused kernels rename modules...). :func:`training_graph` rebuilds that
+  graph from the recorded recipe the way the trainer does (same passes, same options,
+  BatchNorm momentum/eps set from the recipe) before the weights are loaded. Data
+  passes (whitening) are given a few real training images only so that they build
+  the same modules; every value they compute from them is then overwritten by the
+  checkpoint.
+
+Every mismatch is a one-line :class:`~fastgraph.errors.UserError` naming the file, the
+first key that differs and both shapes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from fastgraph.errors import UserError
+
+REBUILD_IMAGES = 256  # training images given to data passes while rebuilding (values then overwritten)
+
+
+def _shape(t) -> str:
+    return str(tuple(t.shape)) if isinstance(t, torch.Tensor) else type(t).__name__
+
+
+def read_weights(path: str | Path) -> tuple[dict, Path]:
+    """Read a weights file (a folder means ``<folder>/checkpoint.pt``); tensors land on the CPU.
+
+    Returns:
+        (the loaded object, which must be a dict, the file read).
+
+    Raises:
+        UserError: the file is missing, unreadable, not a PyTorch file, truncated, or
+            holds something other than a dict.
+    """
+    path = Path(path).expanduser()
+    if path.is_dir():
+        from fastgraph.checkpoint import checkpoint_path
+
+        path = checkpoint_path(path)
+    if not path.is_file():
+        raise UserError(f"checkpoint file not found: {path}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # truncated, not a torch file, foreign pickled objects
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise UserError(f"cannot read checkpoint {path}: {type(exc).__name__}: {first}"[:400]) from None
+    if not isinstance(state, dict):
+        raise UserError(f"checkpoint {path} holds a {type(state).__name__}, not a state_dict or a "
+                        "fastgraph training checkpoint")
+    return state, path
+
+
+def is_training_checkpoint(state: Mapping) -> bool:
+    """Whether ``state`` is a ``fastgraph train`` checkpoint (format, recipe, model state)."""
+    from fastgraph.checkpoint import FORMAT
+
+    return state.get("format") == FORMAT and isinstance(state.get("model"), Mapping) and "recipe" in state
+
+
+def _plain_state_dict(state: Mapping, path: Path) -> Mapping[str, torch.Tensor]:
+    if "state_dict" in state and isinstance(state["state_dict"], Mapping):
+        state = state["state_dict"]
+    bad = next((k for k, v in state.items()
+                if not isinstance(k, str) or not isinstance(v, torch.Tensor)), None)
+    if bad is not None or not state:
+        raise UserError(f"checkpoint {path} is neither a state_dict (names -> tensors) nor a fastgraph "
+                        f"training checkpoint" + (f" (entry {bad!r} is not a tensor)" if bad else " (empty)"))
+    return state
+
+
+def check_state_matches(module: nn.Module, state: Mapping[str, torch.Tensor], path: Path) -> None:
+    """Raise ``UserError`` naming the first key (in the model's order) that is missing from
+    ``state`` or has another shape there, then the first key ``state`` has and the model lacks."""
+    expected = module.state_dict()
+    for key, value in expected.items():
+        if key not in state:
+            raise UserError(f"checkpoint {path} does not match the model: it has no {key!r} "
+                            f"(model shape {_shape(value)})")
+        if tuple(state[key].shape) != tuple(value.shape):
+            raise UserError(f"checkpoint {path} does not match the model: {key!r} has shape "
+                            f"{_shape(state[key])} in the checkpoint and {_shape(value)} in the model")
+    extra = next((k for k in state if k not in expected), None)
+    if extra is not None:
+        raise UserError(f"checkpoint {path} does not match the model: its {extra!r} "
+                        f"(shape {_shape(state[extra])}) is not in the model")
+
+
+def training_graph(gm: fx.GraphModule, recipe: Mapping, *, stochastic_depth: bool = False,
+                   images: torch.Tensor | None = None, labels: torch.Tensor | None = None) -> fx.GraphModule:
+    """Rebuild the graph ``fastgraph train`` trains: ``gm`` rewritten by the recipe's passes.
+
+    Args:
+        gm: the traced model file.
+        recipe: ``Recipe.to_dict()`` as a checkpoint records it (``passes``: list of
+            ``{"name", **options}``; ``batchnorm``: momentum and eps; ``stochastic_depth``).
+        stochastic_depth: the training added the ``stochastic_depth`` pass.
+        images: float32 (N, 3, 32, 32) normalised training images for passes that need
+            data (an integer ``images`` option); their values are not kept. With
+            ``labels`` (int64 (N,)), the first 32 also verify exact passes, as the trainer does.
+
+    Returns:
+        The training-mode GraphModule with the trainer's structure and BatchNorm settings.
+
+    Raises:
+        UserError: a pass that is not registered, or one needing images when none are given.
+    """
+    from fastgraph import passes as registry
+    from fastgraph.pass_manager import run_passes
+
+    names, options = [], {}
+    for item in recipe.get("passes", []):
+        opts = {k: v for k, v in item.items() if k != "name"}
+        if item["name"] not in registry.REGISTRY:
+            raise UserError(f"the checkpoint's recipe uses pass {item['name']!r}, unknown to this fastgraph")
+        if isinstance(opts.get("images"), int) and not isinstance(opts["images"], bool):
+            if images is None:
+                raise UserError(f"rebuilding pass {item['name']} needs CIFAR-10 training images: give --data")
+            opts["images"] = images[: min(opts["images"], len(images))]
+        names.append(item["name"])
+        options[item["name"]] = opts
+    if stochastic_depth:
+        names.append("stochastic_depth")
+        options["stochastic_depth"] = dict(recipe.get("stochastic_depth", {}))
+    batch = None
+    if any(registry.get(n).exact for n in names):
+        if images is None or labels is None:
+            raise UserError("rebuilding the training graph verifies exact passes on real images: give --data")
+        batch = (images[:32], labels[:32])
+    gm, _ = run_passes(gm.train(), names, mode="train", batch=batch, options=options)
+    bn = recipe.get("batchnorm", {})
+    for m in gm.modules():  # as the trainer does after its passes: BatchNorm modules only
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            if bn.get("momentum") is not None:
+                m.momentum = bn["momentum"]
+            if bn.get("eps") is not None:
+                m.eps = bn["eps"]
+    return gm
+
+
+def load_weights(gm: fx.GraphModule, path: str | Path, *, images: torch.Tensor | None = None,
+                 labels: torch.Tensor | None = None, weights: str = "auto") -> tuple[fx.GraphModule, dict]:
+    """``gm`` (or its rebuilt training graph) holding the weights in ``path``.
+
+    Args:
+        gm: the traced model file (not modified).
+        path: a state_dict file, a training checkpoint file, or a ``--checkpoint`` folder.
+        images, labels: real normalised training images and their labels for rebuilding
+            the training graph (see :func:`training_graph`).
+        weights: for a training checkpoint, ``"trained"`` (the trained module), ``"ema"``
+            (the averaged one) or ``"auto"`` (the one the recipe evaluates).
+
+    Returns:
+        (GraphModule with the weights loaded, in eval mode; a JSON-ready description:
+        ``kind``, ``path``, and for a checkpoint ``recipe``, ``epoch``, ``weights``, ``passes``).
+
+    Raises:
+        UserError: unreadable file, mismatching keys or shapes (first key, both shapes),
+            or EMA weights asked of a checkpoint without them.
+    """
+    import copy
+
+    state, path = read_weights(path)
+    info: dict = {"path": str(path.resolve())}
+    if is_training_checkpoint(state):
+        recipe = state["recipe"]
+        settings = state.get("settings", {})
+        chosen = weights
+        if chosen == "auto":
+            chosen = recipe.get("eval", {}).get("model", "trained")
+        if chosen == "ema":
+            if not isinstance(state.get("ema"), Mapping):
+                raise UserError(f"checkpoint {path} holds no EMA weights (its recipe has [ema] disabled)")
+            weights_state = {k.removeprefix("module."): v for k, v in state["ema"].items()
+                             if k.startswith("module.")}
+        else:
+            weights_state = state["model"]
+        module = training_graph(copy.deepcopy(gm), recipe,
+                                stochastic_depth=bool(settings.get("stochastic_depth")), images=images,
+                                labels=labels)
+        info.update(kind="training checkpoint", recipe=recipe.get("recipe", {}).get("name"),
+                    epoch=state.get("epoch"), weights=chosen,
+                    passes=[p["name"] for p in recipe.get("passes", [])])
+    else:
+        if weights == "ema":
+            raise UserError(f"--weights ema needs a fastgraph training checkpoint; {path} is a state_dict")
+        weights_state = _plain_state_dict(state, path)
+        module = copy.deepcopy(gm)
+        info.update(kind="state_dict", weights="state_dict", passes=[])
+    check_state_matches(module, weights_state, path)
+    module.load_state_dict(weights_state)
+    return module.eval(), info
