@@ -187,7 +187,7 @@ def _build(args, device: torch.device, data, batch_size: int):
         from fastgraph.recipes import load_recipe
         from fastgraph.trained import training_graph
 
-        gm = training_graph(gm, load_recipe(args.recipe).to_dict(), images=images, labels=labels)
+        gm, _ = training_graph(gm, load_recipe(args.recipe).to_dict(), images=images, labels=labels)
     gm.train()
     check = (images[:CHECK_IMAGES], labels[:CHECK_IMAGES])
     ranged, _ = run_passes(gm, ["nvtx_ranges"], mode="train", batch=check)

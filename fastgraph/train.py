@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastgraph import checkpoint as ckpt
+from fastgraph import nvtx
 from fastgraph.errors import UserError
 from fastgraph.optim import WeightAverage, build_optimizers
 from fastgraph.recipes import Recipe, check_passes_registered, lr_factor, torch_hyperparameters
@@ -288,13 +289,14 @@ def evaluate(module: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, b
     """
     module.eval()
     correct = torch.zeros((), dtype=torch.int64, device=images.device)
-    for i in range(0, len(images), batch_size):
-        x = (images[i:i + batch_size].float() - mean) / std
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        with autocast():
-            logits = module(x)
-        correct += (logits.argmax(1) == labels[i:i + batch_size]).sum()
+    with nvtx.range("evaluation"):
+        for i in range(0, len(images), batch_size):
+            x = (images[i:i + batch_size].float() - mean) / std
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with autocast():
+                logits = module(x)
+            correct += (logits.argmax(1) == labels[i:i + batch_size]).sum()
     return correct.item() / len(images)
 
 
@@ -418,58 +420,36 @@ class Trainer:
         self.std_t = torch.tensor(CIFAR10_STD, device=self.device).view(1, 3, 1, 1)
         self.mean, self.std = CIFAR10_MEAN, CIFAR10_STD
 
-    def _normalised_train(self, n: int) -> torch.Tensor:
-        """``n`` training images, the first of each class in turn, float32 normalised, on the device.
-
-        Class-balanced rather than the first ``n``: an ImageFolder copy of CIFAR-10 is sorted
-        by class, and a whitening estimated from the first 5,000 images would see airplanes only.
-        """
-        rows = balanced_subset(self.train_labels.cpu(), min(n, len(self.train_labels)))
-        return (self.train_images[rows.to(self.device)].float() - self.mean_t) / self.std_t
+    def _pass_images(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Training images for the recipe's data passes and the exact-pass check: float32
+        normalised (N, 3, 32, 32) on the device and their labels, as many as the largest
+        ``images`` option asks for, the first of each class (an ImageFolder copy of
+        CIFAR-10 is sorted by class: the first 5,000 images would be airplanes only)."""
+        wanted = [p.options["images"] for p in self.recipe.passes
+                  if isinstance(p.options.get("images"), int) and not isinstance(p.options["images"], bool)]
+        n = min(max([VERIFY_IMAGES, *wanted]), len(self.train_labels))
+        rows = balanced_subset(self.train_labels.cpu(), n).to(self.device)
+        return (self.train_images[rows].float() - self.mean_t) / self.std_t, self.train_labels[rows]
 
     # -- model ------------------------------------------------------------------------
-
-    def _pass_plan(self) -> tuple[list[str], dict[str, dict]]:
-        names, options = [], {}
-        for step in self.recipe.passes:
-            opts = dict(step.options)
-            if isinstance(opts.get("images"), int) and not isinstance(opts["images"], bool):
-                opts["images"] = self._normalised_train(opts["images"])
-            if step.name in options and options[step.name] != opts:
-                raise UserError(f"recipe {self.recipe.path}: pass {step.name} listed twice with "
-                                "different options")
-            names.append(step.name)
-            options[step.name] = opts
-        if self.opts.stochastic_depth:
-            names.append("stochastic_depth")
-            options["stochastic_depth"] = dict(self.recipe["stochastic_depth"])
-        return names, options
 
     def _build(self, timer: Timer) -> tuple[fx.GraphModule, dict]:
         """Load, trace and rewrite the model file: (train-mode GraphModule on the device, pass report)."""
         from fastgraph.loading import load_model
-        from fastgraph.pass_manager import run_passes
         from fastgraph.tracing import trace
+        from fastgraph.trained import training_graph
 
         with timer.phase("model build", counted=False):
             model = load_model(self.opts.model_path, self.opts.entry)
             gm = trace(model, source=self.opts.model_path).to(self.device)
-            names, options = self._pass_plan()
-            rows = balanced_subset(self.train_labels.cpu(), min(VERIFY_IMAGES, len(self.train_labels)))
-            batch = (self._normalised_train(VERIFY_IMAGES), self.train_labels[rows.to(self.device)])
+            images, labels = self._pass_images()
         with timer.phase("passes"):  # counted: holds the whitening initialisation from data
-            gm, report = run_passes(gm, names, mode="train", batch=batch, options=options)
-        bn = self.recipe["batchnorm"]
-        for m in gm.modules():
-            if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)):
-                if bn["momentum"] is not None:
-                    m.momentum = bn["momentum"]
-                if bn["eps"] is not None:
-                    m.eps = bn["eps"]
+            gm, report = training_graph(gm, self.recipe.to_dict(), images=images, labels=labels,
+                                        stochastic_depth=self.opts.stochastic_depth)
         if self.channels_last:
             gm = gm.to(memory_format=torch.channels_last)
         gm.train()
-        return gm, report.to_dict()
+        return gm, report
 
     def _training_module(self, gm: fx.GraphModule) -> tuple[fx.GraphModule, nn.Module, bool]:
         """(module whose parameters train, module to call, fresh compile?).
@@ -629,7 +609,8 @@ class Trainer:
         losses, interrupted = [], False
         r.module.train()
         with r.timer.phase("train"):
-            for i, (x, y) in enumerate(r.augmenter.epoch(epoch, skip, steps_here), start=skip):
+            batches = nvtx.iterate(r.augmenter.epoch(epoch, skip, steps_here), "data")
+            for i, (x, y) in enumerate(batches, start=skip):
                 if self.interrupt.requested:
                     interrupted = True
                     break
@@ -638,25 +619,27 @@ class Trainer:
                 for opt in r.optimizers:
                     for group in opt.param_groups:
                         group["lr"] = group["peak_lr"] * factor
-                with self._autocast():
+                # NVTX ranges per phase for Nsight Systems; free when no profiler listens.
+                with nvtx.range("forward"), self._autocast():
                     out = r.call(x)
                     loss = F.cross_entropy(out.float(), y, label_smoothing=label_smoothing)
                 for opt in r.optimizers:
                     opt.zero_grad(set_to_none=True)
-                if r.scaler is not None:
-                    r.scaler.scale(loss).backward()
+                with nvtx.range("backward"):
+                    (r.scaler.scale(loss) if r.scaler is not None else loss).backward()
+                with nvtx.range("optimizer"):
                     for opt in r.optimizers:
-                        r.scaler.step(opt)
-                    r.scaler.update()
-                else:
-                    loss.backward()
-                    for opt in r.optimizers:
-                        opt.step()
-                r.step += 1
-                if r.ema is not None:
-                    r.ema.maybe_update(r.module, r.step, r.total_steps)
-                    if r.ema.lookahead and r.step == r.total_steps:
-                        r.ema.copy_back(r.module)  # airbench's final update (decay 1)
+                        if r.scaler is not None:
+                            r.scaler.step(opt)
+                        else:
+                            opt.step()
+                    if r.scaler is not None:
+                        r.scaler.update()
+                    r.step += 1
+                    if r.ema is not None:
+                        r.ema.maybe_update(r.module, r.step, r.total_steps)
+                        if r.ema.lookahead and r.step == r.total_steps:
+                            r.ema.copy_back(r.module)  # airbench's final update (decay 1)
                 loss = loss.detach()
                 losses.append(loss)
                 r.loss_sum += loss

@@ -100,56 +100,71 @@ def check_state_matches(module: nn.Module, state: Mapping[str, torch.Tensor], pa
                         f"(shape {_shape(state[extra])}) is not in the model")
 
 
+def _spread(n: int, total: int) -> torch.Tensor:
+    """``n`` indices spread evenly over ``range(total)`` (a class-sorted set yields every class)."""
+    return torch.linspace(0, total - 1, min(n, total)).round().long()
+
+
 def training_graph(gm: fx.GraphModule, recipe: Mapping, *, stochastic_depth: bool = False,
-                   images: torch.Tensor | None = None, labels: torch.Tensor | None = None) -> fx.GraphModule:
-    """Rebuild the graph ``fastgraph train`` trains: ``gm`` rewritten by the recipe's passes.
+                   images: torch.Tensor | None = None, labels: torch.Tensor | None = None,
+                   ) -> tuple[fx.GraphModule, dict]:
+    """The graph ``fastgraph train`` trains: ``gm`` rewritten by the recipe's passes.
+
+    The trainer builds its model with this function, and export and profile rebuild a
+    checkpoint's graph with it, so the three always agree.
 
     Args:
-        gm: the traced model file.
-        recipe: ``Recipe.to_dict()`` as a checkpoint records it (``passes``: list of
+        gm: the traced model file (not modified).
+        recipe: ``Recipe.to_dict()``, as a checkpoint records it (``passes``: list of
             ``{"name", **options}``; ``batchnorm``: momentum and eps; ``stochastic_depth``).
-        stochastic_depth: the training added the ``stochastic_depth`` pass.
-        images: float32 (N, 3, 32, 32) normalised training images for passes that need
-            data (an integer ``images`` option); their values are not kept. With
-            ``labels`` (int64 (N,)), the first 32 also verify exact passes, as the trainer does.
+        stochastic_depth: add the ``stochastic_depth`` pass with the recipe's options.
+        images: float32 (N, 3, 32, 32) normalised training images of every class, for
+            passes that need data (an integer ``images`` option takes that many, spread
+            over the N) and, with ``labels`` (int64 (N,)), a 32-image batch spread over
+            them that verifies exact passes.
 
     Returns:
-        The training-mode GraphModule with the trainer's structure and BatchNorm settings.
+        (the training-mode GraphModule with the recipe's BatchNorm settings, the pass
+        manager's report as a dict).
 
     Raises:
-        UserError: a pass that is not registered, or one needing images when none are given.
+        UserError: an unregistered pass, one listed twice with different options, or
+            data needed and not given.
     """
     from fastgraph import passes as registry
     from fastgraph.pass_manager import run_passes
 
     names, options = [], {}
     for item in recipe.get("passes", []):
-        opts = {k: v for k, v in item.items() if k != "name"}
-        if item["name"] not in registry.REGISTRY:
-            raise UserError(f"the checkpoint's recipe uses pass {item['name']!r}, unknown to this fastgraph")
+        name, opts = item["name"], {k: v for k, v in item.items() if k != "name"}
+        if name not in registry.REGISTRY:
+            raise UserError(f"the recipe uses pass {name!r}, unknown to this fastgraph")
         if isinstance(opts.get("images"), int) and not isinstance(opts["images"], bool):
             if images is None:
-                raise UserError(f"rebuilding pass {item['name']} needs CIFAR-10 training images: give --data")
-            opts["images"] = images[: min(opts["images"], len(images))]
-        names.append(item["name"])
-        options[item["name"]] = opts
+                raise UserError(f"pass {name} needs CIFAR-10 training images: give --data")
+            opts["images"] = images[_spread(opts["images"], len(images)).to(images.device)]
+        if name in options and options[name] != opts:
+            raise UserError(f"the recipe lists pass {name} twice with different options")
+        names.append(name)
+        options[name] = opts
     if stochastic_depth:
         names.append("stochastic_depth")
         options["stochastic_depth"] = dict(recipe.get("stochastic_depth", {}))
     batch = None
     if any(registry.get(n).exact for n in names):
         if images is None or labels is None:
-            raise UserError("rebuilding the training graph verifies exact passes on real images: give --data")
-        batch = (images[:32], labels[:32])
-    gm, _ = run_passes(gm.train(), names, mode="train", batch=batch, options=options)
+            raise UserError("the recipe's exact passes are verified on real images: give --data")
+        rows = _spread(32, len(images)).to(images.device)
+        batch = (images[rows], labels[rows])
+    gm, report = run_passes(gm.train(), names, mode="train", batch=batch, options=options)
     bn = recipe.get("batchnorm", {})
-    for m in gm.modules():  # as the trainer does after its passes: BatchNorm modules only
+    for m in gm.modules():  # after the passes, so ghost batch norms get the settings too
         if isinstance(m, nn.modules.batchnorm._BatchNorm):
             if bn.get("momentum") is not None:
                 m.momentum = bn["momentum"]
             if bn.get("eps") is not None:
                 m.eps = bn["eps"]
-    return gm
+    return gm, report.to_dict()
 
 
 def load_weights(gm: fx.GraphModule, path: str | Path, *, images: torch.Tensor | None = None,
@@ -189,7 +204,7 @@ def load_weights(gm: fx.GraphModule, path: str | Path, *, images: torch.Tensor |
                              if k.startswith("module.")}
         else:
             weights_state = state["model"]
-        module = training_graph(copy.deepcopy(gm), recipe,
+        module, _ = training_graph(copy.deepcopy(gm), recipe,
                                 stochastic_depth=bool(settings.get("stochastic_depth")), images=images,
                                 labels=labels)
         info.update(kind="training checkpoint", recipe=recipe.get("recipe", {}).get("name"),
