@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import statistics
 from pathlib import Path
 
 import torch
@@ -52,12 +53,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", metavar="FILE", help="write the whole report as JSON")
 
 
-def _measure(gm: fx.GraphModule, mode: str, x: torch.Tensor, y: torch.Tensor, device: torch.device,
-             precision: str, steps: int):
-    """Median seconds of one training step (forward, cross-entropy, backward, SGD) or one
-    inference forward of ``gm`` on (x, y), measured on ``device``; ``gm`` is untouched."""
-    from fastgraph.timing import measure_step_time
-
+def _step_fn(gm: fx.GraphModule, mode: str, x: torch.Tensor, y: torch.Tensor, device: torch.device,
+             precision: str):
+    """A zero-argument training step (forward, cross-entropy, backward, SGD) or inference
+    forward of a copy of ``gm`` on (x, y) on ``device``; ``gm`` is untouched."""
     model = copy.deepcopy(gm).to(device).train(mode == "train")
     x, y = x.to(device), y.to(device)
     low = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision)
@@ -78,7 +77,29 @@ def _measure(gm: fx.GraphModule, mode: str, x: torch.Tensor, y: torch.Tensor, de
         def step():
             with torch.no_grad():
                 forward()
-    return measure_step_time(step, device, warmup=1, iters=steps)
+    return step
+
+
+def _measure_alternating(steps: dict, device: torch.device, rounds: int) -> dict:
+    """Median seconds per step of each named step function, timed in alternation.
+
+    One warm-up call each (not timed), then ``rounds`` rounds that time one call of every
+    function in turn, so a change in machine load between them (a shared CPU, GPU clocks)
+    falls on all of them alike rather than on whichever was timed second.
+    Returns {name: (median seconds, method)}.
+    """
+    from fastgraph.timing import measure_step_time
+
+    times = {name: [] for name in steps}
+    for fn in steps.values():
+        measure_step_time(fn, device, warmup=1, iters=1)
+    for _ in range(rounds):
+        for name, fn in steps.items():
+            one = measure_step_time(fn, device, warmup=0, iters=1)
+            times[name].append(one.median_seconds)
+    clock = one.method.split(",")[0]
+    method = f"{clock}, 1 warm-up excluded, median of {rounds}, before/after alternated"
+    return {name: (statistics.median(t), method) for name, t in times.items()}
 
 
 def _readable_code(gm: fx.GraphModule, passes_applied: list[str], source: str) -> str:
@@ -129,16 +150,19 @@ def run(args: argparse.Namespace) -> int:
                                         cost_example=x[:1], cost_batch_size=batch_size)
 
     rows = []
-    for label, module in (("before", gm), ("after", optimized)):
+    graphs = {"before": gm, "after": optimized}
+    measured = _measure_alternating(
+        {label: _step_fn(module, args.mode, x[:batch_size], y[:batch_size], device, args.precision)
+         for label, module in graphs.items()}, device, args.steps)
+    for label, module in graphs.items():
         est = roofline.estimate(module, x[:1], profile, args.precision, mode=args.mode,
                                 epochs=args.epochs, batch_size=args.batch_size or 512)
-        step = _measure(module, args.mode, x[:batch_size], y[:batch_size], device, args.precision,
-                        args.steps)
-        images_per_second = batch_size / step.median_seconds
-        rows.append({"graph": label, **est, "measured_step_seconds": step.median_seconds,
+        seconds, method = measured[label]
+        images_per_second = batch_size / seconds
+        rows.append({"graph": label, **est, "measured_step_seconds": seconds,
                      "measured_images_per_second": images_per_second,
                      "measured_flops_per_second": est["step_flops_per_image"] * images_per_second,
-                     "timing_method": step.method})
+                     "timing_method": method})
 
     out = Path(args.out) if args.out else Path.cwd() / f"{Path(args.model).stem}.optimized.pt"
     torch.save(optimized, out)

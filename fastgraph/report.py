@@ -68,7 +68,7 @@ def roofline_table(result: dict) -> Table:
 
 def print_optimize_report(result: dict, console: Console | None = None) -> None:
     """Print the optimize report (pass table, roofline table, where the module went)."""
-    console = console or Console(width=max(Console().width, 110))
+    console = console or Console(width=max(Console().width, 120))
     console.print(pass_table(result["passes"], result["mode"]))
     for p in result["passes"]:
         if p["message"] and p["status"] != "no-op":
