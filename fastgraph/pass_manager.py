@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import copy
 from dataclasses import asdict, dataclass, field
+from typing import NamedTuple
 
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
 
 from fastgraph import passes as registry
 from fastgraph.errors import UserError
@@ -26,11 +28,54 @@ from fastgraph.errors import UserError
 # computed in float64 and rounded once to float32), so honest rewrites differ by a few
 # float32 ulps of the output scale; a wrong rewrite differs by orders of magnitude more.
 RTOL = 1e-5
+VERIFY_IMAGES = 32  # the float64 check batch: large enough for batch-statistics BN to be meaningful
+
+
+def verification_batch(images: torch.Tensor, labels: torch.Tensor, n: int = VERIFY_IMAGES):
+    """The batch exact passes are checked on: ``n`` of ``images`` (float32 (N, 3, H, W),
+    normalised) and their ``labels`` (int64 (N,)), spread over the N, so a class-sorted
+    set gives every class and not n airplanes."""
+    from fastgraph.data import spread_indices
+
+    rows = spread_indices(n, len(images)).to(images.device)
+    return images[rows], labels[rows]
+
+
+def _celu_float64(x: torch.Tensor, alpha: float) -> torch.Tensor:
+    """CELU (Barron 2017) from elementary ops, whose float64 gradient is exact.
+
+    PyTorch's own CELU backward rounds alpha to float32 before taking its reciprocal
+    (``derivatives.yaml``: ``elu_backward(grad, alpha, 1, 1.0/alpha.toFloat(), ...)``): in
+    float64, every gradient through ``CELU(alpha=0.075)`` or ``CELU(0.3)`` (Page's alphas,
+    not exact in float32) is off by up to 4e-8 relative, which a BatchNorm backward that
+    cancels most of a gradient can lift above the check's tolerance. The exponent's
+    argument is taken at min(x, 0), so no inf (and no NaN gradient) comes from large x;
+    ``x`` is not saved for the backward, so the in-place form may overwrite it.
+    """
+    positive = x > 0
+    negative_part = torch.where(positive, torch.zeros((), dtype=x.dtype, device=x.device), x)
+    return torch.where(positive, x, alpha * torch.expm1(negative_part / alpha))
+
+
+class _ExactFloat64Reference(TorchFunctionMode):
+    """Computes CELU with :func:`_celu_float64` for float64 tensors (modules, ``F.celu``,
+    ``torch.celu`` and their in-place forms), so the check compares two float64 functions
+    and not PyTorch's float32-rounded CELU gradient against a correct one."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in (F.celu, torch.celu, torch.celu_) and args and args[0].dtype == torch.float64:
+            x = args[0]
+            alpha = args[1] if len(args) > 1 else kwargs.get("alpha", 1.0)
+            inplace = func is torch.celu_ or (args[2] if len(args) > 2 else kwargs.get("inplace", False))
+            y = _celu_float64(x, float(alpha))
+            return x.copy_(y) if inplace else y
+        return func(*args, **kwargs)
 
 
 @dataclass
 class PassOutcome:
-    """What one pass did: status is applied, refused, no-op or error."""
+    """What one pass did: status is applied, refused (an exact pass whose check failed) or no-op."""
 
     name: str
     exactness: str
@@ -54,10 +99,12 @@ class PassReport:
     outcomes: list[PassOutcome] = field(default_factory=list)
 
     def to_dict(self) -> dict:
+        """JSON-ready: ``{"mode", "passes": [one dict per PassOutcome]}``."""
         return {"mode": self.mode, "passes": [asdict(o) for o in self.outcomes]}
 
     @property
     def applied(self) -> list[str]:
+        """Names of the passes applied, in order."""
         return [o.name for o in self.outcomes if o.status == "applied"]
 
 
@@ -67,9 +114,10 @@ def _forward_backward(gm: fx.GraphModule, mode: str, x: torch.Tensor, y: torch.T
     model.train(mode == "train")
     x = x.detach().double().requires_grad_(mode == "train")
     if mode != "train":
-        with torch.no_grad():
+        with torch.no_grad(), _ExactFloat64Reference():
             return model(x).detach(), {}
-    out = model(x)
+    with _ExactFloat64Reference():
+        out = model(x)
     loss = F.cross_entropy(out, y) if y is not None and out.dim() == 2 else out.square().mean()
     loss.backward()
     grads = {"<input>": x.grad.detach()}
@@ -84,33 +132,47 @@ def _max_rel_diff(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
     return (a - b).abs().max().item(), RTOL * max(1.0, a.abs().max().item())
 
 
+class Verification(NamedTuple):
+    """The float64 comparison of a module before and after a rewrite."""
+
+    ok: bool
+    max_output_diff: float
+    max_grad_diff: float | None  # over the input and every shared parameter; None in infer mode
+    tolerance: float  # of the outputs: RTOL * max(1, max |output|)
+    worst: str  # the comparison nearest to (or furthest over) its own tolerance, in words
+    results: tuple  # ``after``'s (outputs, gradients), the reference for the next pass
+
+
 def verify(before: fx.GraphModule, after: fx.GraphModule, mode: str,
-           batch: tuple[torch.Tensor, torch.Tensor | None], reference=None):
+           batch: tuple[torch.Tensor, torch.Tensor | None], reference=None) -> Verification:
     """Compare ``before`` and ``after`` on ``batch`` in float64.
+
+    Each tensor (the outputs; in train mode the gradient w.r.t. the input and to every
+    parameter both modules have) must agree within RTOL times the larger of 1 and its
+    largest magnitude in ``before``.
 
     Args:
         before, after: the modules; neither is modified (copies run).
         mode: "train" (batch-statistics BN, outputs and gradients) or "infer" (eval, outputs).
         batch: (x float (N, 3, H, W), labels int64 (N,) or None).
         reference: ``_forward_backward(before, ...)`` if already computed.
-
-    Returns:
-        (ok, max_output_diff, max_grad_diff or None, output tolerance, after's results).
     """
     x, y = batch
     ref_out, ref_grads = reference or _forward_backward(before, mode, x, y)
     out, grads = _forward_backward(after, mode, x, y)
     out_diff, tol = _max_rel_diff(ref_out, out)
-    ok = out_diff <= tol
+    checks = [("outputs", out_diff, tol)]
     grad_diff = None
     if mode == "train":
-        common = ref_grads.keys() & grads.keys()
-        grad_diff = 0.0
-        for name in common:
-            d, t = _max_rel_diff(ref_grads[name], grads[name])
-            grad_diff = max(grad_diff, d)
-            ok = ok and d <= t
-    return ok, out_diff, grad_diff, tol, (out, grads)
+        common = sorted(ref_grads.keys() & grads.keys())
+        grad_checks = [(f"gradient of {name}", *_max_rel_diff(ref_grads[name], grads[name]))
+                       for name in common]
+        grad_diff = max((d for _, d, _ in grad_checks), default=0.0)
+        checks += grad_checks
+    what, diff, limit = max(checks, key=lambda c: c[1] / c[2] if c[2] else float("inf"))
+    ok = all(d <= t for _, d, t in checks)
+    return Verification(ok, out_diff, grad_diff, tol, f"{what} by {diff:.3g} (tolerance {limit:.3g})",
+                        (out, grads))
 
 
 def _costs(gm: fx.GraphModule, example: torch.Tensor | None, batch_size: int):
@@ -161,6 +223,8 @@ def run_passes(gm: fx.GraphModule, names: list[str], *, mode: str,
             raise UserError(f"pass {name} applies in {'/'.join(info.modes)} mode, not {mode}")
         if info.exact and batch is None:
             raise UserError(f"pass {name} is exact and must be verified: give a real data batch")
+        if info.needs_data and "images" not in options.get(name, {}):
+            raise UserError(f"pass {name} needs real training images: give it the option 'images'")
         infos.append(info)
 
     report = PassReport(mode)
@@ -175,7 +239,8 @@ def run_passes(gm: fx.GraphModule, names: list[str], *, mode: str,
             after.graph.lint()
         except (UserError, ValueError) as exc:
             # A pass's own guard rejecting the user's options or batch: the user's to fix.
-            raise UserError(f"pass {info.name}: {exc}") from None
+            message = str(exc).removeprefix(f"{info.name}: ")  # PassOptionError names the pass already
+            raise UserError(f"pass {info.name}: {message}") from None
         outcome.rewrites = registry.rewrite_count(gm, after)
         if outcome.rewrites == 0:
             outcome.message = "nothing to rewrite"
@@ -183,14 +248,14 @@ def run_passes(gm: fx.GraphModule, names: list[str], *, mode: str,
         if info.exact:
             if reference is None:
                 reference = _forward_backward(gm, mode, *batch)
-            ok, out_diff, grad_diff, tol, results = verify(gm, after, mode, batch, reference)
-            outcome.max_output_diff, outcome.max_grad_diff, outcome.tolerance = out_diff, grad_diff, tol
-            if not ok:
+            check = verify(gm, after, mode, batch, reference)
+            outcome.max_output_diff, outcome.max_grad_diff = check.max_output_diff, check.max_grad_diff
+            outcome.tolerance = check.tolerance
+            if not check.ok:
                 outcome.status = "refused"
-                worst = max(out_diff, grad_diff or 0.0)
-                outcome.message = f"differs by {worst:.3g} > tolerance {tol:.3g}: kept the module before it"
+                outcome.message = f"differs: {check.worst}; kept the module before it"
                 continue
-            reference = results
+            reference = check.results
         else:
             reference = None  # the function changed: the next exact pass needs a new reference
             outcome.message = "changes the function: train with it"
