@@ -40,7 +40,6 @@ import json
 import platform
 import re
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -78,15 +77,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     if unknown:
         p.error(f"unknown backends {sorted(unknown)}; known: {', '.join(BACKENDS)}")
     return args
-
-
-def git_commit() -> str | None:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True,
-                             timeout=10)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip() or None
 
 
 def device_label(device: torch.device) -> tuple[str, str]:
@@ -190,15 +180,10 @@ def measure(run, images: torch.Tensor, labels: torch.Tensor, batch: int, clock: 
 def main(argv=None) -> int:
     args = parse_args(argv)
     sys.path.insert(0, str(REPO))
+    from fastgraph.cli_common import git_commit, resolve_device
     from fastgraph.data import load_cifar10, normalize
     from fastgraph.errors import UserError
-    from fastgraph.export import (
-        HalfPrecision,
-        inference_graph,
-        load_trained_graph,
-        resolve_device,
-        spread_indices,
-    )
+    from fastgraph.export import HalfPrecision, inference_graph, load_trained_graph, spread_indices
 
     try:
         device = resolve_device(args.device)

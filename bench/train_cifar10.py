@@ -256,9 +256,9 @@ def _main(args) -> int:
         import fastgraph  # noqa: F401
     except ImportError:
         raise BenchError("fastgraph is not installed: pip install -e . in the repository first") from None
+    from fastgraph.cli_common import git_commit
     from fastgraph.data import load_cifar10
     from fastgraph.errors import UserError
-    from fastgraph.train_cli import git_commit
 
     if not args.dry_run and not torch.cuda.is_available():
         raise BenchError("needs a CUDA GPU: this benchmark times GPU training "

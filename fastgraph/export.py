@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import sys
 from pathlib import Path
 
@@ -24,27 +23,26 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from fastgraph.cli_common import device_name, output_path, positive, resolve_device, write_json
 from fastgraph.errors import UserError
 
 TTA_LEVELS = {"none": 0, "flip": 1, "flip-translate": 2}
 ACCURACY_TOLERANCE = 0.0005  # 0.05 percentage points of test accuracy
 REFERENCE_CHUNK = 500  # images per PyTorch / ONNX Runtime call while verifying
-PASS_CHECK_IMAGES = 32  # real training images the exact passes are verified on (float64)
 
 
 def _batch_arg(text: str) -> int | None:
+    """``--batch``: ``dynamic`` (None) or a positive integer."""
     if text == "dynamic":
         return None
     try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a positive integer or 'dynamic', got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
+        return positive(int)(text)
+    except argparse.ArgumentTypeError as exc:
+        raise argparse.ArgumentTypeError(f"{exc} (give a positive integer or 'dynamic')") from None
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    """Add the ``fastgraph export`` options to its subparser."""
     p.add_argument("model", help="plain PyTorch model file (.py)")
     p.add_argument("--entry", help="function or class in the file that builds the model")
     p.add_argument("--checkpoint", metavar="CKPT", help="trained weights: a state_dict file, or a "
@@ -138,7 +136,6 @@ def inference_graph(gm: fx.GraphModule, *, tta: str,
         UserError: an unknown ``tta``; a rewrite that changed the outputs (refused).
     """
     from fastgraph import nvtx
-    from fastgraph import passes as registry
     from fastgraph.modules import PatchWhitening
     from fastgraph.pass_manager import run_passes, verify
 
@@ -149,16 +146,18 @@ def inference_graph(gm: fx.GraphModule, *, tta: str,
     steps = []
     swapped = reference_ops(gm)
     if swapped is not gm:
-        ok, out_diff, _, tol, _ = verify(gm, swapped, "infer", batch)
-        steps.append({"name": "reference_ops", "exactness": "exact", "status": "applied" if ok else "refused",
-                      "rewrites": swapped.meta.get("fastgraph.rewrites", 0), "max_output_diff": out_diff,
-                      "tolerance": tol, "message": "fused kernels -> BatchNorm2d + activation"})
-        if not ok:
-            raise UserError(f"swapping fused kernels for reference ops changed the outputs by {out_diff:.3g} "
-                            f"(tolerance {tol:.3g}); cannot export this graph faithfully")
+        check = verify(gm, swapped, "infer", batch)
+        steps.append({"name": "reference_ops", "exactness": "exact",
+                      "status": "applied" if check.ok else "refused",
+                      "rewrites": swapped.meta.get("fastgraph.rewrites", 0),
+                      "max_output_diff": check.max_output_diff, "tolerance": check.tolerance,
+                      "message": "fused kernels -> BatchNorm2d + activation"})
+        if not check.ok:
+            raise UserError(f"swapping fused kernels for reference ops changed the {check.worst}; "
+                            "cannot export this graph faithfully")
         gm = swapped
     names = ["fold_bn"]
-    if "fuse_whitening" in registry.REGISTRY and any(isinstance(m, PatchWhitening) for m in gm.modules()):
+    if any(isinstance(m, PatchWhitening) for m in gm.modules()):
         names.append("fuse_whitening")
     options = {}
     if TTA_LEVELS[tta]:
@@ -194,9 +193,11 @@ def spread_indices(n: int, total: int) -> torch.Tensor:
     Raises:
         UserError: ``n`` outside 1..total.
     """
+    from fastgraph import data
+
     if not 1 <= n <= total:
         raise UserError(f"--verify-images must be between 1 and {total}, got {n}")
-    return (torch.arange(n, dtype=torch.float64) * (total / n)).long()
+    return data.spread_indices(n, total)
 
 
 @torch.no_grad()
@@ -236,37 +237,29 @@ def compare(reference: torch.Tensor, engine: torch.Tensor, labels: torch.Tensor)
 # ---------------------------------------------------------------------- command
 
 
-def resolve_device(name: str | None) -> torch.device:
-    """``name`` (default: cuda when available, else cpu); ``UserError`` for CUDA without a GPU."""
-    device = torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {name}: CUDA is not available on this machine")
-    return device
-
-
 def load_trained_graph(model: str, entry: str | None, checkpoint: str | None, data, weights: str = "auto"):
     """(traced GraphModule with the weights, weights description, real training batch for pass checks).
 
     ``data`` is a loaded CIFAR-10 (``fastgraph.data.load_cifar10``). Raises ``UserError``
     for a bad model file or checkpoint (see :func:`fastgraph.trained.load_weights`).
     """
-    from fastgraph.data import normalize
     from fastgraph.loading import load_model
-    from fastgraph.tracing import trace
-    from fastgraph.trained import REBUILD_IMAGES, load_weights
+    from fastgraph.pass_manager import verification_batch
+    from fastgraph.tracing import check_runs, trace
+    from fastgraph.trained import load_weights, spread_training_images
 
     gm = trace(load_model(model, entry), model)
-    stride = len(data.train_images) // REBUILD_IMAGES  # class-sorted folders: take every class
-    index = torch.arange(REBUILD_IMAGES) * stride
-    images, labels = normalize(data.train_images[index]), data.train_labels[index]
+    images, labels = spread_training_images(data)
+    check_runs(gm, images[:2])
     if checkpoint:
         gm, info = load_weights(gm, checkpoint, images=images, labels=labels, weights=weights)
     else:
         info = {"kind": "untrained", "path": None, "weights": "the model file's initialisation", "passes": []}
-    return gm.eval(), info, (images[:PASS_CHECK_IMAGES], labels[:PASS_CHECK_IMAGES])
+    return gm.eval(), info, verification_batch(images, labels)
 
 
 def run(args: argparse.Namespace) -> int:
+    """Run ``fastgraph export``; returns the exit code (a ``UserError`` is one line, exit 2)."""
     from fastgraph.data import load_cifar10, normalize
 
     if args.format == "tensorrt":  # fail before any work when the extra is missing
@@ -284,7 +277,12 @@ def run(args: argparse.Namespace) -> int:
     if args.format == "tensorrt" and device.type != "cuda":
         raise UserError("--format tensorrt runs on a CUDA device; drop --device cpu")
 
-    if args.checkpoint:  # a missing or corrupt file is named before any slow work
+    # A missing or corrupt checkpoint and an unwritable output are named before any slow work.
+    suffix = ".onnx" if args.format == "onnx" else ".ep"
+    out = output_path(args.out or Path.cwd() / f"{Path(args.model).stem}{suffix}", "--out")
+    if args.json:
+        output_path(args.json, "--json")
+    if args.checkpoint:
         from fastgraph.trained import read_weights
 
         read_weights(args.checkpoint)
@@ -299,8 +297,6 @@ def run(args: argparse.Namespace) -> int:
     graph, steps = inference_graph(gm, tta=args.tta, batch=check_batch)
     module = HalfPrecision(graph) if args.precision == "fp16" else graph
 
-    suffix = ".onnx" if args.format == "onnx" else ".ep"
-    out = Path(args.out) if args.out else Path.cwd() / f"{Path(args.model).stem}{suffix}"
     reference = pytorch_logits(graph, test_x, device)
     if args.format == "onnx":
         from fastgraph.export_onnx import export_onnx, run_session, session
@@ -327,34 +323,40 @@ def run(args: argparse.Namespace) -> int:
     result = {
         "model": str(Path(args.model).resolve()), "weights": weights_info, "format": args.format,
         "tta": args.tta, "precision": args.precision, "batch": args.batch or "dynamic",
-        "out": str(out.resolve()), "device": _device_name(device), "torch": torch.__version__,
+        "out": str(out.resolve()), "device": device_name(device), "torch": torch.__version__,
         "passes": steps, "engine": engine_info, "verification": check,
     }
     if args.json:
-        path = Path(args.json).expanduser()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(result, indent=2) + "\n")
+        write_json(args.json, result)
     print_summary(result)
     return 0 if check["passed"] else 1
+
+
+def run_in_batches(call, images: torch.Tensor, *, batch: int | None, chunk: int = REFERENCE_CHUNK
+                   ) -> torch.Tensor:
+    """Logits of an engine over ``images``, float32 (N, classes) on the CPU.
+
+    ``call`` maps a float32 (n, 3, H, W) CPU batch to its logits (any float tensor on any
+    device). A fixed-batch engine (``batch`` given) gets chunks of exactly ``batch``
+    images, the last padded with copies of its first image and the padding's outputs
+    dropped; a dynamic one gets chunks of ``chunk``.
+    """
+    size = batch or chunk
+    outputs = []
+    for start in range(0, len(images), size):
+        x = images[start:start + size]
+        n = len(x)
+        if batch and n < batch:
+            x = torch.cat([x, x[:1].expand(batch - n, *x.shape[1:])])
+        outputs.append(call(x)[:n].float().cpu())
+    return torch.cat(outputs)
 
 
 @torch.no_grad()
 def _run_engine(engine: nn.Module, images: torch.Tensor, batch: int | None, device: torch.device,
                 chunk: int = REFERENCE_CHUNK) -> torch.Tensor:
-    """Logits of a PyTorch-callable engine; a fixed-batch engine gets padded chunks of ``batch``."""
-    size = batch or chunk
-    outs = []
-    for i in range(0, len(images), size):
-        x = images[i:i + size]
-        n = len(x)
-        if batch and n < batch:
-            x = torch.cat([x, x[:1].expand(batch - n, *x.shape[1:])])
-        outs.append(engine(x.to(device)).float()[:n].cpu())
-    return torch.cat(outs)
-
-
-def _device_name(device: torch.device) -> str:
-    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    """Logits of a PyTorch-callable engine (see :func:`run_in_batches`)."""
+    return run_in_batches(lambda x: engine(x.to(device)), images, batch=batch, chunk=chunk)
 
 
 def print_summary(result: dict, console=None) -> None:

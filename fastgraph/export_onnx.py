@@ -28,6 +28,7 @@ EXPORT_EXAMPLE_BATCH = 4  # torch.export specialises a dynamic dimension seen at
 
 
 def require_package(package: str):
+    """The imported ``package`` (onnx, onnxscript, onnxruntime); ``UserError`` naming the extra if missing."""
     try:
         return __import__(package)
     except ImportError:
@@ -130,14 +131,11 @@ def run_session(sess, images: torch.Tensor, *, batch: int | None, chunk: int = 5
     A fixed-batch model (``batch`` given) runs on chunks of exactly ``batch`` images, the
     last one padded with copies of its first image and the padding's outputs dropped.
     """
+    from fastgraph.export import run_in_batches
+
     name = sess.get_inputs()[0].name
-    size = batch or chunk
-    outputs = []
-    for start in range(0, len(images), size):
-        x = images[start:start + size]
-        n = len(x)
-        if batch and n < batch:
-            x = torch.cat([x, x[:1].expand(batch - n, *x.shape[1:])])
-        out = sess.run(None, {name: np.ascontiguousarray(x.numpy(), dtype=np.float32)})[0]
-        outputs.append(torch.from_numpy(out[:n]).float())
-    return torch.cat(outputs)
+
+    def call(x: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(sess.run(None, {name: np.ascontiguousarray(x.numpy(), dtype=np.float32)})[0])
+
+    return run_in_batches(call, images, batch=batch, chunk=chunk)

@@ -34,12 +34,15 @@ def _user_line(exc: BaseException, path: Path) -> str:
 def import_model_file(path: str | Path) -> types.ModuleType:
     """Execute a model file as a private module and return it.
 
-    Raises ``ModelError`` (one line) when the file is missing, has a syntax error (with
-    its line number) or raises while it is imported (with the line that raised).
+    Raises ``ModelError`` (one line) when the file is missing, is not a ``.py`` file, has
+    a syntax error (with its line number) or raises while it is imported (with the line
+    that raised).
     """
     path = Path(path).expanduser().resolve()
     if not path.is_file():
         raise ModelError(f"model file not found: {path}")
+    if path.suffix != ".py":
+        raise ModelError(f"model file {path} is not a Python file: give the .py file that defines the model")
     name = f"fastgraph_user_model_{next(_counter)}"
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import statistics
 from pathlib import Path
 
@@ -18,6 +17,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
+from fastgraph.cli_common import device_name, output_file, output_path, resolve_device, write_json
 from fastgraph.errors import UserError
 
 # The passes `optimize` runs when --passes is not given: the exact ones for the mode,
@@ -27,10 +27,11 @@ DEFAULT_PASSES = {
     "train": ["pool_before_activation"],
     "infer": ["pool_before_activation", "fold_bn"],
 }
-VERIFY_IMAGES = 32  # float64 check batch: large enough for batch-statistics BN to be meaningful
+DATA_PASS_IMAGES = 5000  # training images given to passes that need data (whitening's patch covariance)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    """Add the ``fastgraph optimize`` options to its subparser."""
     p.add_argument("model", help="plain PyTorch model file (.py)")
     p.add_argument("--entry", help="function or class in the file that builds the model")
     p.add_argument("--mode", choices=("train", "infer"), default="train",
@@ -115,39 +116,51 @@ def _readable_code(gm: fx.GraphModule, passes_applied: list[str], source: str) -
 
 
 def run(args: argparse.Namespace) -> int:
+    """Run ``fastgraph optimize``; returns the exit code (a ``UserError`` is one line, exit 2)."""
+    from fastgraph import passes as registry
     from fastgraph import report as report_view
     from fastgraph import roofline
-    from fastgraph.data import load_cifar10, normalize
+    from fastgraph.data import load_cifar10, normalize, spread_indices
     from fastgraph.loading import load_model
-    from fastgraph.pass_manager import run_passes
+    from fastgraph.pass_manager import VERIFY_IMAGES, run_passes, verification_batch
     from fastgraph.tracing import trace
+    from fastgraph.trained import spread_training_images
 
     if args.epochs <= 0 or args.steps <= 0 or (args.batch_size is not None and args.batch_size <= 1):
         raise UserError("--epochs and --steps must be positive and --batch-size at least 2")
     profile = roofline.load_profile(args.profile)
     profile.peak(args.precision)  # raises a one-line error for a precision the profile lacks
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {args.device}: CUDA is not available on this machine")
+    device = resolve_device(args.device)
+    # Unwritable outputs fail here, before the slow work.
+    out = output_path(args.out or Path.cwd() / f"{Path(args.model).stem}.optimized.pt", "--out")
+    for option, path in (("--emit-code", args.emit_code), ("--json", args.json)):
+        if path:
+            output_path(path, option)
 
     model = load_model(args.model, args.entry)
     gm = trace(model, args.model)
     data = load_cifar10(args.data)
     batch_size = args.batch_size or (512 if device.type == "cuda" else 32)
+    if batch_size > len(data.test_images):
+        raise UserError(f"--batch-size {batch_size} is more than the {len(data.test_images)} test images")
     # Test images of every class: an ImageFolder test split is stored class by class.
-    n = max(batch_size, VERIFY_IMAGES)
-    index = torch.arange(n) * (len(data.test_images) // n)
+    index = spread_indices(max(batch_size, VERIFY_IMAGES), len(data.test_images))
     x, y = normalize(data.test_images[index]), data.test_labels[index]
-    verify_batch = (x[:VERIFY_IMAGES], y[:VERIFY_IMAGES])
     names = DEFAULT_PASSES[args.mode]
     if args.passes:
         names = [n.strip() for n in args.passes.split(",") if n.strip()]
     if args.mode == "infer":
         gm.eval()  # inference passes such as fold_bn act on eval-mode BatchNorm
         model.eval()
+    # Passes that need data (whitening) get training images of every class.
+    options = {}
+    if any(name in registry.REGISTRY and registry.get(name).needs_data for name in names):
+        images, _ = spread_training_images(data, DATA_PASS_IMAGES)
+        options = {name: {"images": images} for name in names
+                   if name in registry.REGISTRY and registry.get(name).needs_data}
 
-    optimized, pass_report = run_passes(gm, names, mode=args.mode, batch=verify_batch,
-                                        cost_example=x[:1], cost_batch_size=batch_size)
+    optimized, pass_report = run_passes(gm, names, mode=args.mode, batch=verification_batch(x, y),
+                                        options=options, cost_example=x[:1], cost_batch_size=batch_size)
 
     rows = []
     graphs = {"before": gm, "after": optimized}
@@ -164,11 +177,11 @@ def run(args: argparse.Namespace) -> int:
                      "measured_flops_per_second": est["step_flops_per_image"] * images_per_second,
                      "timing_method": method})
 
-    out = Path(args.out) if args.out else Path.cwd() / f"{Path(args.model).stem}.optimized.pt"
-    torch.save(optimized, out)
+    with output_file(out, "--out"):
+        torch.save(optimized, out)
     result = {
         "model": str(Path(args.model).resolve()),
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "device": device_name(device),
         "torch": torch.__version__,
         "batch_size": batch_size,
         "verify_images": VERIFY_IMAGES,
@@ -180,9 +193,10 @@ def run(args: argparse.Namespace) -> int:
         "optimized_module": str(out.resolve()),
     }
     if args.emit_code:
-        Path(args.emit_code).write_text(_readable_code(optimized, pass_report.applied, args.model))
-        result["emitted_code"] = str(Path(args.emit_code).resolve())
+        with output_file(args.emit_code, "--emit-code") as code:
+            code.write_text(_readable_code(optimized, pass_report.applied, args.model))
+        result["emitted_code"] = str(code.resolve())
     if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2))
+        write_json(args.json, result)
     report_view.print_optimize_report(result)
-    return 1 if any(o.status == "error" for o in pass_report.outcomes) else 0
+    return 0

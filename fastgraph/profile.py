@@ -29,7 +29,6 @@ With ``--nsys`` the same steps run without torch.profiler, between
 from __future__ import annotations
 
 import argparse
-import json
 import shlex
 from collections import defaultdict
 from pathlib import Path
@@ -37,14 +36,15 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from fastgraph.cli_common import device_name, output_path, resolve_device, write_json
 from fastgraph.errors import UserError
 
 PHASES = ("step", "data", "forward", "backward", "optimizer")
 BACKWARD_PREFIX = "autograd::engine::evaluate_function: "
-CHECK_IMAGES = 32  # real training images the nvtx_ranges pass is verified on (float64)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    """Add the ``fastgraph profile`` options to its subparser."""
     p.add_argument("model", help="plain PyTorch model file (.py)")
     p.add_argument("--entry", help="function or class in the file that builds the model")
     p.add_argument("--recipe", help="apply this training recipe's passes first (shipped name or .toml)")
@@ -174,23 +174,20 @@ def nsys_command(args: argparse.Namespace, out: Path) -> str:
 
 def _build(args, device: torch.device, data, batch_size: int):
     """(the training GraphModule before ranges, with ranges on the device, real batch for checks)."""
-    from fastgraph.data import normalize
     from fastgraph.loading import load_model
-    from fastgraph.pass_manager import run_passes
-    from fastgraph.tracing import trace
+    from fastgraph.pass_manager import run_passes, verification_batch
+    from fastgraph.tracing import check_runs, trace
+    from fastgraph.trained import spread_training_images, training_graph
 
     gm = trace(load_model(args.model, args.entry), args.model)
-    stride = len(data.train_images) // 256  # class-sorted folders: every class
-    index = torch.arange(256) * stride
-    images, labels = normalize(data.train_images[index]), data.train_labels[index]
+    images, labels = spread_training_images(data)
+    check_runs(gm, images[:2])
     if args.recipe:
         from fastgraph.recipes import load_recipe
-        from fastgraph.trained import training_graph
 
         gm, _ = training_graph(gm, load_recipe(args.recipe).to_dict(), images=images, labels=labels)
     gm.train()
-    check = (images[:CHECK_IMAGES], labels[:CHECK_IMAGES])
-    ranged, _ = run_passes(gm, ["nvtx_ranges"], mode="train", batch=check)
+    ranged, _ = run_passes(gm, ["nvtx_ranges"], mode="train", batch=verification_batch(images, labels))
     module = ranged.to(device)
     if device.type == "cuda":
         module = module.to(memory_format=torch.channels_last)
@@ -198,9 +195,9 @@ def _build(args, device: torch.device, data, batch_size: int):
 
 
 def run(args: argparse.Namespace) -> int:
+    """Run ``fastgraph profile``; returns the exit code (a ``UserError`` is one line, exit 2)."""
     from fastgraph import nvtx
     from fastgraph.data import CIFAR10_MEAN, CIFAR10_STD, load_cifar10
-    from fastgraph.export import resolve_device
     from fastgraph.roofline import load_profile
     from fastgraph.roofline_nodes import node_points
 
@@ -214,6 +211,9 @@ def run(args: argparse.Namespace) -> int:
     hardware = load_profile(args.profile)
     peak = hardware.peak(precision)
     batch_size = args.batch_size or (512 if cuda else 32)
+    out = output_path(Path(args.out) / "trace.json", "--out").parent  # before any slow work
+    if args.json:
+        output_path(args.json, "--json")
     data = load_cifar10(args.data)
     total = batch_size * (args.warmup + args.steps)
     if total > len(data.train_images):
@@ -252,11 +252,6 @@ def run(args: argparse.Namespace) -> int:
             if cuda:
                 torch.cuda.synchronize(device)
 
-    out = Path(args.out).expanduser()
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise UserError(f"cannot create --out {out}: {exc.strerror or exc}") from None
     if args.nsys:
         return _run_for_nsys(step, args, device)
 
@@ -280,7 +275,7 @@ def run(args: argparse.Namespace) -> int:
     rows, step_seconds = table_rows(attributed, points, labels, peak)
     node_seconds = sum(r["seconds"] for r in rows)
     result = {
-        "model": str(Path(args.model).resolve()), "recipe": args.recipe, "device": _device_name(device),
+        "model": str(Path(args.model).resolve()), "recipe": args.recipe, "device": device_name(device),
         "torch": torch.__version__, "batch_size": batch_size, "steps": args.steps, "warmup": args.warmup,
         "precision": precision, "run_precision": precision if cuda else "fp32",
         "profile": hardware.name, "peak_flops_per_second": peak,
@@ -295,9 +290,7 @@ def run(args: argparse.Namespace) -> int:
         "trace": str(trace_path.resolve()), "nsys_command": nsys_command(args, out), "rows": rows,
     }
     if args.json:
-        path = Path(args.json).expanduser()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(result, indent=2) + "\n")
+        write_json(args.json, result)
     print_report(result)
     return 0
 
@@ -316,10 +309,6 @@ def _run_for_nsys(step, args, device: torch.device) -> int:
     print(f"{args.steps} steps captured for Nsight Systems: median {timed.median_seconds * 1e3:.3g} ms "
           f"per step ({timed.method}); open the .nsys-rep, NVTX ranges name the graph's modules")
     return 0
-
-
-def _device_name(device: torch.device) -> str:
-    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
 
 
 def print_report(result: dict, console=None) -> None:

@@ -168,6 +168,7 @@ class Recipe:
 
     @property
     def title(self) -> str:
+        """The recipe's one-line title."""
         return self.sections[""]["title"]
 
     def to_dict(self) -> dict:

@@ -35,7 +35,7 @@ def pass_table(passes: list[dict], mode: str) -> Table:
               title_justify="left")
     for col in ("pass", "kind", "status", "rewrites", "max |diff|", "tol", "fwd FLOPs/img", "fwd bytes/img"):
         t.add_column(col, justify="right" if col in ("rewrites", "max |diff|", "tol") else "left")
-    styles = {"applied": "green", "refused": "red", "error": "red", "no-op": "dim"}
+    styles = {"applied": "green", "refused": "red", "no-op": "dim"}
     for p in passes:
         diff = tol = "-"
         if p["max_output_diff"] is not None:

@@ -37,7 +37,8 @@ from torch.fx.passes.shape_prop import ShapeProp
 from torch.utils._pytree import tree_leaves
 from torch.utils.flop_counter import FlopCounterMode
 
-from fastgraph.errors import ModelError, UserError
+from fastgraph.errors import UserError
+from fastgraph.tracing import check_runs
 
 PRECISIONS = ("fp32", "tf32", "fp16", "bf16")
 # Bytes per stored element. TF32 is a tensor-core compute mode: tensors stay fp32 in memory.
@@ -382,16 +383,11 @@ def node_costs(gm: torch.fx.GraphModule, example: torch.Tensor, *,
     amortise_over = n if batch_size is None else int(batch_size)
     if amortise_over < 1:
         raise ValueError("batch_size must be >= 1")
+    check_runs(gm, example)  # fail here, in one line, rather than inside ShapeProp's traceback print
     with torch.inference_mode(False), torch.no_grad():
         model = copy.deepcopy(gm).eval()
-        x = example.detach().clone()
-        try:
-            model(x)  # fail here, in one line, rather than inside ShapeProp's traceback print
-        except Exception as exc:  # noqa: BLE001 - any failure is the model's, reported as such
-            raise ModelError(f"the graph fails on the example input: {type(exc).__name__}: "
-                             f"{str(exc).splitlines()[0] if str(exc) else ''}") from None
         prop = _CostProp(model, ELEMENT_BYTES[precision] if precision else None)
-        prop.propagate(x)
+        prop.propagate(example.detach().clone())
     return [NodeCost(node.name, node.op, _target_name(node.target), flops / n, act / n, params,
                      amortise_over)
             for node, flops, act, params in prop.records]

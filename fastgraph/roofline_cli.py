@@ -14,27 +14,19 @@ import argparse
 import json
 from pathlib import Path
 
+from fastgraph.cli_common import output_path, positive, write_json
 from fastgraph.errors import UserError
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    """Add the ``fastgraph roofline`` options to its subparser."""
     p.add_argument("model", help="plain PyTorch model file (.py)")
     p.add_argument("--entry", help="function or class in the file that builds the model")
     p.add_argument("--profile", default="h100", help="hardware profile name or .toml file (default h100)")
     p.add_argument("--precision", default="bf16", help="fp32, tf32, fp16 or bf16 (default bf16)")
     p.add_argument("--mode", choices=("train", "infer"), default="train",
                    help="a training step (default) or an inference batch")
-    p.add_argument("--batch-size", type=_positive_int, default=512, help="images per step (default 512)")
+    p.add_argument("--batch-size", type=positive(int), default=512, help="images per step (default 512)")
     p.add_argument("--out", default="roofline.png", help="the PNG to write (default roofline.png)")
     p.add_argument("--json", metavar="FILE", help="write one entry per node, and the step, as JSON")
     p.add_argument("--measured", metavar="PROFILE_JSON",
@@ -130,6 +122,7 @@ def roofline_table(record: dict):
 
 
 def run(args: argparse.Namespace) -> int:
+    """Run ``fastgraph roofline``; returns the exit code (a ``UserError`` is one line, exit 2)."""
     from rich.console import Console
 
     from fastgraph.loading import load_model
@@ -140,6 +133,8 @@ def run(args: argparse.Namespace) -> int:
     profile = load_profile(args.profile)
     profile.peak(args.precision)
     measured = read_measured(args.measured) if args.measured else None
+    if args.json:
+        output_path(args.json, "--json")  # an unwritable path fails before the tracing
     batch_size = args.batch_size
     if measured is not None:
         if args.mode != "train":
@@ -157,12 +152,7 @@ def run(args: argparse.Namespace) -> int:
                          step=record["step"], title=title, measured=measured_points)
     record["plot"] = str(plot.resolve())
     if args.json:
-        path = Path(args.json).expanduser()
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps(record, indent=2) + "\n")
-        except OSError as exc:
-            raise UserError(f"cannot write --json {path}: {exc.strerror or exc}") from None
+        write_json(args.json, record)
     console = Console(width=max(Console().width, 160 if measured else 120))
     console.print(roofline_table(record))
     console.print(f"Roofline plot written to {plot}")

@@ -56,6 +56,7 @@ class NodePoint:
     bound: str
 
     def as_dict(self) -> dict:
+        """JSON-ready fields of the point (FLOPs, bytes, intensity, attainable FLOP/s, seconds, bound)."""
         return asdict(self)
 
 

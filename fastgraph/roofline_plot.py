@@ -100,8 +100,9 @@ def plot_roofline(path: str | Path, *, profile: HardwareProfile, precision: str,
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(path)
-    except OSError as exc:
-        raise UserError(f"cannot write the roofline plot {path}: {exc.strerror or exc}") from None
+    except (OSError, ValueError) as exc:  # ValueError: a file suffix matplotlib has no format for
+        reason = getattr(exc, "strerror", None) or exc
+        raise UserError(f"cannot write the roofline plot {path}: {reason}") from None
     return path
 
 

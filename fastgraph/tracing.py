@@ -8,8 +8,10 @@ file that could not be traced, and says why, in one line.
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
+import torch
 import torch.fx as fx
 from torch import nn
 
@@ -67,3 +69,22 @@ def trace(model: nn.Module, source: str | Path | None = None) -> fx.GraphModule:
                          "make the control flow static or keep that module out of the graph") from None
     gm.meta[SOURCE_KEY] = str(source_path) if source_path else None
     return gm
+
+
+def check_runs(gm: nn.Module, example: torch.Tensor) -> None:
+    """Run a copy of ``gm`` in eval mode, without gradients, on ``example`` (float (N, 3, H, W)).
+
+    A model that cannot take the input (a ``Linear`` sized for other images, a channel
+    mismatch) fails here in one line, before any pass, timing or export runs it.
+
+    Raises:
+        ModelError: the forward raised; the message gives the input shape and the
+            exception's first line.
+    """
+    with torch.inference_mode(False), torch.no_grad():
+        try:
+            copy.deepcopy(gm).eval()(example.detach())
+        except Exception as exc:  # noqa: BLE001 - any failure is the model's, reported as such
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            raise ModelError(f"the model fails on an input of shape {tuple(example.shape)}: "
+                             f"{type(exc).__name__}: {first}") from None

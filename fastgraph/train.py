@@ -39,8 +39,10 @@ from torch import nn
 
 from fastgraph import checkpoint as ckpt
 from fastgraph import nvtx
+from fastgraph.cli_common import resolve_device
 from fastgraph.errors import UserError
 from fastgraph.optim import WeightAverage, build_optimizers
+from fastgraph.pass_manager import VERIFY_IMAGES
 from fastgraph.recipes import Recipe, check_passes_registered, lr_factor, torch_hyperparameters
 from fastgraph.timing import Timer
 
@@ -48,7 +50,6 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 TIMING_RULE = ("counted: the recipe's passes (whitening initialisation included), training, the final "
                "TTA evaluation; not counted: data upload, loading and tracing the model file, "
                "cuDNN/torch.compile warm-up, per-epoch progress evaluation")
-VERIFY_IMAGES = 32  # real training images the pass manager checks exact passes on
 
 
 class TrainingDiverged(UserError):
@@ -118,6 +119,7 @@ class EpochRecord:
 
     @property
     def time_to_here(self) -> float:
+        """Counted seconds to this epoch's accuracy: ``elapsed + tta_seconds``."""
         return self.elapsed + self.tta_seconds
 
 
@@ -134,13 +136,9 @@ class RunRecord:
     phases: dict = field(default_factory=dict)
     passes: dict = field(default_factory=dict)
 
-    def time_to(self, target: float) -> float | None:
-        """Counted seconds to the first epoch whose TTA accuracy reaches ``target``, else None."""
-        return next((e.time_to_here for e in self.epochs if e.tta_acc is not None and e.tta_acc >= target),
-                    None)
-
     @staticmethod
     def from_dict(d: dict) -> RunRecord:
+        """A RunRecord from its ``dataclasses.asdict`` form (as checkpoints and JSON records hold it)."""
         return RunRecord(**{**d, "epochs": [EpochRecord(**e) for e in d["epochs"]]})
 
 
@@ -195,6 +193,7 @@ class TrainResult:
                 "target": self.target_reached()}
 
     def to_dict(self) -> dict:
+        """JSON-ready record: recipe, hyperparameters, settings, timing method and rule, summary, runs."""
         return {"recipe": self.recipe, "hyperparameters": self.hyperparameters, "settings": self.settings,
                 "timing_method": self.timing_method, "timing_rule": TIMING_RULE, "setup": self.setup,
                 "summary": self.summary(), "runs": [asdict(r) for r in self.runs]}
@@ -237,21 +236,6 @@ def balanced_subset(labels: torch.Tensor, n: int, what: str = "training") -> tor
         rest = torch.cat([idx[q:] for idx, q in zip(per_class, quota, strict=True)]).sort().values
         taken.append(rest[:short])
     return torch.cat(taken).sort().values
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` -> CUDA if available else CPU. Raises ``UserError`` for an unusable device."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UserError(f"--device: unknown device {name!r} (use auto, cpu, cuda or cuda:N)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {name}: CUDA is not available in this PyTorch build/machine")
-    if device.type not in ("cpu", "cuda"):
-        raise UserError(f"--device {name}: only cpu and cuda are supported")
-    return device
 
 
 class _Interrupt:
@@ -436,13 +420,14 @@ class Trainer:
     def _build(self, timer: Timer) -> tuple[fx.GraphModule, dict]:
         """Load, trace and rewrite the model file: (train-mode GraphModule on the device, pass report)."""
         from fastgraph.loading import load_model
-        from fastgraph.tracing import trace
+        from fastgraph.tracing import check_runs, trace
         from fastgraph.trained import training_graph
 
         with timer.phase("model build", counted=False):
             model = load_model(self.opts.model_path, self.opts.entry)
             gm = trace(model, source=self.opts.model_path).to(self.device)
             images, labels = self._pass_images()
+            check_runs(gm, images[:2])
         with timer.phase("passes"):  # counted: holds the whitening initialisation from data
             gm, report = training_graph(gm, self.recipe.to_dict(), images=images, labels=labels,
                                         stochastic_depth=self.opts.stochastic_depth)
@@ -740,6 +725,7 @@ class Trainer:
                             "resume with the same options or use another --checkpoint folder")
 
     def train(self) -> TrainResult:
+        """All runs (resuming the checkpointed one with ``resume``); see :func:`train`."""
         opts = self.opts
         saved = None
         if opts.resume and not opts.checkpoint_dir:

@@ -11,11 +11,8 @@ counted time (see ``fastgraph.train`` for what is counted), and writes a JSON re
 from __future__ import annotations
 
 import argparse
-import json
-import subprocess
-from datetime import UTC, datetime
-from pathlib import Path
 
+from fastgraph.cli_common import environment, positive, write_json
 from fastgraph.errors import UserError
 
 
@@ -30,38 +27,26 @@ def _accuracy(text: str) -> float:
     return value
 
 
-def _positive(kind):
-    def parse(text: str):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"not a {kind.__name__}: {text!r}") from None
-        if not value > 0:
-            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
-        return value
-
-    return parse
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the ``fastgraph train`` options to its subparser."""
     parser.add_argument("model", help="plain PyTorch model file (.py)")
     parser.add_argument("--recipe", required=True,
                         help="shipped recipe (resnet20_he2016, page2019, fast) or a .toml file")
     parser.add_argument("--entry", help="function or class in the model file that builds the model")
-    parser.add_argument("--epochs", type=_positive(float), help="override the recipe's epochs "
+    parser.add_argument("--epochs", type=positive(float), help="override the recipe's epochs "
                         "(the lr schedule stretches with it)")
-    parser.add_argument("--batch-size", type=_positive(int),
+    parser.add_argument("--batch-size", type=positive(int),
                         help="override the recipe's batch size (a recipe in decoupled units scales "
                              "its lr with it, as airbench does; one in torch units keeps its lr)")
-    parser.add_argument("--runs", type=_positive(int), default=1,
+    parser.add_argument("--runs", type=positive(int), default=1,
                         help="independent runs (seeds seed, seed+1, ...)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the first run (default 0)")
     parser.add_argument("--target", type=_accuracy, metavar="ACC",
                         help="report the time at which the mean TTA accuracy first reaches ACC "
                              "(e.g. 0.94 or 94)")
-    parser.add_argument("--subset", type=_positive(int), metavar="N",
+    parser.add_argument("--subset", type=positive(int), metavar="N",
                         help="train on N training images (class-balanced, first of each class)")
-    parser.add_argument("--test-subset", type=_positive(int), metavar="N",
+    parser.add_argument("--test-subset", type=positive(int), metavar="N",
                         help="evaluate on N test images (class-balanced; for quick checks only)")
     parser.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
     parser.add_argument("--precision", choices=("fp32", "fp16", "bf16"),
@@ -79,35 +64,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="train with the stochastic_depth pass (the recipe's [stochastic_depth] options)")
 
 
-def git_commit(start: Path | None = None) -> str | None:
-    """``git rev-parse HEAD`` of the repository holding ``start`` (default: this package), else None."""
-    where = start or Path(__file__).resolve().parent
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=where, capture_output=True, text=True,
-                             timeout=10, check=False)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip() or None if out.returncode == 0 else None
-
-
-def environment(device_name: str) -> dict:
-    """torch version, device name, commit and date for a JSON record."""
-    import torch
-
-    import fastgraph
-
-    name = device_name
-    if device_name.startswith("cuda"):
-        name = torch.cuda.get_device_name(torch.device(device_name))
-    else:
-        import platform
-
-        name = f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
-    return {"fastgraph": fastgraph.__version__, "torch": torch.__version__, "device": name,
-            "commit": git_commit(), "date": datetime.now(UTC).isoformat(timespec="seconds")}
-
-
 def run(args: argparse.Namespace) -> int:
+    """Run ``fastgraph train``; returns the exit code (a ``UserError`` is one line, exit 2)."""
     from fastgraph.recipes import load_recipe
     from fastgraph.train import TrainOptions, train
     from fastgraph.train_report import RichReporter, print_summary
@@ -126,12 +84,6 @@ def run(args: argparse.Namespace) -> int:
         result = train(opts, reporter)
     print_summary(result, reporter.console)
     if args.json:
-        record = {**environment(result.settings["device"]), **result.to_dict()}
-        path = Path(args.json).expanduser()
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps(record, indent=2) + "\n")
-        except OSError as exc:
-            raise UserError(f"cannot write --json {path}: {exc.strerror or exc}") from None
+        path = write_json(args.json, {**environment(result.settings["device"]), **result.to_dict()})
         reporter.console.print(f"results written to {path}")
     return 0

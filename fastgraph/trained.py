@@ -100,9 +100,13 @@ def check_state_matches(module: nn.Module, state: Mapping[str, torch.Tensor], pa
                         f"(shape {_shape(state[extra])}) is not in the model")
 
 
-def _spread(n: int, total: int) -> torch.Tensor:
-    """``n`` indices spread evenly over ``range(total)`` (a class-sorted set yields every class)."""
-    return torch.linspace(0, total - 1, min(n, total)).round().long()
+def spread_training_images(data, n: int = REBUILD_IMAGES) -> tuple[torch.Tensor, torch.Tensor]:
+    """``n`` training images of ``data`` (a loaded CIFAR-10) spread over the whole training
+    set, so every class is there: float32 (n, 3, 32, 32) normalised, and int64 (n,) labels."""
+    from fastgraph.data import normalize, spread_indices
+
+    rows = spread_indices(n, len(data.train_images))
+    return normalize(data.train_images[rows]), data.train_labels[rows]
 
 
 def training_graph(gm: fx.GraphModule, recipe: Mapping, *, stochastic_depth: bool = False,
@@ -132,7 +136,8 @@ def training_graph(gm: fx.GraphModule, recipe: Mapping, *, stochastic_depth: boo
             data needed and not given.
     """
     from fastgraph import passes as registry
-    from fastgraph.pass_manager import run_passes
+    from fastgraph.data import spread_indices
+    from fastgraph.pass_manager import run_passes, verification_batch
 
     names, options = [], {}
     for item in recipe.get("passes", []):
@@ -142,7 +147,7 @@ def training_graph(gm: fx.GraphModule, recipe: Mapping, *, stochastic_depth: boo
         if isinstance(opts.get("images"), int) and not isinstance(opts["images"], bool):
             if images is None:
                 raise UserError(f"pass {name} needs CIFAR-10 training images: give --data")
-            opts["images"] = images[_spread(opts["images"], len(images)).to(images.device)]
+            opts["images"] = images[spread_indices(opts["images"], len(images)).to(images.device)]
         if name in options and options[name] != opts:
             raise UserError(f"the recipe lists pass {name} twice with different options")
         names.append(name)
@@ -154,8 +159,7 @@ def training_graph(gm: fx.GraphModule, recipe: Mapping, *, stochastic_depth: boo
     if any(registry.get(n).exact for n in names):
         if images is None or labels is None:
             raise UserError("the recipe's exact passes are verified on real images: give --data")
-        rows = _spread(32, len(images)).to(images.device)
-        batch = (images[rows], labels[rows])
+        batch = verification_batch(images, labels)
     gm, report = run_passes(gm.train(), names, mode="train", batch=batch, options=options)
     bn = recipe.get("batchnorm", {})
     for m in gm.modules():  # after the passes, so ghost batch norms get the settings too

@@ -1,0 +1,1 @@
+"""Triton kernels (installed as ``fastgraph.kernels``), each with its PyTorch reference."""

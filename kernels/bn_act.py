@@ -111,6 +111,54 @@ if HAS_TRITON:
         return d
 
     @triton.jit
+    def _load_affine(w_ptr, b_ptr, cols, cmask, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+                     BLOCK_C: tl.constexpr):
+        """(weight, bias) of a channel block in float32; 1 and 0 where the BN has none."""
+        if HAS_WEIGHT:
+            w = tl.load(w_ptr + cols, mask=cmask, other=1.0).to(tl.float32)
+        else:
+            w = tl.full([BLOCK_C], 1.0, tl.float32)
+        if HAS_BIAS:
+            b = tl.load(b_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
+        else:
+            b = tl.zeros([BLOCK_C], dtype=tl.float32)
+        return w, b
+
+    @triton.jit
+    def _group_channel(n, cols, C, G, IN_SAMPLE: tl.constexpr):
+        """Offsets into (G, C) per-ghost-batch vectors for samples ``n`` (a scalar when the row
+        block lies in one sample) and channels ``cols``: ghost batch n % G."""
+        grp = n % G
+        if IN_SAMPLE:
+            gc = (grp * C + cols)[None, :]
+        else:
+            gc = grp[:, None] * C + cols[None, :]
+        return gc
+
+    @triton.jit
+    def _sum_over_groups(a_ptr, b_ptr, cols, cmask, C, G, BLOCK_G: tl.constexpr, BLOCK_C: tl.constexpr):
+        """Sums over the G ghost batches of two (G, C) vectors for a channel block, read as
+        [BLOCK_G, BLOCK_C] tiles in a fixed order (deterministic)."""
+        sum_a = tl.zeros([BLOCK_C], dtype=tl.float32)
+        sum_b = tl.zeros([BLOCK_C], dtype=tl.float32)
+        for g0 in range(0, G, BLOCK_G):
+            gs = g0 + tl.arange(0, BLOCK_G)
+            gm = (gs < G)[:, None] & cmask[None, :]
+            src = gs[:, None] * C + cols[None, :]
+            sum_a += tl.sum(tl.load(a_ptr + src, mask=gm, other=0.0), axis=0)
+            sum_b += tl.sum(tl.load(b_ptr + src, mask=gm, other=0.0), axis=0)
+        return sum_a, sum_b
+
+    @triton.jit
+    def _chunk_tile(k0, K, M, rows_per_chunk, g, G, C, cols, cmask, BLOCK_K: tl.constexpr):
+        """Offsets and mask of chunks k0 .. k0 + BLOCK_K of ghost batch g in (K, G, C) partial
+        statistics, and the row count of each chunk (the last one may be short)."""
+        ks = k0 + tl.arange(0, BLOCK_K)
+        kmask = ks < K
+        n_k = tl.where(kmask, tl.minimum(M - ks * rows_per_chunk, rows_per_chunk), 0).to(tl.float32)
+        return (ks[:, None] * G + g) * C + cols[None, :], kmask[:, None] & cmask[None, :], n_k
+
+    @triton.jit
     def _bn_stats_partial(
         x_ptr, part_mean_ptr, part_m2_ptr,
         C, HW, G, M, s_n, s_c, s_p, tiles_per_chunk,
@@ -158,34 +206,19 @@ if HAS_TRITON:
         cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
         cmask = cols < C
         g = tl.program_id(1)
-        if HAS_WEIGHT:
-            w = tl.load(w_ptr + cols, mask=cmask, other=1.0).to(tl.float32)
-        else:
-            w = tl.full([BLOCK_C], 1.0, tl.float32)
-        if HAS_BIAS:
-            b = tl.load(b_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
-        else:
-            b = tl.zeros([BLOCK_C], dtype=tl.float32)
+        w, b = _load_affine(w_ptr, b_ptr, cols, cmask, HAS_WEIGHT, HAS_BIAS, BLOCK_C)
         if TRAINING:
             # Two passes over the chunk statistics (exact merge of Chan, Golub & LeVeque):
             # mean = sum(n_k mean_k) / M, then M2 = sum(M2_k + n_k (mean_k - mean)^2).
             acc = tl.zeros([BLOCK_C], dtype=tl.float32)
             for k0 in range(0, K, BLOCK_K):
-                ks = k0 + tl.arange(0, BLOCK_K)
-                kmask = ks < K
-                n_k = tl.where(kmask, tl.minimum(M - ks * rows_per_chunk, rows_per_chunk), 0).to(tl.float32)
-                m = kmask[:, None] & cmask[None, :]
-                src = (ks[:, None] * G + g) * C + cols[None, :]
+                src, m, n_k = _chunk_tile(k0, K, M, rows_per_chunk, g, G, C, cols, cmask, BLOCK_K)
                 mean_k = tl.load(part_mean_ptr + src, mask=m, other=0.0)
                 acc += tl.sum(n_k[:, None] * mean_k, axis=0)
             mean = acc / M
             m2 = tl.zeros([BLOCK_C], dtype=tl.float32)
             for k0 in range(0, K, BLOCK_K):
-                ks = k0 + tl.arange(0, BLOCK_K)
-                kmask = ks < K
-                n_k = tl.where(kmask, tl.minimum(M - ks * rows_per_chunk, rows_per_chunk), 0).to(tl.float32)
-                m = kmask[:, None] & cmask[None, :]
-                src = (ks[:, None] * G + g) * C + cols[None, :]
+                src, m, n_k = _chunk_tile(k0, K, M, rows_per_chunk, g, G, C, cols, cmask, BLOCK_K)
                 mean_k = tl.load(part_mean_ptr + src, mask=m, other=0.0)
                 m2_k = tl.load(part_m2_ptr + src, mask=m, other=0.0)
                 d = mean_k - mean[None, :]
@@ -216,11 +249,7 @@ if HAS_TRITON:
         cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
         cmask = cols < C
         offs, rmask, n = _rows(tl.program_id(0) * BLOCK_R, n_rows, HW, 0, 1, s_n, s_p, BLOCK_R, IN_SAMPLE)
-        grp = n % G
-        if IN_SAMPLE:
-            gc = (grp * C + cols)[None, :]
-        else:
-            gc = grp[:, None] * C + cols[None, :]
+        gc = _group_channel(n, cols, C, G, IN_SAMPLE)
         m = rmask[:, None] & cmask[None, :]
         ptrs = offs[:, None] + (cols * s_c)[None, :]
         x = tl.load(x_ptr + ptrs, mask=m, other=0.0).to(tl.float32)
@@ -230,14 +259,7 @@ if HAS_TRITON:
         tl.store(y_ptr + ptrs, y.to(y_ptr.dtype.element_ty), mask=m)
         if UPDATE_RUNNING:
             if tl.program_id(0) == 0:
-                sum_mean = tl.zeros([BLOCK_C], dtype=tl.float32)
-                sum_var = tl.zeros([BLOCK_C], dtype=tl.float32)
-                for g0 in range(0, G, BLOCK_G):
-                    gs = g0 + tl.arange(0, BLOCK_G)
-                    gm = (gs < G)[:, None] & cmask[None, :]
-                    src = gs[:, None] * C + cols[None, :]
-                    sum_mean += tl.sum(tl.load(mean_ptr + src, mask=gm, other=0.0), axis=0)
-                    sum_var += tl.sum(tl.load(var_ptr + src, mask=gm, other=0.0), axis=0)
+                sum_mean, sum_var = _sum_over_groups(mean_ptr, var_ptr, cols, cmask, C, G, BLOCK_G, BLOCK_C)
                 rm = tl.load(rm_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
                 rv = tl.load(rv_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
                 unbiased = M / (M - 1.0)
@@ -260,14 +282,7 @@ if HAS_TRITON:
         cmask = cols < C
         mean = tl.load(mean_ptr + g * C + cols, mask=cmask, other=0.0)
         invstd = tl.load(invstd_ptr + g * C + cols, mask=cmask, other=0.0)
-        if HAS_WEIGHT:
-            w = tl.load(w_ptr + cols, mask=cmask, other=1.0).to(tl.float32)
-        else:
-            w = tl.full([BLOCK_C], 1.0, tl.float32)
-        if HAS_BIAS:
-            b = tl.load(b_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
-        else:
-            b = tl.zeros([BLOCK_C], dtype=tl.float32)
+        w, b = _load_affine(w_ptr, b_ptr, cols, cmask, HAS_WEIGHT, HAS_BIAS, BLOCK_C)
         scale = w * invstd
         shift = b - mean * scale  # the forward's formula, so z is the forward's z
         acc_dz = tl.zeros([BLOCK_C], dtype=tl.float32)
@@ -321,11 +336,7 @@ if HAS_TRITON:
         cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
         cmask = cols < C
         offs, rmask, n = _rows(tl.program_id(0) * BLOCK_R, n_rows, HW, 0, 1, s_n, s_p, BLOCK_R, IN_SAMPLE)
-        grp = n % G
-        if IN_SAMPLE:
-            gc = (grp * C + cols)[None, :]
-        else:
-            gc = grp[:, None] * C + cols[None, :]
+        gc = _group_channel(n, cols, C, G, IN_SAMPLE)
         cm = cmask[None, :]
         m = rmask[:, None] & cm
         ptrs = offs[:, None] + (cols * s_c)[None, :]
@@ -333,16 +344,9 @@ if HAS_TRITON:
         dy = tl.load(dy_ptr + ptrs, mask=m, other=0.0).to(tl.float32)
         mean = tl.load(mean_ptr + gc, mask=cm, other=0.0)
         invstd = tl.load(invstd_ptr + gc, mask=cm, other=0.0)
-        if HAS_WEIGHT:
-            w = tl.load(w_ptr + cols, mask=cmask, other=1.0).to(tl.float32)[None, :]
-        else:
-            w = tl.full([1, BLOCK_C], 1.0, tl.float32)
-        if HAS_BIAS:
-            b = tl.load(b_ptr + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
-        else:
-            b = tl.zeros([1, BLOCK_C], dtype=tl.float32)
-        scale = w * invstd
-        shift = b - mean * scale
+        w, b = _load_affine(w_ptr, b_ptr, cols, cmask, HAS_WEIGHT, HAS_BIAS, BLOCK_C)
+        scale = w[None, :] * invstd
+        shift = b[None, :] - mean * scale
         dz = dy * _activation_grad(x * scale + shift, alpha, ACT)
         if TRAINING:
             inv_m = 1.0 / M
@@ -353,14 +357,7 @@ if HAS_TRITON:
             dx = scale * dz
         tl.store(dx_ptr + ptrs, dx.to(dx_ptr.dtype.element_ty), mask=m)
         if tl.program_id(0) == 0:
-            dw = tl.zeros([BLOCK_C], dtype=tl.float32)
-            db = tl.zeros([BLOCK_C], dtype=tl.float32)
-            for g0 in range(0, G, BLOCK_G):
-                gs = g0 + tl.arange(0, BLOCK_G)
-                gm = (gs < G)[:, None] & cmask[None, :]
-                src = gs[:, None] * C + cols[None, :]
-                dw += tl.sum(tl.load(sum_dzx_ptr + src, mask=gm, other=0.0), axis=0)
-                db += tl.sum(tl.load(sum_dz_ptr + src, mask=gm, other=0.0), axis=0)
+            dw, db = _sum_over_groups(sum_dzx_ptr, sum_dz_ptr, cols, cmask, C, G, BLOCK_G, BLOCK_C)
             tl.store(dw_ptr + cols, dw, mask=cmask)
             tl.store(db_ptr + cols, db, mask=cmask)
 

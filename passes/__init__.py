@@ -40,6 +40,7 @@ class PassInfo:
 
     @property
     def exactness(self) -> str:
+        """``"exact"`` or ``"training-time"``, as reports print it."""
         return "exact" if self.exact else "training-time"
 
     @property

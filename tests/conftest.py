@@ -17,14 +17,20 @@ from support import real_data_path
 
 
 @pytest.fixture(scope="session")
-def cifar10():
-    """The full real CIFAR-10 (decoded once, then read from the cache)."""
+def data_path() -> str:
+    """Where real CIFAR-10 is, as the string a ``--data`` option takes."""
     path = real_data_path()
     if path is None:
         pytest.skip("real CIFAR-10 not found: set FASTGRAPH_DATA or put ../shared beside the checkout")
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def cifar10(data_path):
+    """The full real CIFAR-10 (decoded once, then read from the cache)."""
     from fastgraph.data import load_cifar10
 
-    return load_cifar10(path)
+    return load_cifar10(data_path)
 
 
 @pytest.fixture(scope="session")
@@ -40,3 +46,13 @@ def real_batch(cifar10):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a test module: on a shared 2-core machine two OpenMP threads
+    that spin-wait on a busy neighbour run small convolutions many times slower."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

@@ -25,6 +25,98 @@ def build_example(name: str):
     return runpy.run_path(str(EXAMPLES / name))["build_model"]()
 
 
+def narrow_resnet9_source(widths=(8, 16, 32, 64)) -> str:
+    """The text of ``examples/resnet9.py`` (Page's ResNet-9, conv -> BN -> ReLU blocks)
+    building the network at channel ``widths`` instead of (64, 128, 256, 512): at an
+    eighth of the width a step takes a few ms per image on a CPU."""
+    return (EXAMPLES / "resnet9.py").read_text().replace(
+        "def build_model():\n    return ResNet9()",
+        f"def build_model():\n    return ResNet9(width={tuple(widths)!r})")
+
+
+def write_model(folder: Path, widths=(16, 32, 64, 128), name: str = "model.py") -> Path:
+    """Write :func:`narrow_resnet9_source` at ``widths`` to ``folder/name``; return the path."""
+    path = folder / name
+    path.write_text(narrow_resnet9_source(widths))
+    return path
+
+
+# Page's bag of tricks, shortened: whitening, pool before BN, CELU, frozen BN scales and,
+# optionally, ghost BN and the fused BN+CELU kernel; a one-cycle lr over the few steps a
+# CPU test can afford.
+RECIPE = """\
+name = "cpu-check"
+title = "Page-style recipe shortened for CPU tests"
+sources = ["tests"]
+model = "model.py"
+
+[train]
+epochs = {epochs}
+batch_size = {batch_size}
+label_smoothing = 0.2
+
+[optimizer]
+lr = {lr}
+momentum = 0.9
+nesterov = true
+weight_decay = 5e-4
+
+[schedule]
+knots = [0.0, 0.25, 1.0]
+values = [0.1, 1.0, 0.0]
+
+[ema]
+enabled = {ema}
+decay = 0.9
+every = 2
+
+[augment]
+pad = 2
+flip = "random"
+cutout = {cutout}
+
+[eval]
+tta_level = 1
+batch_size = 500
+model = "{eval_model}"
+
+[[passes]]
+name = "whitening"
+kernel_size = 3
+eps = 1e-2
+images = {whitening_images}
+
+[[passes]]
+name = "pool_before_bn"
+
+[[passes]]
+name = "swap_activation"
+to = "celu"
+alpha = 0.075
+
+[[passes]]
+name = "freeze_bn_scale"
+"""
+
+
+def write_recipe(folder: Path, *, epochs=2, batch_size=128, lr=0.4, ema=False, cutout=0,
+                 whitening_images=2000, ghost_batch_size: int | None = 32, fuse=False) -> Path:
+    """Write the shortened Page recipe (:data:`RECIPE`) to ``folder/recipe.toml``; return the path.
+
+    ``ema`` also makes the EMA the evaluated model; ``ghost_batch_size`` None leaves ghost
+    batch norm out; ``fuse`` adds ``fuse_bn_activation`` last (BN + CELU on the Triton kernel).
+    """
+    text = RECIPE.format(epochs=epochs, batch_size=batch_size, lr=lr, ema=str(ema).lower(), cutout=cutout,
+                         eval_model="ema" if ema else "trained", whitening_images=whitening_images)
+    if ghost_batch_size is not None:
+        text += f'\n[[passes]]\nname = "ghost_batchnorm"\nghost_batch_size = {ghost_batch_size}\n'
+    if fuse:
+        text += '\n[[passes]]\nname = "fuse_bn_activation"\n'
+    path = folder / "recipe.toml"
+    path.write_text(text)
+    return path
+
+
 def cli_error(capsys, *argv) -> str:
     """Run the CLI (``capsys`` is pytest's fixture); assert exit 2 and exactly one line on
     stderr; return that line."""

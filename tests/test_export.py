@@ -15,94 +15,19 @@ from torch import nn
 from fastgraph.cli import main
 from fastgraph.data import normalize
 from fastgraph.loading import load_model
-from support import EXAMPLES, cli_error, real_data_path
+from support import EXAMPLES, cli_error, write_model, write_recipe
 
 onnx = pytest.importorskip("onnx", reason="extra 'export' (onnx) not installed")
 ort = pytest.importorskip("onnxruntime", reason="extra 'export' (onnxruntime) not installed")
 
-# Page's ResNet-9 at an eighth of the width: a few ms per image on a CPU.
-NARROW_RESNET9 = (EXAMPLES / "resnet9.py").read_text().replace(
-    "def build_model():\n    return ResNet9()",
-    "def build_model():\n    return ResNet9(width=(8, 16, 32, 64))")
-
-# A short Page-style recipe whose training graph differs from the model file: patch
-# whitening, pool before BN, CELU, frozen BN scales and the fused BN+CELU kernel; EMA evaluated.
-RECIPE = """\
-name = "export-check"
-title = "Page-style recipe shortened for the export tests"
-sources = ["tests/test_export.py"]
-model = "model.py"
-
-[train]
-epochs = 1
-batch_size = 64
-label_smoothing = 0.2
-
-[optimizer]
-lr = 0.4
-momentum = 0.9
-nesterov = true
-weight_decay = 5e-4
-
-[schedule]
-knots = [0.0, 0.25, 1.0]
-values = [0.1, 1.0, 0.0]
-
-[ema]
-enabled = true
-decay = 0.9
-every = 2
-
-[eval]
-tta_level = 1
-batch_size = 500
-model = "ema"
-
-[[passes]]
-name = "whitening"
-kernel_size = 3
-eps = 1e-2
-images = 1000
-
-[[passes]]
-name = "pool_before_bn"
-
-[[passes]]
-name = "swap_activation"
-to = "celu"
-alpha = 0.075
-
-[[passes]]
-name = "freeze_bn_scale"
-
-[[passes]]
-name = "fuse_bn_activation"
-"""
-
-
-@pytest.fixture(scope="module")
-def data_path():
-    path = real_data_path()
-    if path is None:
-        pytest.skip("real CIFAR-10 not found: set FASTGRAPH_DATA or put ../shared beside the checkout")
-    return str(path)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: on a shared 2-core machine, spinning OpenMP threads slow small convs down."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, cifar10):
     """(model file, state_dict file, eval-mode model): narrow ResNet-9 after 8 SGD steps on real images."""
     folder = tmp_path_factory.mktemp("export")
-    model_path = folder / "narrow_resnet9.py"
-    model_path.write_text(NARROW_RESNET9)
+    model_path = write_model(folder, (8, 16, 32, 64), "narrow_resnet9.py")
     torch.manual_seed(0)
     model = load_model(model_path)
     opt = torch.optim.SGD(model.parameters(), lr=0.2, momentum=0.9, nesterov=True, weight_decay=5e-4)
@@ -171,11 +96,13 @@ def test_training_checkpoint_exports_the_model_the_trainer_evaluated(tmp_path, d
     from fastgraph.recipes import load_recipe
     from fastgraph.train import TrainOptions, train
 
-    model_path = tmp_path / "model.py"
-    model_path.write_text(NARROW_RESNET9)
-    (tmp_path / "recipe.toml").write_text(RECIPE)
+    # The training graph differs from the model file: patch whitening, pool before BN, CELU,
+    # frozen BN scales and the fused BN+CELU kernel; the EMA is evaluated.
+    model_path = write_model(tmp_path, (8, 16, 32, 64))
+    recipe = write_recipe(tmp_path, epochs=1, batch_size=64, ema=True, whitening_images=1000,
+                          ghost_batch_size=None, fuse=True)
     torch.manual_seed(0)
-    result = train(TrainOptions(model_path=str(model_path), recipe=load_recipe(str(tmp_path / "recipe.toml")),
+    result = train(TrainOptions(model_path=str(model_path), recipe=load_recipe(str(recipe)),
                                 subset=256, test_subset=100, data=data_path,
                                 checkpoint_dir=str(tmp_path / "run")))
     out = tmp_path / "trained.onnx"
@@ -186,8 +113,7 @@ def test_training_checkpoint_exports_the_model_the_trainer_evaluated(tmp_path, d
     status = {p["name"]: p["status"] for p in record["passes"]}
     assert status["reference_ops"] == "applied"  # the fused BN+CELU kernels went back to BN + CELU
     assert status["tta_flip"] == "applied"
-    if "fuse_whitening" in status:
-        assert status["fuse_whitening"] == "applied"
+    assert status["fuse_whitening"] == "applied"  # the whitening conv and the 1x1 conv became one conv
     assert "Celu" in record["engine"]["operators"] and record["verification"]["passed"]
 
     evaluated = result.model.eval()  # the trainer's EMA module, fused kernels and all

@@ -65,6 +65,29 @@ def test_missing_file(tmp_path, capsys):
     assert "model file not found" in line and "nope.py" in line
 
 
+@pytest.mark.parametrize("command", [["optimize"], ["train", "--recipe", "page2019"], ["export"], ["profile"],
+                                     ["roofline"]])
+def test_a_file_that_is_not_python_is_refused(tmp_path, capsys, command):
+    path = write(tmp_path, "from torch import nn\ndef model():\n    return nn.Linear(2, 2)\n",
+                 name="model.txt")
+    line = cli_error(capsys, command[0], str(path), *command[1:])
+    assert "not a Python file" in line and str(path) in line
+
+
+@pytest.mark.parametrize("command", ["optimize", "train", "export", "profile", "roofline"])
+def test_a_model_that_cannot_take_cifar_images_is_one_line(tmp_path, capsys, data_path, command):
+    path = write(tmp_path, """
+        from torch import nn
+        def model():
+            return nn.Sequential(nn.Conv2d(3, 8, 3), nn.Flatten(), nn.Linear(10, 10))
+    """)
+    extra = {"train": ["--recipe", "resnet20_he2016", "--data", data_path],
+             "roofline": ["--out", str(tmp_path / "roofline.png")]}.get(
+        command, ["--data", data_path, "--out", str(tmp_path / "out")])
+    line = cli_error(capsys, command, str(path), *extra)
+    assert "the model fails on an input of shape" in line and "7200 and 10x10" in line
+
+
 def test_syntax_error_names_the_line(tmp_path, capsys):
     path = write(tmp_path, "from torch import nn\n\ndef model(:\n    return nn.Linear(2, 2)\n")
     line = cli_error(capsys, "optimize", str(path))

@@ -11,28 +11,13 @@ from fastgraph import passes as registry
 from fastgraph.cli import main
 from fastgraph.data import normalize
 from fastgraph.loading import load_model
-from support import EXAMPLES, cli_error, real_data_path
-
-# A narrow ResNet-9 written like examples/resnet9.py (conv -> BN -> ReLU -> max-pool) so the
-# end-to-end runs stay fast on two CPU cores.
-SMALL_RESNET9 = (EXAMPLES / "resnet9.py").read_text().replace(
-    "def build_model():\n    return ResNet9()",
-    "def build_model():\n    return ResNet9(width=(8, 16, 32, 64))")
-
-
-@pytest.fixture
-def data_path():
-    path = real_data_path()
-    if path is None:
-        pytest.skip("real CIFAR-10 not found: set FASTGRAPH_DATA or put ../shared beside the checkout")
-    return str(path)
+from support import EXAMPLES, cli_error, write_model
 
 
 @pytest.fixture
 def small_resnet9(tmp_path):
-    path = tmp_path / "small_resnet9.py"
-    path.write_text(SMALL_RESNET9)
-    return path
+    """examples/resnet9.py at an eighth of the width, so the end-to-end runs stay fast on a CPU."""
+    return write_model(tmp_path, (8, 16, 32, 64), "small_resnet9.py")
 
 
 def optimize(tmp_path, model, data_path, *extra):
@@ -106,7 +91,7 @@ def test_a_wrong_exact_pass_is_refused_and_the_module_kept(tmp_path, small_resne
                               "--passes", "flip_sign,pool_before_activation")
     refused, applied = report["passes"]
     assert refused["status"] == "refused" and refused["max_output_diff"] > refused["tolerance"]
-    assert "kept the module before it" in refused["message"]
+    assert "outputs by" in refused["message"] and "kept the module before it" in refused["message"]
     assert applied["status"] == "applied"
     optimized = torch.load(out, weights_only=False)
     assert "neg" not in optimized.code
@@ -127,3 +112,16 @@ def test_bad_options_are_one_line_errors(small_resnet9, data_path, capsys, extra
 def test_missing_data_is_a_one_line_error(small_resnet9, tmp_path, capsys):
     line = cli_error(capsys, "optimize", str(small_resnet9), "--data", str(tmp_path / "nowhere"))
     assert "nowhere" in line
+
+
+def test_a_data_pass_gets_training_images_or_a_one_line_error(small_resnet9, real_batch):
+    from fastgraph.errors import UserError
+    from fastgraph.pass_manager import run_passes
+    from fastgraph.tracing import trace
+
+    gm = trace(load_model(small_resnet9))
+    with pytest.raises(UserError, match="pass whitening needs real training images"):
+        run_passes(gm, ["whitening"], mode="train")
+    images, _ = real_batch
+    out, report = run_passes(gm, ["whitening"], mode="train", options={"whitening": {"images": images}})
+    assert report.outcomes[0].status == "applied"

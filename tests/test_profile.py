@@ -13,35 +13,15 @@ import torch.fx as fx
 from fastgraph.cli import main
 from fastgraph.loading import load_model
 from fastgraph.roofline import count_flops
-from support import EXAMPLES, cli_error, real_data_path
+from support import cli_error, write_model
 
-NARROW_RESNET9 = (EXAMPLES / "resnet9.py").read_text().replace(
-    "def build_model():\n    return ResNet9()",
-    "def build_model():\n    return ResNet9(width=(8, 16, 32, 64))")
 BATCH = 16
 
 
 @pytest.fixture
-def data_path():
-    path = real_data_path()
-    if path is None:
-        pytest.skip("real CIFAR-10 not found: set FASTGRAPH_DATA or put ../shared beside the checkout")
-    return str(path)
-
-
-@pytest.fixture
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-@pytest.fixture
 def narrow(tmp_path):
-    path = tmp_path / "narrow_resnet9.py"
-    path.write_text(NARROW_RESNET9)
-    return path
+    """examples/resnet9.py at an eighth of the width."""
+    return write_model(tmp_path, (8, 16, 32, 64), "narrow_resnet9.py")
 
 
 def test_cpu_profile_attributes_time_to_every_module_call(tmp_path, narrow, data_path, one_thread, capsys):

@@ -68,8 +68,10 @@ def test_shipped_recipe_parses_and_its_passes_take_its_options(name):
         if isinstance(options.get("images"), int):
             options["images"] = torch.zeros(1, 3, 32, 32)
         inspect.signature(fn).bind(None, **options)  # TypeError on an option the pass lacks
-    if recipe["eval"]["tta_level"]:
-        assert "tta_flip" in registry.REGISTRY
+    if recipe["eval"]["tta_level"]:  # the trainer evaluates through tta_flip at this level
+        gm = torch.fx.symbolic_trace(torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten()))
+        with_tta = registry.get("tta_flip").fn(gm, level=recipe["eval"]["tta_level"])
+        assert registry.rewrite_count(gm, with_tta) == 1
     if name == "resnet20_he2016":
         inspect.signature(registry.get("stochastic_depth").fn).bind(None, **recipe["stochastic_depth"])
 

@@ -9,12 +9,11 @@ import math
 
 import pytest
 import torch
-from train_support import one_thread, write_model, write_recipe  # noqa: F401 (fixture)
 
 from fastgraph.errors import UserError
 from fastgraph.recipes import load_recipe
 from fastgraph.train import TrainOptions, balanced_subset, train
-from support import real_data_path
+from support import real_data_path, write_model, write_recipe
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -12,13 +12,12 @@ import time
 
 import pytest
 import torch
-from train_support import one_thread, write_model, write_recipe  # noqa: F401 (fixture)
 
 from fastgraph import checkpoint as ckpt
 from fastgraph.errors import UserError
 from fastgraph.recipes import load_recipe
 from fastgraph.train import Reporter, TrainingDiverged, TrainOptions, train
-from support import cli_error, real_data_path
+from support import cli_error, real_data_path, write_model, write_recipe
 
 TINY = (8, 16, 16, 32)  # widths: a few ms per step on a CPU
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -34,6 +34,7 @@ __all__ = [
     "load_cifar10",
     "normalize",
     "resolve_data_path",
+    "spread_indices",
 ]
 
 CLASSES: tuple[str, ...] = imagefolder.CANONICAL
@@ -180,3 +181,13 @@ def normalize(images_uint8: torch.Tensor, mean: tuple[float, ...] = CIFAR10_MEAN
     s = torch.tensor(std, dtype=torch.float32, device=images_uint8.device).view(shape)
     return ((images_uint8.to(torch.float32) - m) / s).to(dtype)
 
+
+
+def spread_indices(n: int, total: int) -> torch.Tensor:
+    """``min(n, total)`` distinct int64 indices spread evenly over ``range(total)``, first
+    and last included.
+
+    A few images taken this way from a split stored class by class (the ImageFolder layout)
+    hold every class, where the first few would all be airplanes.
+    """
+    return torch.linspace(0, total - 1, min(n, total)).round().long()

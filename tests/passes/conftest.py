@@ -5,8 +5,6 @@ w.r.t. the input and every parameter, running statistics, one SGD step)."""
 from __future__ import annotations
 
 import copy
-import importlib.util
-from pathlib import Path
 
 import pytest
 import torch
@@ -15,16 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.testing import assert_close
 
-EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
-
-
-def build_example(file_name: str) -> nn.Module:
-    """``build_model()`` of ``examples/<file_name>``, loaded the way a user's file is."""
-    path = EXAMPLES / file_name
-    spec = importlib.util.spec_from_file_location(f"example_{path.stem}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.build_model()
+from support import build_example
 
 
 def trace_example(file_name: str) -> fx.GraphModule:
