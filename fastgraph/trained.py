@@ -21,6 +21,7 @@ first key that differs and both shapes.
 
 from __future__ import annotations
 
+import pickle
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -56,7 +57,12 @@ def read_weights(path: str | Path) -> tuple[dict, Path]:
         raise UserError(f"checkpoint file not found: {path}")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # truncated, not a torch file, foreign pickled objects
+    except pickle.UnpicklingError:
+        # weights_only refuses pickled objects other than tensors and containers; torch's
+        # own message would suggest weights_only=False, which runs arbitrary code.
+        raise UserError(f"cannot read checkpoint {path}: not a PyTorch file of tensors (a state_dict "
+                        "or a fastgraph training checkpoint)") from None
+    except Exception as exc:  # truncated, not a torch file at all
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         raise UserError(f"cannot read checkpoint {path}: {type(exc).__name__}: {first}"[:400]) from None
     if not isinstance(state, dict):
