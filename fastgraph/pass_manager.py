@@ -1,13 +1,22 @@
-"""Run a list of graph passes, lint after each, and verify the exact ones on real data.
+"""Run a list of graph passes, lint after each, and verify every one on real data.
 
 For every *exact* pass the manager compares the module before and after on a real
 CIFAR-10 batch in float64: the outputs and, in train mode, the gradients of the
 cross-entropy loss with respect to the input and to every parameter the two modules
 share by name. If any differs beyond tolerance it keeps the pre-pass module and reports
 the refusal with the measured difference (the torch.fx pass-manager idea of checking
-after each pass, with numerics in place of a lint only). *Training-time* passes change
-the function by design; they are applied and reported, not verified. The manager times
-nothing itself.
+after each pass, with numerics in place of a lint only).
+
+A *training-time* pass changes the function by design, so it is checked in its
+*identity configuration* (``fastgraph.passes.Identity``: ghost BN with one split,
+stochastic depth with survival 1, a swap to the same activation, whitening whose next
+layer reproduces the stem...): the same rewrite made with those options must pass the
+exact check, or the pass is refused before its real configuration is applied.
+
+After every pass, exact or not, each node of the graph before it that the pass did not
+declare rewritten must still be there, with its op and target: a pass (or its dead-code
+clean-up) that drops a statement it did not mean to, such as an in-place residual
+``out.add_(x)``, is refused. The manager times nothing itself.
 """
 
 from __future__ import annotations
@@ -88,6 +97,7 @@ class PassOutcome:
     flops_after: float | None = None
     bytes_before: float | None = None  # forward bytes moved per image (eager, unfused)
     bytes_after: float | None = None
+    identity: dict | None = None  # a training-time pass: the options its check ran with
     message: str = ""
 
 
@@ -148,7 +158,7 @@ def verify(before: fx.GraphModule, after: fx.GraphModule, mode: str,
     """Compare ``before`` and ``after`` on ``batch`` in float64.
 
     Each tensor (the outputs; in train mode the gradient w.r.t. the input and to every
-    parameter both modules have) must agree within RTOL times the larger of 1 and its
+    parameter both modules have with the same shape) must agree within RTOL times the larger of 1 and its
     largest magnitude in ``before``.
 
     Args:
@@ -164,7 +174,9 @@ def verify(before: fx.GraphModule, after: fx.GraphModule, mode: str,
     checks = [("outputs", out_diff, tol)]
     grad_diff = None
     if mode == "train":
-        common = sorted(ref_grads.keys() & grads.keys())
+        # A parameter a rewrite re-shaped under its old name (whitening's 1x1 conv takes the
+        # stem's name) is a new parameterisation: its gradient has nothing to match.
+        common = sorted(k for k in ref_grads.keys() & grads.keys() if ref_grads[k].shape == grads[k].shape)
         grad_checks = [(f"gradient of {name}", *_max_rel_diff(ref_grads[name], grads[name]))
                        for name in common]
         grad_diff = max((d for _, d, _ in grad_checks), default=0.0)
@@ -173,6 +185,52 @@ def verify(before: fx.GraphModule, after: fx.GraphModule, mode: str,
     ok = all(d <= t for _, d, t in checks)
     return Verification(ok, out_diff, grad_diff, tol, f"{what} by {diff:.3g} (tolerance {limit:.3g})",
                         (out, grads))
+
+
+def lost_nodes(before: fx.GraphModule, after: fx.GraphModule, declared: frozenset[str]) -> list[str]:
+    """Names of ``before``'s nodes missing from ``after`` (or with another op or target)
+    that the pass did not declare rewritten. Nodes that were already dead (unused and
+    free of side effects) in ``before`` are not counted: clean-up may drop them."""
+    from fastgraph.passes._fx import has_side_effect
+
+    kept = {n.name: n for n in after.graph.nodes}
+    lost = []
+    for node in before.graph.nodes:
+        if node.name in declared or (not node.users and not has_side_effect(before, node)):
+            continue
+        now = kept.get(node.name)
+        if now is None or now.op != node.op or now.target != node.target:
+            lost.append(node.name)
+    return lost
+
+
+def _check_identity(info, gm: fx.GraphModule, options: dict, batch, outcome: PassOutcome) -> str | None:
+    """Check ``info``'s identity configuration on ``gm``; fill ``outcome``; return why it
+    is refused, or None."""
+    identity = info.identity(gm, options, len(batch[0]))
+    if isinstance(identity, str):
+        outcome.message = f"no identity configuration for this graph ({identity}); "
+        return None
+    outcome.identity = {k: v for k, v in identity.options.items() if not isinstance(v, torch.Tensor)}
+    try:
+        same = info.fn(gm, **{**options, **identity.options})
+        same.graph.lint()
+    except (UserError, ValueError) as exc:
+        return f"its identity configuration {outcome.identity} fails: {exc}"
+    if registry.rewrite_count(gm, same) == 0:
+        outcome.message = f"identity configuration {outcome.identity} rewrites nothing; "
+        return None
+    lost = lost_nodes(gm, same, registry.declared_rewritten(gm, same))
+    if lost:
+        return f"its identity configuration drops nodes it did not declare: {', '.join(lost)}"
+    check = verify(gm, same, identity.mode, batch)
+    outcome.max_output_diff, outcome.max_grad_diff = check.max_output_diff, check.max_grad_diff
+    outcome.tolerance = check.tolerance
+    if not check.ok:
+        return (f"its identity configuration {outcome.identity} is not exact ({identity.mode} mode): "
+                f"{check.worst}")
+    outcome.message = f"identity configuration exact ({identity.mode} mode); "
+    return None
 
 
 def _costs(gm: fx.GraphModule, example: torch.Tensor | None, batch_size: int):
@@ -189,7 +247,7 @@ def run_passes(gm: fx.GraphModule, names: list[str], *, mode: str,
                batch: tuple[torch.Tensor, torch.Tensor | None] | None = None,
                options: dict[str, dict] | None = None,
                cost_example: torch.Tensor | None = None,
-               cost_batch_size: int = 512) -> tuple[fx.GraphModule, PassReport]:
+               cost_batch_size: int = 512, checks: bool = True) -> tuple[fx.GraphModule, PassReport]:
     """Apply the passes ``names`` in order to ``gm`` for ``mode``.
 
     Args:
@@ -197,18 +255,22 @@ def run_passes(gm: fx.GraphModule, names: list[str], *, mode: str,
         names: registered pass names (see ``fastgraph.passes.REGISTRY``).
         mode: "train" or "infer"; a pass registered for neither raises.
         batch: a real batch (x float32 (N, 3, 32, 32) normalised, labels int64 (N,)),
-            needed when the list holds an exact pass.
+            needed when the list holds an exact pass or a training-time pass (whose
+            identity configuration is checked on it).
         options: per-pass keyword options, e.g. ``{"whitening": {"images": x}}``.
         cost_example: a (1, 3, H, W) input; when given, FLOPs and bytes per image are
             counted before and after every pass.
         cost_batch_size: the batch over which parameter reads are spread in the byte count.
+        checks: False skips the float64 checks (exact passes, identity configurations),
+            for a rebuild of a pass list already checked on the same graph; node
+            survival is still checked.
 
     Returns:
         (the final GraphModule, a ``PassReport``).
 
     Raises:
-        UserError: unknown pass, a pass that does not apply in ``mode``, an exact pass
-            without a batch to verify it on, or a data pass without its data option.
+        UserError: unknown pass, a pass that does not apply in ``mode``, a pass to
+            verify without a batch to verify it on, or a data pass without its data option.
     """
     if mode not in registry.MODES:
         raise UserError(f"mode must be one of {', '.join(registry.MODES)}, not {mode!r}")
@@ -221,10 +283,11 @@ def run_passes(gm: fx.GraphModule, names: list[str], *, mode: str,
             raise UserError(exc.args[0]) from None
         if mode not in info.modes:
             raise UserError(f"pass {name} applies in {'/'.join(info.modes)} mode, not {mode}")
-        if info.exact and batch is None:
-            raise UserError(f"pass {name} is exact and must be verified: give a real data batch")
         if info.needs_data and "images" not in options.get(name, {}):
             raise UserError(f"pass {name} needs real training images: give it the option 'images'")
+        if checks and (info.exact or info.identity is not None) and batch is None:
+            kind = "is exact" if info.exact else "is checked in its identity configuration"
+            raise UserError(f"pass {name} {kind} and must be verified: give a real data batch")
         infos.append(info)
 
     report = PassReport(mode)
@@ -245,7 +308,15 @@ def run_passes(gm: fx.GraphModule, names: list[str], *, mode: str,
         if outcome.rewrites == 0:
             outcome.message = "nothing to rewrite"
             continue
-        if info.exact:
+        lost = lost_nodes(gm, after, registry.declared_rewritten(gm, after))
+        if lost:
+            outcome.status = "refused"
+            outcome.message = (f"dropped nodes it did not declare rewritten: {', '.join(lost)}; "
+                               "kept the module before it")
+            continue
+        if not checks:
+            outcome.message = "applied unchecked (checked on this graph before)"
+        elif info.exact:
             if reference is None:
                 reference = _forward_backward(gm, mode, *batch)
             check = verify(gm, after, mode, batch, reference)
@@ -257,8 +328,14 @@ def run_passes(gm: fx.GraphModule, names: list[str], *, mode: str,
                 continue
             reference = check.results
         else:
+            refusal = (_check_identity(info, gm, options.get(info.name, {}), batch, outcome)
+                       if info.identity is not None else None)
+            if refusal is not None:
+                outcome.status = "refused"
+                outcome.message = f"{refusal}; kept the module before it"
+                continue
             reference = None  # the function changed: the next exact pass needs a new reference
-            outcome.message = "changes the function: train with it"
+            outcome.message += "changes the function: train with it"
         outcome.status = "applied"
         gm = after
         flops, nbytes = _costs(gm, cost_example, cost_batch_size)

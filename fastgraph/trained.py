@@ -117,7 +117,7 @@ def spread_training_images(data, n: int = REBUILD_IMAGES) -> tuple[torch.Tensor,
 
 def training_graph(gm: fx.GraphModule, recipe: Mapping, *, stochastic_depth: bool = False,
                    images: torch.Tensor | None = None, labels: torch.Tensor | None = None,
-                   ) -> tuple[fx.GraphModule, dict]:
+                   checks: bool = True) -> tuple[fx.GraphModule, dict]:
     """The graph ``fastgraph train`` trains: ``gm`` rewritten by the recipe's passes.
 
     The trainer builds its model with this function, and export and profile rebuild a
@@ -132,14 +132,18 @@ def training_graph(gm: fx.GraphModule, recipe: Mapping, *, stochastic_depth: boo
             passes that need data (an integer ``images`` option takes that many, spread
             over the N) and, with ``labels`` (int64 (N,)), a 32-image batch spread over
             them that verifies exact passes.
+        checks: run the pass manager's float64 checks (see ``run_passes``); the trainer
+            checks once and then rebuilds without them inside its timed phase.
 
     Returns:
         (the training-mode GraphModule with the recipe's BatchNorm settings, the pass
         manager's report as a dict).
 
     Raises:
-        UserError: an unregistered pass, one listed twice with different options, or
-            data needed and not given.
+        UserError: an unregistered pass, one listed twice with different options, data
+            needed and not given, or a pass the pass manager refused (an exact pass
+            that changed the function, a training-time pass not exact in its identity
+            configuration, or one that dropped nodes it did not declare).
     """
     from fastgraph import passes as registry
     from fastgraph.data import spread_indices
@@ -162,11 +166,14 @@ def training_graph(gm: fx.GraphModule, recipe: Mapping, *, stochastic_depth: boo
         names.append("stochastic_depth")
         options["stochastic_depth"] = dict(recipe.get("stochastic_depth", {}))
     batch = None
-    if any(registry.get(n).exact for n in names):
+    if any(registry.get(n).exact or registry.get(n).identity is not None for n in names):
         if images is None or labels is None:
-            raise UserError("the recipe's exact passes are verified on real images: give --data")
+            raise UserError("the recipe's passes are verified on real images: give --data")
         batch = verification_batch(images, labels)
-    gm, report = run_passes(gm.train(), names, mode="train", batch=batch, options=options)
+    gm, report = run_passes(gm.train(), names, mode="train", batch=batch, options=options, checks=checks)
+    refused = [o for o in report.outcomes if o.status == "refused"]
+    if refused:  # the recipe names a network it would not build: say so instead of training another
+        raise UserError(f"the recipe's pass {refused[0].name} was refused on this model: {refused[0].message}")
     bn = recipe.get("batchnorm", {})
     for m in gm.modules():  # after the passes, so ghost batch norms get the settings too
         if isinstance(m, nn.modules.batchnorm._BatchNorm):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import operator
+
 import torch
 import torch.fx as fx
 import torch.nn as nn
@@ -219,3 +221,50 @@ def reorder_chain(head: fx.Node, old: list[fx.Node], new: list[fx.Node]) -> None
         prev = node
     for node in new:
         anchor.prepend(node)
+
+
+# In-place operator functions: ``x += y`` on a tensor traces to ``operator.iadd``.
+_INPLACE_OPERATORS = frozenset(getattr(operator, name) for name in (
+    "iadd", "isub", "imul", "itruediv", "ifloordiv", "imod", "ipow", "imatmul",
+    "iand", "ior", "ixor", "ilshift", "irshift", "setitem", "delitem"))
+
+
+def _mutable_schema(target) -> bool:
+    """Whether an ATen op (``torch.ops.aten.add_.Tensor``) or any overload of a packet
+    declares that it writes one of its arguments."""
+    schemas = []
+    if isinstance(target, torch._ops.OpOverload):
+        schemas = [target._schema]
+    elif isinstance(target, torch._ops.OpOverloadPacket):
+        schemas = [getattr(target, o)._schema for o in target.overloads()]
+    return any(s.is_mutable for s in schemas)
+
+
+def has_side_effect(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """Whether deleting ``node`` could change what the graph computes even if nobody reads its result.
+
+    True for fx's own impure nodes (placeholders, outputs, known side effects) and for
+    everything that writes memory: a method or function whose name ends in ``_``
+    (``out.add_(x)``, ``x.relu_()``, ``torch.relu_``), ``out=`` or ``inplace=True``
+    arguments, in-place operators (``x += y``, ``x[i] = v``), ATen ops with a mutable
+    schema, and modules that work in place or hold buffers (a training-mode BatchNorm
+    updates its running statistics even when its output is unused). Dead-code
+    elimination must keep all of them (DESIGN.md, "Known traps").
+    """
+    if node.is_impure():
+        return True
+    if node.op == "call_module":
+        mod = gm.get_submodule(node.target)
+        return bool(getattr(mod, "inplace", False)) or any(True for _ in mod.buffers(recurse=True))
+    if node.op not in ("call_method", "call_function"):
+        return False
+    if "out" in node.kwargs or node.kwargs.get("inplace") is True or is_inplace(gm, node):
+        return True
+    if node.op == "call_method":
+        name = str(node.target)
+        return name.endswith("_") and not name.endswith("__")
+    target = node.target
+    if target in _INPLACE_OPERATORS or _mutable_schema(target):
+        return True
+    name = getattr(target, "__name__", "")
+    return name.endswith("_") and not name.endswith("__")

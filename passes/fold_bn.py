@@ -91,7 +91,7 @@ def fold_bn(gm: fx.GraphModule) -> fx.GraphModule:
     if not any(_foldable(gm, n) for n in gm.graph.nodes if n.op == "call_module"):
         return gm
     out = copy_module(gm)
-    rewrites = 0
+    rewrites, rewritten = 0, []
     for bn_node in list(out.graph.nodes):
         if bn_node.op != "call_module":
             continue
@@ -102,6 +102,7 @@ def fold_bn(gm: fx.GraphModule) -> fx.GraphModule:
         parent, _, leaf = conv_node.target.rpartition(".")
         setattr(out.get_submodule(parent) if parent else out, leaf, fused)
         bn_node.replace_all_uses_with(conv_node)
+        rewritten += [conv_node.name, bn_node.name]
         out.graph.erase_node(bn_node)
         rewrites += 1
-    return finish(out, rewrites=rewrites)
+    return finish(out, rewrites=rewrites, rewritten=rewritten)

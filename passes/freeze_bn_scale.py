@@ -7,7 +7,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from . import copy_module, finish, register
+from . import Identity, copy_module, finish, register
 from ._fx import module_of
 from ._options import require
 
@@ -16,13 +16,19 @@ _BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 _CELU_FUNCTIONS = (F.celu, torch.celu)
 
 
-@register(exact=False, modes=("train",))
+def _identity(gm: fx.GraphModule, options: dict, batch_size: int) -> Identity:
+    """BN weights frozen at their current values and CELUs left alone."""
+    return Identity({"scale": None, "celu_alpha": None})
+
+
+@register(exact=False, modes=("train",), identity=_identity)
 def freeze_bn_scale(
     gm: fx.GraphModule,
     *,
     bias_lr_scale: float = 64.0,
     bias_wd_scale: float = 1 / 64,
     celu_alpha: float | None = 0.3,
+    scale: float | None = 1.0,
 ) -> fx.GraphModule:
     """Training-time: BN weights fixed at 1 and untrained; BN biases get scaled lr and weight decay.
 
@@ -48,6 +54,8 @@ def freeze_bn_scale(
     Options:
         bias_lr_scale: multiplier on the BN biases' learning rate (Page: 64).
         bias_wd_scale: multiplier on their weight_decay coefficient (Page: 1/64).
+        scale: the value the BN weights are frozen at (Page, airbench: 1); None freezes
+            each at its current value (the identity configuration).
         celu_alpha: alpha for every CELU already in the graph (``nn.CELU`` and
             ``F.celu``); None leaves them. A ReLU graph gets its CELUs from
             ``swap_activation(to="celu")``: apply that first, this pass after.
@@ -68,7 +76,7 @@ def freeze_bn_scale(
                                    "weight_decay_scale": float(bias_wd_scale), "trainable": True}
     old_hints = gm.meta.get(PARAM_HINTS_KEY, {})
     stale_bn = [t for t in _batchnorm_targets(gm)
-                if not _frozen(gm.get_submodule(t))
+                if not _frozen(gm.get_submodule(t), scale)
                 or not _hinted(old_hints, hints, (f"{t}.weight", f"{t}.bias"))]
     celu_modules, celu_calls = _stale_celus(gm, celu_alpha)
     if not stale_bn and not celu_modules and not celu_calls:
@@ -77,8 +85,9 @@ def freeze_bn_scale(
     out = copy_module(gm)
     for target in _batchnorm_targets(out):
         bn = out.get_submodule(target)
-        with torch.no_grad():
-            bn.weight.fill_(1.0)
+        if scale is not None:
+            with torch.no_grad():
+                bn.weight.fill_(float(scale))
         bn.weight.requires_grad_(False)
     for target in celu_modules:
         out.get_submodule(target).alpha = float(celu_alpha)
@@ -94,7 +103,7 @@ def freeze_bn_scale(
     for name, h in hints.items():
         merged[name] = {**merged.get(name, {}), **h}
     out.meta[PARAM_HINTS_KEY] = merged
-    return finish(out, rewrites=len(stale_bn) + len(celu_modules) + len(celu_calls))
+    return finish(out, rewrites=len(stale_bn) + len(celu_modules) + len(celu_calls), rewritten=celu_calls)
 
 
 def _batchnorm_targets(gm: fx.GraphModule) -> list[str]:
@@ -102,8 +111,8 @@ def _batchnorm_targets(gm: fx.GraphModule) -> list[str]:
                    if isinstance(module_of(gm, n), _BATCHNORMS) and module_of(gm, n).affine})
 
 
-def _frozen(bn: nn.Module) -> bool:
-    return not bn.weight.requires_grad and bool(torch.all(bn.weight == 1))
+def _frozen(bn: nn.Module, scale: float | None) -> bool:
+    return not bn.weight.requires_grad and (scale is None or bool(torch.all(bn.weight == scale)))
 
 
 def _hinted(old: dict, new: dict, names: tuple[str, ...]) -> bool:

@@ -91,7 +91,7 @@ def fuse_bn_activation(gm: fx.GraphModule) -> fx.GraphModule:
     from fastgraph.kernels.bn_act import BatchNormActivation
 
     out = copy_module(gm)
-    rewrites = 0
+    rewrites, rewritten = 0, []
     for node in list(out.graph.nodes):
         found = _fusable_bn(out, node)
         if found is None or not single_user(node):
@@ -117,8 +117,9 @@ def fuse_bn_activation(gm: fx.GraphModule) -> fx.GraphModule:
         out.add_submodule(node.target, fused)
         node.meta.update(act_node.meta)
         act_node.replace_all_uses_with(node)
+        rewritten += [node.name, act_node.name]
         out.graph.erase_node(act_node)
         rewrites += 1
     if rewrites == 0:
         return gm
-    return finish(out, rewrites)
+    return finish(out, rewrites, rewritten)

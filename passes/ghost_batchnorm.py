@@ -7,12 +7,17 @@ from torch import nn
 
 from fastgraph.modules import GhostBatchNorm
 
-from . import copy_module, finish, register
+from . import Identity, copy_module, finish, register
 from ._fx import module_of
 from ._options import require
 
 
-@register(exact=False, modes=("train",))
+def _identity(gm: fx.GraphModule, options: dict, batch_size: int) -> Identity:
+    """One ghost batch holding the whole batch: BatchNorm exactly (running statistics too)."""
+    return Identity({"ghost_batch_size": batch_size})
+
+
+@register(exact=False, modes=("train",), identity=_identity)
 def ghost_batchnorm(gm: fx.GraphModule, *, ghost_batch_size: int = 32) -> fx.GraphModule:
     """Training-time: every BatchNorm2d normalises over ghost batches of S samples in training.
 
@@ -32,6 +37,8 @@ def ghost_batchnorm(gm: fx.GraphModule, *, ghost_batch_size: int = 32) -> fx.Gra
     Options:
         ghost_batch_size: S, samples per ghost batch (Page: 32).
 
+    Identity configuration: S = the whole batch (one ghost batch) is BatchNorm2d.
+
     Guards: modules already GhostBatchNorm are left alone (their S is kept); nothing to
     rewrite returns the input unchanged. Raises ``PassOptionError`` for S < 1.
     """
@@ -47,4 +54,5 @@ def ghost_batchnorm(gm: fx.GraphModule, *, ghost_batch_size: int = 32) -> fx.Gra
     out = copy_module(gm)
     for target in targets:
         out.add_submodule(target, GhostBatchNorm.from_batchnorm(out.get_submodule(target), ghost_batch_size))
-    return finish(out, rewrites=len(targets))
+    rewritten = [n.name for n in out.graph.nodes if n.op == "call_module" and n.target in targets]
+    return finish(out, rewrites=len(targets), rewritten=rewritten)

@@ -49,7 +49,7 @@ def nvtx_ranges(gm: fx.GraphModule) -> fx.GraphModule:
         return gm
     out = copy_module(gm)
     graph = out.graph
-    rewrites = 0
+    rewrites, rewritten = 0, []
     for node in list(graph.nodes):
         if node.op != "call_module":
             continue
@@ -69,5 +69,6 @@ def nvtx_ranges(gm: fx.GraphModule) -> fx.GraphModule:
             closed = graph.call_function(nvtx.pop, (node, node.target))
         closed.meta.update(node.meta)
         node.replace_all_uses_with(closed, delete_user_cb=lambda user, c=closed: user is not c)
+        rewritten += [node.name, *(u.name for u in closed.users)]
         rewrites += 1
-    return finish(out, rewrites)
+    return finish(out, rewrites, rewritten)

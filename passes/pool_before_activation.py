@@ -47,7 +47,7 @@ def pool_before_activation(gm: fx.GraphModule) -> fx.GraphModule:
     if not any(_match(gm, n) for n in gm.graph.nodes):
         return gm
     out = copy_module(gm)
-    rewrites = 0
+    rewrites, rewritten = 0, set()
     changed = True
     while changed:  # a swap can expose another activation in front of the same pool
         changed = False
@@ -56,10 +56,11 @@ def pool_before_activation(gm: fx.GraphModule) -> fx.GraphModule:
             if act is None:
                 continue
             reorder_chain(only_input(act), [act, pool], [pool, act])
+            rewritten |= {act.name, pool.name}
             act.meta, pool.meta = _swapped_meta(act.meta, pool.meta)
             rewrites += 1
             changed = True
-    return finish(out, rewrites=rewrites)
+    return finish(out, rewrites=rewrites, rewritten=rewritten)
 
 
 def _swapped_meta(act_meta: dict, pool_meta: dict) -> tuple[dict, dict]:

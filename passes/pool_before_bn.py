@@ -5,9 +5,10 @@ from __future__ import annotations
 import torch.fx as fx
 import torch.nn as nn
 
-from . import copy_module, finish, register
+from . import Identity, copy_module, finish, register
 from ._fx import (
     calls_module,
+    is_monotonic_activation,
     is_max_pool,
     is_pointwise_activation,
     only_input,
@@ -42,7 +43,25 @@ def _match(gm: fx.GraphModule, tail: fx.Node) -> tuple[fx.Node, list[fx.Node], l
     return conv, [bn, mid, tail], [pool, bn, act]
 
 
-@register(exact=False, modes=("train", "infer"))
+def _identity(gm: fx.GraphModule, options: dict, batch_size: int) -> Identity | str:
+    """The rewrite itself, checked in evaluation mode, where it is exact when every moved
+    activation is monotonic and every BatchNorm scale weight / sqrt(var + eps) is
+    positive: a max-pool then commutes with the per-channel increasing affine map and
+    the activation."""
+    for tail in gm.graph.nodes:
+        match = _match(gm, tail)
+        if match is None:
+            continue
+        bn_node, act = match[2][1], match[2][2]
+        bn = gm.get_submodule(bn_node.target)
+        if not is_monotonic_activation(gm, act):
+            return f"{act.name} is not monotonic, so no configuration of the reorder is exact"
+        if bn.affine and not bool((bn.weight > 0).all()):
+            return f"{bn_node.name} has a scale <= 0, so no configuration of the reorder is exact"
+    return Identity({}, mode="infer")
+
+
+@register(exact=False, modes=("train", "infer"), identity=_identity)
 def pool_before_bn(gm: fx.GraphModule) -> fx.GraphModule:
     """Training-time: conv -> BN -> activation -> max-pool becomes conv -> max-pool -> BN -> activation.
 
@@ -53,6 +72,10 @@ def pool_before_bn(gm: fx.GraphModule) -> fx.GraphModule:
     map or a non-monotonic activation), so the model must be trained with it.
     conv -> BN -> max-pool -> activation (what pool_before_activation leaves) is reordered
     the same way.
+
+    Identity configuration: the same reorder checked in evaluation mode (exact for
+    monotonic activations and positive BN scales, as at initialisation); for a
+    non-monotonic activation (GELU) there is none, and only node survival is checked.
 
     Guards: the conv is an ``nn.Conv2d``, the BN an ``nn.BatchNorm2d``, the pool a 2-D
     max-pool returning no indices (module or function, fixed or adaptive, never an
@@ -65,15 +88,16 @@ def pool_before_bn(gm: fx.GraphModule) -> fx.GraphModule:
     if not any(_match(gm, n) for n in gm.graph.nodes):
         return gm
     out = copy_module(gm)
-    rewrites = 0
+    rewrites, rewritten = 0, []
     for tail in list(out.graph.nodes):
         match = _match(out, tail)
         if match is None:
             continue
         conv, old, new = match
         reorder_chain(conv, old, new)
+        rewritten += [n.name for n in old]
         for node in new:  # the shapes recorded by shape propagation no longer hold
             node.meta.pop("tensor_meta", None)
             node.meta.pop("val", None)
         rewrites += 1
-    return finish(out, rewrites=rewrites)
+    return finish(out, rewrites=rewrites, rewritten=rewritten)

@@ -11,14 +11,19 @@ from torch import nn
 
 from fastgraph.modules import StochasticDepth
 
-from . import copy_module, finish, register
+from . import Identity, copy_module, finish, register
 from ._fx import module_of, unique_name
 from ._options import require
 
 _ADDS = (operator.add, torch.add)
 
 
-@register(exact=False, modes=("train",))
+def _identity(gm: fx.GraphModule, options: dict, batch_size: int) -> Identity:
+    """Every branch survives (p = 1): the blocks compute what they did, in training too."""
+    return Identity({"survival_last": 1.0})
+
+
+@register(exact=False, modes=("train",), identity=_identity)
 def stochastic_depth(
     gm: fx.GraphModule, *, survival_last: float = 0.5, per: str = "sample"
 ) -> fx.GraphModule:
@@ -73,7 +78,7 @@ def stochastic_depth(
         with out.graph.inserting_before(add):
             dropped = out.graph.call_module(name, args=(branch,))
         add.args = tuple(dropped if a is branch else a for a in add.args)
-    return finish(out, rewrites=total)
+    return finish(out, rewrites=total, rewritten=[add for add, _ in blocks])
 
 
 def _residual_blocks(gm: fx.GraphModule) -> list[tuple[str, str]]:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import copy
+
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from . import copy_module, finish, register
+from . import Identity, copy_module, finish, register
 from ._fx import module_of, unique_name
 from ._options import require
 
@@ -19,10 +21,15 @@ _FORMS = {
     "silu": ((nn.SiLU,), (F.silu,), ()),
     "celu": ((nn.CELU,), (F.celu, F.celu_, torch.celu, torch.celu_), ()),
 }
-_TARGETS = ("celu", "gelu", "silu")
+_TARGETS = ("celu", "gelu", "silu", "same")
 
 
-@register(exact=False, modes=("train", "infer"))
+def _identity(gm: fx.GraphModule, options: dict, batch_size: int) -> Identity:
+    """A swap of every matched activation to a fresh module computing the same function."""
+    return Identity({"to": "same"})
+
+
+@register(exact=False, modes=("train", "infer"), identity=_identity)
 def swap_activation(
     gm: fx.GraphModule,
     *,
@@ -42,7 +49,9 @@ def swap_activation(
     new module never works in place.
 
     Options:
-        to: "celu", "gelu" or "silu".
+        to: "celu", "gelu" or "silu"; "same" (the identity configuration) replaces each
+            matched activation by a fresh, not in-place module computing its own
+            function (ReLU by nn.ReLU, GELU by nn.GELU with its approximation...).
         alpha: CELU's alpha (only for to="celu"); Page used 0.075 with learnable BN
             scales, 0.3 with frozen ones (see ``freeze_bn_scale``).
         from_: activation names to replace, among "relu", "gelu", "silu", "celu".
@@ -69,35 +78,68 @@ def swap_activation(
         if isinstance(mod, module_types):
             if _unsafe_inplace(node, getattr(mod, "inplace", False)):
                 unsafe_targets.add(node.target)  # a shared module changes at every call site
-            elif not _already(mod, to, alpha):
+            elif to == "same" or not _already(mod, to, alpha):
                 module_targets.add(node.target)
         elif (node.op == "call_function" and node.target in functions) or (
                 node.op == "call_method" and node.target in methods):
-            if not _already_call(node, to, alpha) and not _unsafe_inplace(node, _inplace_call(node)):
+            if to == "same" and _same_as_module(node) is None:
+                continue  # an argument computed at run time: no fixed module reproduces it
+            if ((to == "same" or not _already_call(node, to, alpha))
+                    and not _unsafe_inplace(node, _inplace_call(node))):
                 call_names.add(node.name)
     module_targets -= unsafe_targets
     if not module_targets and not call_names:
         return gm
 
     out = copy_module(gm)
+    rewritten = [n.name for n in out.graph.nodes if n.op == "call_module" and n.target in module_targets]
+    rewritten += sorted(call_names)
     for target in module_targets:
-        out.add_submodule(target, _make(to, alpha).train(gm.training))
+        new = _same_module(out.get_submodule(target)) if to == "same" else _make(to, alpha)
+        out.add_submodule(target, new.train(gm.training))
     for node in list(out.graph.nodes):
         if node.name not in call_names:
             continue
         name = unique_name(out, f"{node.name}_{to}")
-        out.add_submodule(name, _make(to, alpha).train(gm.training))
+        new = _same_as_module(node) if to == "same" else _make(to, alpha)
+        out.add_submodule(name, new.train(gm.training))
         with out.graph.inserting_before(node):
             new = out.graph.call_module(name, args=(node.args[0],))
         node.replace_all_uses_with(new)
         out.graph.erase_node(node)
-    return finish(out, rewrites=len(module_targets) + len(call_names))
+    return finish(out, rewrites=len(module_targets) + len(call_names), rewritten=rewritten)
 
 
 def _make(to: str, alpha: float) -> nn.Module:
     if to == "celu":
         return nn.CELU(alpha=float(alpha))
     return nn.GELU() if to == "gelu" else nn.SiLU()
+
+
+def _same_module(mod: nn.Module) -> nn.Module:
+    """A copy of an activation module that does not work in place."""
+    new = copy.deepcopy(mod)
+    if hasattr(new, "inplace"):
+        new.inplace = False
+    return new
+
+
+def _same_as_module(node: fx.Node) -> nn.Module | None:
+    """The module computing what a functional or method activation call computes, or None
+    when one of its arguments is a graph value (known only at run time)."""
+    name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
+    name = name.rstrip("_")
+    if name == "relu":
+        return nn.ReLU()
+    if name == "silu":
+        return nn.SiLU()
+    if name == "gelu":
+        approximate = node.kwargs.get("approximate", node.args[1] if len(node.args) > 1 else "none")
+        return None if isinstance(approximate, fx.Node) else nn.GELU(approximate=approximate)
+    if name == "celu":
+        alpha = node.kwargs.get("alpha", node.args[1] if len(node.args) > 1 else 1.0)
+        return None if isinstance(alpha, fx.Node) else nn.CELU(alpha=float(alpha))
+    return None
 
 
 def _already(mod: nn.Module, to: str, alpha: float) -> bool:

@@ -54,8 +54,9 @@ def tta_flip(gm: fx.GraphModule, *, level: int = 1) -> fx.GraphModule:
     out.add_submodule(mean_name, TTAMean(level).train(gm.training))
     with out.graph.inserting_after(x):
         views = out.graph.call_module(views_name, args=(x,))
+    rewritten = [u.name for u in x.users]  # they now read the views
     x.replace_all_uses_with(views, delete_user_cb=lambda user: user is not views)
     with out.graph.inserting_before(output):
         merged = out.graph.call_module(mean_name, args=(output.args[0],))
     output.args = (merged,)
-    return finish(out, rewrites=1)
+    return finish(out, rewrites=1, rewritten=[*rewritten, output.name])

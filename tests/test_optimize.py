@@ -123,5 +123,9 @@ def test_a_data_pass_gets_training_images_or_a_one_line_error(small_resnet9, rea
     with pytest.raises(UserError, match="pass whitening needs real training images"):
         run_passes(gm, ["whitening"], mode="train")
     images, _ = real_batch
-    out, report = run_passes(gm, ["whitening"], mode="train", options={"whitening": {"images": images}})
+    with pytest.raises(UserError, match="pass whitening is checked in its identity configuration and must "
+                                        "be verified: give a real data batch"):
+        run_passes(gm, ["whitening"], mode="train", options={"whitening": {"images": images}})
+    out, report = run_passes(gm, ["whitening"], mode="train", batch=real_batch,
+                             options={"whitening": {"images": images}})
     assert report.outcomes[0].status == "applied"

@@ -24,8 +24,8 @@ class AirbenchStem(nn.Module):
 
     def __init__(self):
         super().__init__()
-        self.stem = nn.Conv2d(3, 16, 2, padding=0, bias=True)
-        self.head = nn.Linear(16, 10)
+        self.stem = nn.Conv2d(3, 24, 2, padding=0, bias=True)
+        self.head = nn.Linear(24, 10)
 
     def forward(self, x):
         return self.head(F.gelu(self.stem(x)).mean((2, 3)))
@@ -97,7 +97,7 @@ def test_graph_structure_buffer_and_preserved_function(example, frozen, train_im
     x, _ = real_batch
     gm = example("resnet20")
     untouched = frozen(gm)
-    out = get("whitening").fn(gm, images=train_images[:300])
+    out = get("whitening").fn(gm, images=train_images[:300], pointwise_init="reproduce")
     untouched()
     assert rewrite_count(gm, out) == 1
 
@@ -131,7 +131,9 @@ def test_graph_structure_buffer_and_preserved_function(example, frozen, train_im
 def test_channel_counts_and_output_size(example, train_images, real_batch, kernel_size, pairs, channels):
     x, _ = real_batch
     gm = example("preact_resnet20")
-    out = get("whitening").fn(gm, images=train_images[:200], kernel_size=kernel_size, pairs=pairs)
+    init = "reproduce" if kernel_size == 3 else "fresh"
+    out = get("whitening").fn(gm, images=train_images[:200], kernel_size=kernel_size, pairs=pairs,
+                              pointwise_init=init)
     white = whitening_module(out)
     assert white.weight.shape == (channels, 3, kernel_size, kernel_size)
     assert out.get_submodule("conv1").in_channels == channels
@@ -145,13 +147,65 @@ def test_channel_counts_and_output_size(example, train_images, real_batch, kerne
 def test_airbench_stem_defaults_to_2x2_and_moves_bias(train_images, real_batch):
     x, _ = real_batch
     gm = fx.symbolic_trace(AirbenchStem().eval())
-    out = get("whitening").fn(gm, images=train_images[:200], pairs=True)
+    out = get("whitening").fn(gm, images=train_images[:200], pairs=True, pointwise_init="reproduce")
     white = whitening_module(out)
     assert white.weight.shape == (24, 3, 2, 2) and white.padding == (0, 0, 0, 0)
     stem = out.get_submodule("stem")
     assert stem.bias is not None and torch.equal(stem.bias, gm.get_submodule("stem").bias)
     with torch.no_grad():
         torch.testing.assert_close(out(x), gm(x), atol=1e-5, rtol=1e-4)
+
+
+def test_fresh_pointwise_conv_is_initialised_as_pytorch_does(example, train_images, real_batch):
+    """Page's whitening_block follows the fixed filters with a new 1x1 conv: PyTorch's
+    default initialisation (kaiming-uniform, bound 1/sqrt(fan_in)), not the random stem
+    seen through whitening^-1, which would undo the whitening at initialisation."""
+    x, _ = real_batch
+    gm = example("resnet20")
+    out = get("whitening").fn(gm, images=train_images[:300])  # pointwise_init="fresh" by default
+    weight = out.get_submodule("conv1").weight
+    assert weight.shape == (16, 27, 1, 1)
+    assert weight.abs().max() <= 1 / 27 ** 0.5 and weight.std() > 0.5 / (3 * 27) ** 0.5
+    with torch.no_grad():
+        assert (out(x[:8]) - gm(x[:8])).abs().max() > 1e-3  # a different network at initialisation
+    with pytest.raises(PassOptionError, match="needs kernel_size == 3"):
+        get("whitening").fn(gm, images=train_images[:50], kernel_size=2, pointwise_init="reproduce")
+
+
+def test_airbench_form_the_stem_becomes_the_frozen_whitening_conv(train_images, real_batch):
+    """airbench94's init_whitening_conv: the 2x2 first conv's weight *is* the +/- pair of
+    scaled eigenvector filters, frozen; its bias stays and trains for whiten_bias_epochs."""
+    x, y = real_batch
+    gm = fx.symbolic_trace(AirbenchStem())
+    out = get("whitening").fn(gm, images=train_images[:300], pairs=True, into="stem", bias_epochs=3)
+    assert rewrite_count(gm, out) == 1
+    assert not any(isinstance(m, PatchWhitening) for m in out.modules())
+    assert [n.target for n in out.graph.nodes] == [n.target for n in gm.graph.nodes]  # same graph
+    stem = out.get_submodule("stem")
+    reference = get("whitening").fn(gm, images=train_images[:300], pairs=True, pointwise_init="reproduce")
+    torch.testing.assert_close(stem.weight, whitening_module(reference).weight, rtol=0, atol=0)
+    assert torch.equal(stem.weight[:12], -stem.weight[12:])  # each filter with its negation
+    assert not stem.weight.requires_grad and stem.bias.requires_grad
+    assert torch.equal(stem.bias, gm.get_submodule("stem").bias)
+    hints = out.meta["fastgraph.param_hints"]
+    assert hints["stem.weight"] == {"trainable": False} and hints["stem.bias"] == {"lr_scale": 1.0, "weight_decay_scale": 1.0, "train_epochs": 3.0,
+                                                                      "own_schedule": False}
+    assert "stem.weight" not in gm.meta.get("fastgraph.param_hints", {})  # the input is untouched
+
+    # The identity configuration keeps the stem's own filters: the same function.
+    same = get("whitening").fn(gm, images=train_images[:300], pairs=True, into="stem", filters="keep")
+    with torch.no_grad():
+        torch.testing.assert_close(same(x), gm(x), rtol=0, atol=0)
+    assert get("whitening").fn(out, images=train_images[:50], pairs=True, into="stem") is out  # done once
+
+
+def test_airbench_form_refuses_a_stem_of_another_width(example, train_images):
+    with pytest.raises(PassOptionError, match="needs a first conv with 54 output channels"):
+        get("whitening").fn(example("resnet20"), images=train_images[:50], pairs=True, into="stem")
+    with pytest.raises(PassOptionError, match="kernel_size=2 would change its shape"):
+        get("whitening").fn(example("resnet20"), images=train_images[:50], kernel_size=2, into="stem")
+    with pytest.raises(PassOptionError, match="into must be"):
+        get("whitening").fn(example("resnet20"), images=train_images[:50], into="first")
 
 
 def test_does_not_fire_without_a_whitenable_rgb_conv(example, frozen, train_images):
