@@ -1,9 +1,25 @@
 """Optimisers of a recipe: parameter groups from pass hints, Muon for conv filters, EMA.
 
 - :func:`build_optimizers`: ``torch.optim.SGD`` groups from the parameter hints passes
-  leave in ``gm.meta["fastgraph.param_hints"]`` (``{name: {"lr_scale",
-  "weight_decay_scale", "trainable"}}``), frozen parameters excluded; optionally
-  ``torch.optim.Muon`` for the conv filters through :class:`ConvMuon`.
+  leave in ``gm.meta["fastgraph.param_hints"]``, frozen parameters excluded; optionally
+  airbench94_muon's Muon for the conv filters through :class:`ConvMuon`. A hint is
+  ``{name: {"lr_scale", "weight_decay_scale", "trainable", "train_epochs"}}``, every key
+  optional:
+
+  - ``lr_scale``, ``weight_decay_scale`` (numbers, default 1): multiples of the recipe's
+    SGD lr and ``weight_decay`` (airbench's bias_scaler is ``64`` and ``1/64``).
+  - ``trainable`` (bool, default true): false freezes the parameter (``requires_grad`` off).
+  - ``train_epochs`` (number N > 0, default none): the parameter trains during the first
+    N epochs only, then stays frozen, as airbench94's whitening bias does
+    (``whiten_bias_epochs = 3``). Such parameters get an SGD group of their own, never
+    Muon; every SGD group carries ``group["train_epochs"]`` (N, or ``None`` for groups
+    that train throughout), and the trainer sets that group's lr to 0 from epoch N on.
+  - ``own_schedule`` (bool, default false, with ``train_epochs``): the group's lr follows
+    the recipe's schedule compressed into its N epochs instead of the whole run, as
+    airbench94_muon's whitening bias does (``1 - step / whiten_bias_train_steps``); the
+    group carries ``group["own_schedule"]``.
+
+  SGD groups are keyed by (lr_scale, weight_decay_scale, train_epochs, own_schedule).
 - :class:`WeightAverage`: an exponential moving average of weights and BatchNorm
   statistics (Page's EMA), optionally copied back into the trained weights (Lookahead as
   in hlb-CIFAR10 and airbench), on ``torch.optim.swa_utils.AveragedModel``.
@@ -42,36 +58,88 @@ def _matrix_view(t: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]] | None
     return None
 
 
-class ConvMuon:
-    """``torch.optim.Muon`` on 4-D conv filter banks, each seen as a 2-D matrix.
+def _torch_muon_lr_factor(shape: torch.Size) -> float:
+    """What ``torch.optim.Muon(adjust_lr_fn="original")`` multiplies the lr by for an
+    (A, B) matrix: sqrt(max(1, A / B)) (its docstring and ``torch/optim/_muon.py``,
+    ``_adjust_lr``)."""
+    rows, cols = shape
+    return math.sqrt(max(1.0, rows / cols))
 
-    ``torch.optim.Muon`` accepts 2-D parameters only; each (out, in, kh, kw) filter bank
-    is handed to it as an (out, in*kh*kw) parameter that shares the bank's storage, and
-    its gradient is the matching view of the bank's gradient, so Muon's in-place update
-    lands in the conv weight. With ``normalize_weights`` each bank is rescaled to
-    Frobenius norm sqrt(out) before the step, as airbench94_muon does (Jordan 2024),
-    which keeps the effective step size of these scale-invariant (BatchNorm-followed)
-    filters constant.
+
+_LR_FACTOR = "torch_lr_factor"  # param-group key: the factor above, shared by the group's matrices
+
+
+class ConvMuon:
+    """airbench94_muon's Muon on 4-D conv filter banks, run by ``torch.optim.Muon``.
+
+    The update of each (out, in, kh, kw) float32 bank W with gradient G, lr and momentum
+    m, as ``Muon.step`` in KellerJordan/cifar10-airbench ``airbench94_muon.py`` (Jordan
+    2024; "Muon: An optimizer for hidden layers in neural networks")::
+
+        B <- m B + G;  U <- G + m B (nesterov) or B
+        W <- W * sqrt(out) / ||W||_F                        (normalize_weights)
+        W <- W * (1 - lr * weight_decay)                    (torch's decoupled decay; airbench has none)
+        W <- W - lr * NS(U as an (out, in*kh*kw) matrix)
+
+    NS is ``ns_steps`` quintic Newton-Schulz iterations (a, b, c) = (3.4445, -4.7750,
+    2.0315) in bfloat16 after dividing by the Frobenius norm (airbench's
+    ``zeropower_via_newtonschulz5``). ``torch.optim.Muon`` computes the same with two
+    differences, both undone here:
+
+    - its momentum buffer is the exponential average ``m B + (1 - m) G``, so its U is
+      (1 - m) times airbench's; NS divides that positive factor out (up to bfloat16
+      rounding of its input);
+    - it multiplies the lr by sqrt(max(1, out / fan_in)) (``adjust_lr_fn="original"``),
+      which airbench does not: that is 1 for all of airbench's conv banks (out <= fan_in)
+      but not for, e.g., a 1x1 conv that widens. Banks are grouped by that factor and each
+      group steps with lr / factor and weight_decay * factor, so the step and the decay
+      per step are airbench's.
+
+    ``torch.optim.Muon`` accepts 2-D parameters only; each bank is handed to it as an
+    (out, fan_in) parameter sharing the bank's storage, its gradient the matching view of
+    the bank's gradient, so Muon's in-place update lands in the conv weight. Normalising
+    the weights keeps the effective step size of these scale-invariant (BatchNorm-followed)
+    filters constant. The loss reduction (sum or mean) does not matter: NS normalises.
 
     Args:
-        params: 4-D conv weights (trainable). lr, momentum, nesterov, ns_steps,
-            weight_decay: ``torch.optim.Muon``'s.
+        params: 4-D float conv weights (trainable).
+        lr: step size of the orthogonalised update (airbench94_muon: 0.24), multiplied by
+            the schedule through ``param_groups[i]["lr"]``.
+        momentum, nesterov: as above (airbench94_muon: 0.6, true).
+        ns_steps: Newton-Schulz iterations (airbench94_muon: 3).
+        weight_decay: decoupled decay per unit lr, as ``torch.optim.Muon``'s.
+        normalize_weights: rescale each bank to Frobenius norm sqrt(out) before its step.
+
+    Attributes:
+        param_groups: the Muon groups; ``lr`` and ``weight_decay`` in the units above.
+
+    Raises:
+        ValueError: a weight whose layout has no 2-D view sharing its storage.
     """
 
     def __init__(self, params: list[nn.Parameter], *, lr: float, momentum: float, nesterov: bool,
                  ns_steps: int, weight_decay: float, normalize_weights: bool):
         self.banks = list(params)
         self.matrices, self.layouts = [], []
+        by_factor: dict[float, list[nn.Parameter]] = {}
         for p in self.banks:
             found = _matrix_view(p.detach())
             if found is None:
                 raise ValueError(f"conv weight of shape {tuple(p.shape)} has no 2-D view")
-            self.matrices.append(nn.Parameter(found[0]))
+            matrix = nn.Parameter(found[0])
+            self.matrices.append(matrix)
             self.layouts.append(found[1])
+            by_factor.setdefault(_torch_muon_lr_factor(matrix.shape), []).append(matrix)
         self.normalize_weights = normalize_weights
-        self.muon = torch.optim.Muon(self.matrices, lr=lr, momentum=momentum, nesterov=nesterov,
-                                     ns_steps=ns_steps, weight_decay=weight_decay)
-        self.param_groups = self.muon.param_groups
+        self.muon = torch.optim.Muon([{"params": ms, _LR_FACTOR: f} for f, ms in by_factor.items()],
+                                     lr=lr, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps,
+                                     weight_decay=weight_decay, adjust_lr_fn="original")
+
+    @property
+    def param_groups(self) -> list[dict]:
+        # read through: Optimizer.load_state_dict replaces the list, and a resumed run's
+        # schedule must reach the groups that step
+        return self.muon.param_groups
 
     @torch.no_grad()
     def step(self) -> None:
@@ -83,11 +151,36 @@ class ConvMuon:
             matrix.grad = bank.grad.permute(layout).reshape(matrix.shape)
             if self.normalize_weights:
                 bank.mul_(math.sqrt(bank.shape[0]) / bank.norm().clamp_min(1e-12))
-        self.muon.step()
+        groups = self.muon.param_groups
+        given = [(g["lr"], g["weight_decay"]) for g in groups]
+        try:
+            for g in groups:  # undo Muon's shape factor; lr * weight_decay is unchanged
+                g["lr"], g["weight_decay"] = g["lr"] / g[_LR_FACTOR], g["weight_decay"] * g[_LR_FACTOR]
+            self.muon.step()
+        finally:
+            for g, (lr, wd) in zip(groups, given, strict=True):
+                g["lr"], g["weight_decay"] = lr, wd
 
     def zero_grad(self, set_to_none: bool = True) -> None:
+        """Clear the conv weights' gradients, as ``torch.optim.Optimizer.zero_grad`` does.
+
+        Autograd accumulates into the 4-D banks, not into their matrix views: clearing only
+        the views would let the banks' gradients add up over steps. The views' gradients
+        are rebuilt from the banks' at every step and are always dropped.
+        """
         for matrix in self.matrices:
             matrix.grad = None
+        for bank in self.banks:
+            if bank.grad is None:
+                continue
+            if set_to_none:
+                bank.grad = None
+                continue
+            if bank.grad.grad_fn is not None:
+                bank.grad.detach_()
+            else:
+                bank.grad.requires_grad_(False)
+            bank.grad.zero_()
 
     def state_dict(self) -> dict:
         return self.muon.state_dict()
@@ -101,14 +194,20 @@ def build_optimizers(gm: fx.GraphModule, recipe: Recipe, hyper: TorchHyperparame
 
     Each group stores ``peak_lr`` (the recipe's lr times the hint's ``lr_scale``); the
     trainer sets ``lr = peak_lr * schedule`` every step. Parameters whose hint says
-    ``trainable: false``, or that have ``requires_grad`` off, are frozen and left out.
+    ``trainable: false``, or that have ``requires_grad`` off, are frozen and left out. With
+    ``[muon] enabled`` the 4-D weights without lr, weight-decay or ``train_epochs`` hints go
+    to :class:`ConvMuon`; every SGD group holds ``train_epochs`` (the hint's N, else
+    ``None``), see the module docstring.
 
     Returns:
-        ``[torch.optim.SGD]`` or ``[torch.optim.SGD, ConvMuon]``.
+        ``[torch.optim.SGD]``, ``[torch.optim.SGD, ConvMuon]`` or ``[ConvMuon]``.
+
+    Raises:
+        ValueError: a ``train_epochs`` hint that is not a number > 0.
     """
     hints = gm.meta.get(HINTS_KEY, {})
     muon_cfg = recipe["muon"]
-    groups: dict[tuple[float, float], list[nn.Parameter]] = {}
+    groups: dict[tuple[float, float, float | None, bool], list[nn.Parameter]] = {}
     banks: list[nn.Parameter] = []
     for name, p in gm.named_parameters():
         hint = hints.get(name, {})
@@ -118,14 +217,20 @@ def build_optimizers(gm: fx.GraphModule, recipe: Recipe, hyper: TorchHyperparame
             continue
         lr_scale = float(hint.get("lr_scale", 1.0))
         wd_scale = float(hint.get("weight_decay_scale", 1.0))
-        if muon_cfg["enabled"] and p.dim() == 4 and lr_scale == 1.0 and wd_scale == 1.0:
+        epochs = hint.get("train_epochs")
+        if epochs is not None and (isinstance(epochs, bool) or not isinstance(epochs, (int, float))
+                                   or not math.isfinite(epochs) or epochs <= 0):
+            raise ValueError(f"parameter {name}: train_epochs hint must be a number > 0, got {epochs!r}")
+        if (muon_cfg["enabled"] and p.dim() == 4 and lr_scale == 1.0 and wd_scale == 1.0
+                and epochs is None):
             banks.append(p)
             continue
-        groups.setdefault((lr_scale, wd_scale), []).append(p)
+        own = bool(hint.get("own_schedule", False)) and epochs is not None
+        groups.setdefault((lr_scale, wd_scale, epochs, own), []).append(p)
     param_groups = [
         {"params": params, "lr": hyper.lr * lr_scale, "peak_lr": hyper.lr * lr_scale,
-         "weight_decay": hyper.weight_decay * wd_scale}
-        for (lr_scale, wd_scale), params in groups.items()
+         "weight_decay": hyper.weight_decay * wd_scale, "train_epochs": epochs, "own_schedule": own}
+        for (lr_scale, wd_scale, epochs, own), params in groups.items()
     ]
     optimizers: list = []
     if param_groups:
