@@ -31,7 +31,8 @@ class DeviceAugmenter:
         cutout: side in pixels of a square zeroed at a random place (0: none).
         mean, std: per-channel normalisation in 0..255 units (``fastgraph.data.CIFAR10_MEAN``).
         seed: seed of the augmentation generator (shuffling and augmentation draws).
-        out_dtype: dtype of the batches (float32, or the autocast dtype on a GPU).
+        out_dtype: dtype of the batches: float32, or the autocast dtype the training runs
+            in (bf16 or fp16, on a GPU and a CPU alike, so a compiled step sees one dtype).
         channels_last: return batches in channels-last memory format.
     """
 

@@ -10,6 +10,7 @@ Two tools:
 from __future__ import annotations
 
 import statistics
+import sys
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -17,6 +18,29 @@ from dataclasses import dataclass
 import torch
 
 from fastgraph.errors import UserError
+
+
+class CompiledInCountedPhase(RuntimeError):
+    """``torch.compile`` compiled a graph inside a counted phase, so the compile time was
+    counted: the warm-up did not run the graph as the timed work runs it (dtype, layout,
+    shapes, train/eval mode, which parameters require gradients)."""
+
+
+def compiled_graphs() -> int:
+    """Graphs ``torch.compile`` has handed to a backend in this process so far (an int >= 0).
+
+    Dynamo's ``counters["stats"]["unique_graphs"]`` rises by one per graph compiled: a
+    frame's first compile, a recompile after a guard failed (another dtype, layout, batch
+    size, ``requires_grad``, train/eval mode) and each piece of a graph break alike, and
+    stays put when a call hits an already compiled graph. A difference of two readings
+    counts the compiles in between. ``torch._dynamo.config.error_on_recompile`` would catch
+    only the second kind of compile (a guard failure of a frame compiled before), not a
+    frame first reached inside a timed phase, and it raises from deep inside the call
+    without saying which phase it was; the counter catches both and can be reported.
+    Dynamo not yet imported means nothing has been compiled: 0, without importing it.
+    """
+    utils = sys.modules.get("torch._dynamo.utils")
+    return 0 if utils is None else int(utils.counters["stats"]["unique_graphs"])
 
 
 def _resolve_device(device: torch.device | str | None) -> torch.device:
@@ -35,6 +59,7 @@ class _Phase:
     counted: bool
     seconds: float = 0.0
     calls: int = 0
+    compiles: int = 0
 
 
 class Timer:
@@ -44,7 +69,11 @@ class Timer:
     user pays for it on every run of the method. Data upload to the device, compilation
     (``torch.compile``, Triton autotuning) and cuDNN/kernel warm-up are *not* counted:
     they are one-off costs of the machine, not of the method. Whitening initialisation
-    from data, training and (test-time-augmented) evaluation *are* counted.
+    from data, training and (test-time-augmented) evaluation *are* counted. The rule is
+    enforced for ``torch.compile``: every phase records how many graphs were compiled
+    during it (:func:`compiled_graphs`), and a counted phase in which any was compiled
+    raises :class:`CompiledInCountedPhase` when it ends (warm up on the timed work's
+    dtype, layout and shapes first).
 
     On a CUDA device a phase is timed with two CUDA events on the device's current
     stream and one synchronisation at its end (so the phase's GPU work is included and
@@ -88,6 +117,8 @@ class Timer:
         Raises:
             ValueError: ``name`` reused with a different ``counted``, or any phase
                 opened inside a counted phase.
+            CompiledInCountedPhase: at the end of a counted phase during which
+                ``torch.compile`` compiled a graph (the phase's time is recorded first).
         """
         known = self._phases.get(name)
         if known is not None and known.counted != counted:
@@ -97,6 +128,7 @@ class Timer:
             raise ValueError(f"phase {name!r} opened inside counted phase {outer!r}: "
                              "counted time must not nest")
         self._open.append((name, counted))
+        compiled_before = compiled_graphs()
         try:
             if self.device.type == "cuda":
                 stream = torch.cuda.current_stream(self.device)
@@ -116,6 +148,13 @@ class Timer:
         entry = self._phases.setdefault(name, _Phase(counted))
         entry.seconds += seconds
         entry.calls += 1
+        compiles = compiled_graphs() - compiled_before
+        entry.compiles += compiles
+        if counted and compiles:
+            raise CompiledInCountedPhase(
+                f"torch.compile compiled {compiles} graph(s) inside counted phase {name!r}, so "
+                "compile time was counted: the warm-up must run the graph with the same dtype, "
+                "layout, shapes and train/eval mode (or train without compile)")
 
     def seconds(self, name: str) -> float:
         """Seconds spent in phase ``name`` (summed over its entries).
@@ -126,6 +165,11 @@ class Timer:
         if name not in self._phases:
             raise KeyError(f"no phase {name!r}; phases: {', '.join(self._phases) or 'none'}")
         return self._phases[name].seconds
+
+    def compiles(self) -> dict[str, int]:
+        """Graphs ``torch.compile`` compiled during each phase, summed over its entries
+        (:func:`compiled_graphs`), by phase name."""
+        return {name: p.compiles for name, p in self._phases.items()}
 
     def total(self, counted_only: bool = True) -> float:
         """Seconds of the counted phases, or of all phases with ``counted_only=False``."""

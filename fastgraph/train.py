@@ -8,12 +8,26 @@ train mode), trained on the uint8 dataset resident on the device and augmented p
 
 Timing (``fastgraph.timing.Timer``, CUDA events on a GPU, ``perf_counter`` on CPU), as
 the record holders time it: *not counted* are the data upload, loading and tracing the
-model file, cuDNN/``torch.compile`` warm-up, and the per-epoch progress evaluation
-(plain accuracy every epoch, TTA accuracy on epochs before the last); *counted* are the
+model file, the pass manager's float64 checks of the recipe's passes (once per
+training), cuDNN/``torch.compile`` warm-up, and the per-epoch progress evaluation (plain
+accuracy every epoch, TTA accuracy on epochs before the last); *counted* are the
 recipe's passes (which include the whitening initialisation from data), training, and
 the final TTA evaluation. For ``target`` the time to reach an accuracy at epoch *e* is
 the counted time through epoch *e*'s training plus that epoch's TTA evaluation, as if
 the run had stopped and been evaluated there (earlier epochs' evaluations not counted).
+
+Compilation stays out of the counted time: the warm-up runs the training step exactly as
+the loop does, on real batches from the run's own augmenter (its dtype, layout and
+shape; the augmenter's and torch's random state and the weights restored after), and
+evaluates a full and the last, smaller test batch, plain and with TTA. The timer records
+the graphs ``torch.compile`` compiled in every phase, and one compiled inside a counted
+phase raises :class:`fastgraph.timing.CompiledInCountedPhase`, naming the run and epoch.
+
+An optimiser parameter group with ``train_epochs = N`` (a parameter hint, e.g.
+airbench's whitening bias, trained 3 epochs) trains in epochs 0..N-1 and gets lr 0 from
+epoch N on: SGD with lr 0 leaves the parameter exactly as it is and, unlike turning
+``requires_grad`` off, changes nothing a compiled graph's guards look at. With
+``own_schedule`` its lr follows the recipe's schedule over its N epochs.
 
 Reliability: a checkpoint at the end of every epoch (``fastgraph.checkpoint``), a
 first Ctrl-C finishes the current step, writes a checkpoint and raises
@@ -44,12 +58,13 @@ from fastgraph.errors import UserError
 from fastgraph.optim import WeightAverage, build_optimizers
 from fastgraph.pass_manager import VERIFY_IMAGES
 from fastgraph.recipes import Recipe, check_passes_registered, lr_factor, torch_hyperparameters
-from fastgraph.timing import Timer
+from fastgraph.timing import CompiledInCountedPhase, Timer
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 TIMING_RULE = ("counted: the recipe's passes (whitening initialisation included), training, the final "
-               "TTA evaluation; not counted: data upload, loading and tracing the model file, "
-               "cuDNN/torch.compile warm-up, per-epoch progress evaluation")
+               "TTA evaluation; not counted: data upload, loading and tracing the model file, the "
+               "passes' float64 checks (once per training), cuDNN/torch.compile warm-up, per-epoch "
+               "progress evaluation")
 
 
 class TrainingDiverged(UserError):
@@ -66,7 +81,10 @@ class TrainOptions:
     subset: train on N class-balanced images taken in order from the start of each class.
     test_subset: evaluate on N class-balanced test images (quick checks; claims use all).
     device: "auto", "cpu", "cuda", "cuda:1"... precision: "fp32", "fp16" or "bf16"
-    (autocast). compile: torch.compile the training module. checkpoint_dir: write
+    (autocast; the training batches are made in that dtype). compile: torch.compile
+    the training module. compile_backend: its backend ("inductor"; "aot_eager" compiles
+    in seconds, for checks on a CPU); the mode is the recipe's ``[train] compile_mode``
+    ("default" unless given, e.g. "max-autotune"). checkpoint_dir: write
     checkpoints there; resume: continue the one there. stochastic_depth: add the
     stochastic_depth pass with the recipe's [stochastic_depth] options. data: CIFAR-10
     path (see ``fastgraph.data.load_cifar10``). progress_eval: evaluate after every
@@ -86,6 +104,7 @@ class TrainOptions:
     device: str = "auto"
     precision: str | None = None
     compile: bool | None = None
+    compile_backend: str = "inductor"
     checkpoint_dir: str | None = None
     resume: bool = False
     stochastic_depth: bool = False
@@ -125,7 +144,9 @@ class EpochRecord:
 
 @dataclass
 class RunRecord:
-    """One run: its epochs, final accuracies (fractions), counted seconds and phases."""
+    """One run: its epochs, final accuracies (fractions), counted seconds, phases
+    (``Timer.as_dict``) and graphs ``torch.compile`` compiled per phase (``Timer.compiles``:
+    the warm-up's only when the warm-up covered the timed work)."""
 
     run: int
     seed: int
@@ -135,6 +156,7 @@ class RunRecord:
     seconds: float
     phases: dict = field(default_factory=dict)
     passes: dict = field(default_factory=dict)
+    compiles: dict = field(default_factory=dict)
 
     @staticmethod
     def from_dict(d: dict) -> RunRecord:
@@ -353,6 +375,14 @@ class Trainer:
         if self.precision not in DTYPES:
             raise UserError(f"--precision must be fp32, fp16 or bf16, got {self.precision!r}")
         self.compile = opts.compile if opts.compile is not None else (recipe["train"]["compile"] and cuda)
+        self.compile_mode = recipe["train"].get("compile_mode", "default")
+        if self.compile:
+            from torch._dynamo import list_backends  # deferred: importing Dynamo takes seconds
+
+            backends = list_backends(exclude_tags=())
+            if opts.compile_backend not in backends:
+                raise UserError(f"compile backend must be one of {', '.join(sorted(backends))}, "
+                                f"got {opts.compile_backend!r}")
         self.channels_last = cuda
         self.hyper = torch_hyperparameters(recipe, self.batch_size)
         if opts.target is not None and not 0 < opts.target <= 1:
@@ -365,6 +395,7 @@ class Trainer:
         self.interrupt = _Interrupt()
         self._compiled: tuple[fx.GraphModule, nn.Module] | None = None
         self._tta_cache: tuple[nn.Module, nn.Module] | None = None
+        self._passes_checked = False
 
     # -- settings ---------------------------------------------------------------------
 
@@ -375,6 +406,7 @@ class Trainer:
                 "recipe": self.recipe.name, "epochs": self.epochs, "batch_size": self.batch_size,
                 "runs": o.runs, "seed": o.seed, "subset": o.subset, "test_subset": o.test_subset,
                 "device": str(self.device), "precision": self.precision, "compile": bool(self.compile),
+                "compile_backend": o.compile_backend, "compile_mode": self.compile_mode,
                 "stochastic_depth": o.stochastic_depth, "target": o.target}
 
     def _autocast(self):
@@ -428,22 +460,31 @@ class Trainer:
             gm = trace(model, source=self.opts.model_path).to(self.device)
             images, labels = self._pass_images()
             check_runs(gm, images[:2])
+        if not self._passes_checked:
+            # The float64 checks (exact passes; training-time passes in their identity
+            # configurations) depend on the graph, not on the run's seed: once, not counted,
+            # with the random state put back so the counted build below is the same.
+            with timer.phase("pass checks", counted=False), torch.random.fork_rng(
+                    devices=[self.device] if self.device.type == "cuda" else []):
+                training_graph(gm, self.recipe.to_dict(), images=images, labels=labels,
+                               stochastic_depth=self.opts.stochastic_depth)
+            self._passes_checked = True
         with timer.phase("passes"):  # counted: holds the whitening initialisation from data
             gm, report = training_graph(gm, self.recipe.to_dict(), images=images, labels=labels,
-                                        stochastic_depth=self.opts.stochastic_depth)
+                                        stochastic_depth=self.opts.stochastic_depth, checks=False)
         if self.channels_last:
             gm = gm.to(memory_format=torch.channels_last)
         gm.train()
         return gm, report
 
-    def _training_module(self, gm: fx.GraphModule) -> tuple[fx.GraphModule, nn.Module, bool]:
-        """(module whose parameters train, module to call, fresh compile?).
+    def _training_module(self, gm: fx.GraphModule) -> tuple[fx.GraphModule, nn.Module]:
+        """(module whose parameters train, module to call).
 
         With compile, the first run's compiled module is reused by later runs: their
         freshly built weights are loaded into it, so compilation happens once.
         """
         if not self.compile:
-            return gm, gm, False
+            return gm, gm
         if self._compiled is not None:
             module, compiled = self._compiled
             if module.state_dict().keys() == gm.state_dict().keys():
@@ -451,10 +492,12 @@ class Trainer:
                 for p, q in zip(module.parameters(), gm.parameters(), strict=True):
                     p.requires_grad_(q.requires_grad)
                 module.meta.update(gm.meta)
-                return module, compiled, False
-        compiled = torch.compile(gm)
+                return module, compiled
+        # mode passed only when the recipe names one: "default" is torch.compile's own
+        mode = {} if self.compile_mode == "default" else {"mode": self.compile_mode}
+        compiled = torch.compile(gm, backend=self.opts.compile_backend, **mode)
         self._compiled = (gm, compiled)
-        return gm, compiled, True
+        return gm, compiled
 
     def _evaluate(self, module: nn.Module, tta: bool) -> float:
         """Accuracy of ``module`` on the test images, with the recipe's TTA when ``tta``."""
@@ -480,31 +523,60 @@ class Trainer:
         self._tta_cache = (module, tta)
         return tta
 
-    def _warm_up(self, module: fx.GraphModule, call: nn.Module, eval_module: nn.Module) -> None:
-        """A few steps on random data, then the weights restored: cuDNN autotuning and
-        torch.compile happen here, outside the timer."""
-        saved = copy.deepcopy(module.state_dict())
-        g = torch.Generator(device=self.device).manual_seed(0)
-        x = torch.randn(self.batch_size, 3, 32, 32, generator=g, device=self.device)
-        if self.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        y = torch.randint(0, 10, (self.batch_size,), generator=g, device=self.device)
-        module.train()
-        for _ in range(3):
-            with self._autocast():
-                loss = F.cross_entropy(call(x), y)
-            loss.backward()
-            module.zero_grad(set_to_none=True)
+    def _step(self, r: _Run, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Forward and backward of one training step of run ``r`` on batch ``x`` (the
+        augmenter's dtype and layout, (B, 3, H, W)) with int64 labels ``y`` (B,): autocast,
+        fp32 logits, cross-entropy with the recipe's label smoothing, the gradients set
+        (scaled with fp16). Returns (logits (B, classes) in the compute dtype, loss (fp32
+        scalar)). The loop and the warm-up both call this, so what the warm-up compiles
+        is what the loop runs."""
+        label_smoothing = self.recipe["train"]["label_smoothing"]
+        # NVTX ranges per phase for Nsight Systems; free when no profiler listens.
+        with nvtx.range("forward"), self._autocast():
+            out = r.call(x)
+            loss = F.cross_entropy(out.float(), y, label_smoothing=label_smoothing)
+        for opt in r.optimizers:
+            opt.zero_grad(set_to_none=True)
+        with nvtx.range("backward"):
+            (r.scaler.scale(loss) if r.scaler is not None else loss).backward()
+        return out, loss
+
+    def _warm_up_batches(self, augmenter, steps: int = 3) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The first ``steps`` batches of an epoch of ``augmenter`` (real images in the
+        training batches' dtype, layout and shape), its generator left as it was."""
+        state = augmenter.state_dict()
+        try:
+            return list(augmenter.epoch(0, steps=steps))
+        finally:
+            augmenter.load_state_dict(state)
+
+    def _warm_up(self, r: _Run) -> None:
+        """Compile and autotune outside the timer: three training steps as the loop runs
+        them (no optimizer step) on real batches of the run's augmenter, then evaluation,
+        plain and with TTA, on a full test batch and the last, smaller one. The weights,
+        buffers, gradients and the augmenter's and torch's random state are as before.
+
+        A graph compiled for other input than the timed phase's (the fp32 random input of
+        a bf16 run) compiles again inside the timed phase; cuDNN autotunes per shape.
+        """
+        saved = copy.deepcopy(r.module.state_dict())  # BN running statistics move in train mode
+        rng = self._rng_state()  # stochastic depth and dropout draw from torch's generator
+        r.module.train()
+        for x, y in self._warm_up_batches(r.augmenter):
+            self._step(r, x, y)
+        r.module.zero_grad(set_to_none=True)
         eval_bs = self.recipe["eval"]["batch_size"]
-        imgs = self.test_images[:eval_bs]
-        evaluate(eval_module, imgs, self.test_labels[:eval_bs], batch_size=eval_bs, mean=self.mean_t,
-                 std=self.std_t, autocast=self._autocast, channels_last=self.channels_last)
-        if self.tta_level:
-            evaluate(self._tta(eval_module), imgs, self.test_labels[:eval_bs], batch_size=eval_bs,
-                     mean=self.mean_t, std=self.std_t, autocast=self._autocast,
-                     channels_last=self.channels_last)
-        module.load_state_dict(saved)
-        module.train()
+        n = len(self.test_images)
+        # one full batch and the remainder batch: every shape the counted evaluation sees
+        k = n if n <= eval_bs else eval_bs + n % eval_bs
+        images, labels = self.test_images[:k], self.test_labels[:k]
+        modules = [r.evaluated, self._tta(r.evaluated)] if self.tta_level else [r.evaluated]
+        for m in modules:
+            evaluate(m, images, labels, batch_size=eval_bs, mean=self.mean_t, std=self.std_t,
+                     autocast=self._autocast, channels_last=self.channels_last)
+        r.module.load_state_dict(saved)
+        r.module.train()
+        self._set_rng_state(rng)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
@@ -529,7 +601,7 @@ class Trainer:
         timer = Timer(self.device)
         torch.manual_seed(seed)  # the model file's initialisation
         gm, pass_report = self._build(timer)
-        module, call, fresh = self._training_module(gm)
+        module, call = self._training_module(gm)
         optimizers = build_optimizers(module, recipe, self.hyper)
         cfg = recipe["ema"]
         ema = (WeightAverage(module, decay=cfg["decay"], every=cfg["every"], warmup_power=cfg["warmup_power"],
@@ -539,18 +611,17 @@ class Trainer:
         augmenter = DeviceAugmenter(
             self.train_images, self.train_labels, batch_size=self.batch_size, pad=aug["pad"],
             pad_mode=aug["pad_mode"], flip=aug["flip"], cutout=aug["cutout"], mean=self.mean, std=self.std,
-            seed=seed, out_dtype=DTYPES[self.precision] if self.device.type == "cuda" else torch.float32,
-            channels_last=self.channels_last)
+            seed=seed, out_dtype=DTYPES[self.precision], channels_last=self.channels_last)
         scaler = torch.amp.GradScaler(self.device.type) if self.precision == "fp16" else None
-        if fresh or self.device.type == "cuda":
-            with timer.phase("warm-up", counted=False):
-                self._warm_up(module, call, evaluated)
         total = max(1, math.ceil(augmenter.steps_per_epoch * self.epochs))
         r = _Run(index=run, seed=seed, device=self.device, timer=timer, module=module, call=call,
                  optimizers=optimizers, ema=ema, evaluated=evaluated, augmenter=augmenter, scaler=scaler,
                  passes=pass_report, completed=completed, total_steps=total,
                  steps_per_epoch=augmenter.steps_per_epoch,
                  n_epochs=math.ceil(total / augmenter.steps_per_epoch), aug_state=augmenter.state_dict())
+        if self.compile or self.device.type == "cuda":  # every run: a reused compiled module too
+            with timer.phase("warm-up", counted=False):
+                self._warm_up(r)
         if saved is not None:  # resume inside this run, at a step boundary
             module.load_state_dict(saved["model"])
             for opt, state in zip(optimizers, saved["optimizers"], strict=True):
@@ -585,12 +656,30 @@ class Trainer:
                 "partial": partial if mid_epoch else {"loss": 0.0, "correct": 0, "seen": 0},
                 "epochs": [asdict(e) for e in r.records]}
 
+    def _group_lr(self, group: dict, r: _Run, epoch: int, factor: float) -> float:
+        """The lr of an optimiser group at run ``r``'s current step of ``epoch``.
+
+        ``peak_lr`` times the schedule's ``factor``. A group trained for its first
+        ``train_epochs`` epochs only gets 0 from then on, which keeps it exactly as it is
+        without a recompile (see the module docstring); with ``own_schedule`` its
+        schedule runs over those epochs instead of the whole run (airbench94_muon's
+        whitening bias: ``1 - step / whiten_bias_train_steps``).
+        """
+        epochs = group.get("train_epochs")
+        if epochs is None:
+            return group["peak_lr"] * factor
+        if epoch >= epochs:
+            return 0.0
+        if group.get("own_schedule"):
+            span = max(1, math.ceil(epochs * r.steps_per_epoch))
+            return group["peak_lr"] * lr_factor(self.recipe, min(1.0, r.step / span))
+        return group["peak_lr"] * factor
+
     def _train_epoch(self, r: _Run, epoch: int, skip: int) -> None:
         """Train epoch ``epoch`` from its step ``skip``; raise on a non-finite loss or Ctrl-C."""
         recipe = self.recipe
         steps_here = min(r.steps_per_epoch, r.total_steps - epoch * r.steps_per_epoch)
         r.new_epoch(epoch, skip, r.augmenter.state_dict(), r.timer.total())
-        label_smoothing = recipe["train"]["label_smoothing"]
         losses, interrupted = [], False
         r.module.train()
         with r.timer.phase("train"):
@@ -603,15 +692,8 @@ class Trainer:
                 factor = lr_factor(recipe, r.step / r.total_steps)
                 for opt in r.optimizers:
                     for group in opt.param_groups:
-                        group["lr"] = group["peak_lr"] * factor
-                # NVTX ranges per phase for Nsight Systems; free when no profiler listens.
-                with nvtx.range("forward"), self._autocast():
-                    out = r.call(x)
-                    loss = F.cross_entropy(out.float(), y, label_smoothing=label_smoothing)
-                for opt in r.optimizers:
-                    opt.zero_grad(set_to_none=True)
-                with nvtx.range("backward"):
-                    (r.scaler.scale(loss) if r.scaler is not None else loss).backward()
+                        group["lr"] = self._group_lr(group, r, epoch, factor)
+                out, loss = self._step(r, x, y)
                 with nvtx.range("optimizer"):
                     for opt in r.optimizers:
                         if r.scaler is not None:
@@ -677,8 +759,11 @@ class Trainer:
         try:
             skip = r.done
             for epoch in range(r.epoch, r.n_epochs):
-                self._train_epoch(r, epoch, skip)
-                record = self._end_epoch(r, epoch, resumed_inside=skip > 0)
+                try:
+                    self._train_epoch(r, epoch, skip)
+                    record = self._end_epoch(r, epoch, resumed_inside=skip > 0)
+                except CompiledInCountedPhase as exc:
+                    raise CompiledInCountedPhase(f"run {run + 1} epoch {epoch + 1}: {exc}") from None
                 skip = 0
                 r.records.append(record)
                 r.new_epoch(epoch + 1, 0, r.augmenter.state_dict(), r.timer.total())
@@ -690,7 +775,7 @@ class Trainer:
             raise
         result = RunRecord(run=run, seed=r.seed, epochs=r.records, test_acc=r.records[-1].test_acc,
                            tta_acc=r.records[-1].tta_acc, seconds=r.offset + r.timer.total(),
-                           phases=r.timer.as_dict(), passes=r.passes)
+                           phases=r.timer.as_dict(), passes=r.passes, compiles=r.timer.compiles())
         self.last_model = r.evaluated
         if directory:
             ckpt.save_checkpoint(directory, {**self._snapshot(r, finished_run=True),
