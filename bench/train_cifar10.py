@@ -5,25 +5,32 @@ One command, on a CUDA machine (fastgraph, airbench==0.1.8 and torchvision insta
     python bench/train_cifar10.py --data PATH/TO/cifar10 [--runs 5]
 
 ResNet-20's 200 epochs take several minutes per run even on an H100; under a time limit
-run it on its own (``--recipes resnet20_he2016 --runs 1``, with ``--no-airbench --target``
+run it on its own (``--recipes resnet20_seed_baseline --runs 1``, with ``--no-airbench --target``
 set to the airbench94 mean of the first invocation) or shorten it (``--epochs-for
-resnet20_he2016=E``, which stretches its schedule: then it is no longer He et al.'s).
+resnet20_seed_baseline=E``, which stretches its schedule: then it is no longer He et al.'s).
 
 1. airbench94 as published on PyPI (``airbench==0.1.8``, ``airbench.train94``; Keller
-   Jordan 2024), uncompiled, on the *same* data: our CIFAR-10 is written as the
-   ``cifar10/train.pt`` / ``cifar10/test.pt`` its loader reads ({'images': uint8
-   N x 32 x 32 x 3, 'labels': int64, 'classes'}) in a work folder it runs in. Its own
-   timing (CUDA events around whitening init, training and TTA evaluation) and TTA
-   accuracy are read from the table it prints. One warm-up call (``airbench.warmup94``)
-   first, as its README does.
-2. Each fastgraph recipe (``fast``, ``page2019``, ``resnet20_he2016``) on the model file
+   Jordan 2024) on the *same* data: our CIFAR-10 is written as the ``cifar10/train.pt`` /
+   ``cifar10/test.pt`` its loader reads ({'images': uint8 N x 32 x 32 x 3, 'labels':
+   int64, 'classes'}) in a work folder it runs in, the training set in a seeded shuffled
+   order (``--airbench-order-seed``, recorded in the JSON): airbench computes its
+   whitening from the first 5,000 training images of the file, which in our class-sorted
+   copy would all be airplanes. Its own timing (CUDA events around whitening init,
+   training and TTA evaluation) and TTA accuracy are read from the table it prints.
+   Raced like for like: *eager* (one ``airbench.warmup94`` call first, as its README
+   does) against the recipes that train eagerly, and *compiled* as its
+   ``airbench94_compiled.py`` does it (``torch.compile(mode="max-autotune")``, one
+   network re-initialised every run, a whole warm-up run first, not counted) against the
+   recipes that compile. Each variant runs only when a recipe needs it.
+2. Each fastgraph recipe (``fast``, ``page2019``, ``resnet20_seed_baseline``) on the model file
    it names, N runs, evaluated with TTA after every epoch, timed with
    ``fastgraph.timing.Timer`` (CUDA events; whitening init, training, final TTA
    evaluation counted; data upload, compile and cuDNN warm-up, progress evaluation not).
 3. Per method: mean +/- std TTA accuracy, mean counted time, and the ratio of the time to
-   reach airbench94's own mean TTA accuracy (the mean over runs of the TTA accuracy per
-   epoch, first epoch at or above it; the time is the counted time to that epoch plus
-   its TTA evaluation) over airbench94's mean time. "not reached" when it never does.
+   reach the mean TTA accuracy of the airbench94 row compiled or eager as it is (the mean
+   over runs of the TTA accuracy per epoch, first epoch at or above it; the time is the
+   counted time to that epoch plus its TTA evaluation) over that row's mean time. "not
+   reached" when it never does.
 
 Writes ``bench/results/train_cifar10-<device>-<date>.json`` (device, torch version,
 commit, date, timing method, per-run results) and a Markdown table beside it, and
@@ -47,11 +54,13 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
-RECIPES = ("fast", "page2019", "resnet20_he2016")
+RECIPES = ("fast", "page2019", "resnet20_seed_baseline")
 # ResNet-20's 200 epochs take many minutes per run on any GPU and never reach 94%: one
 # run unless --runs-for says otherwise.
-DEFAULT_RUNS_FOR = {"resnet20_he2016": 1}
+DEFAULT_RUNS_FOR = {"resnet20_seed_baseline": 1}
 AIRBENCH_VERSION = "0.1.8"
+AIRBENCH_ORDER_SEED = 0  # seed of the shuffled order of airbench's train.pt (--airbench-order-seed)
+AIRBENCH_COMPILE_MODE = "max-autotune"  # airbench94_compiled.py's torch.compile mode
 AIRBENCH_COLUMNS = ("run", "epoch", "train_loss", "train_acc", "val_acc", "tta_val_acc", "total_time_seconds")
 
 
@@ -76,21 +85,51 @@ def parse_assignments(items: list[str], kind, what: str) -> dict:
     return out
 
 
-def export_for_airbench(dataset, folder: Path) -> Path:
-    """Write ``folder/cifar10/{train,test}.pt`` in airbench's format; returns ``folder``.
+def airbench_train_order(n: int, seed: int):
+    """The order airbench's ``train.pt`` holds the training images in: int64 (n,), a
+    permutation of ``range(n)`` from a CPU ``torch.Generator`` seeded with ``seed`` (the
+    same on every machine and torch build that keeps torch's Philox/MT19937 stream).
+
+    Raises:
+        BenchError: ``n`` < 1.
+    """
+    import torch
+
+    if n < 1:
+        raise BenchError(f"no training images to write for airbench (n = {n})")
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+
+
+def export_for_airbench(dataset, folder: Path, seed: int = AIRBENCH_ORDER_SEED) -> dict:
+    """Write ``folder/cifar10/{train,test}.pt`` in airbench's format, the training set in
+    the seeded order of :func:`airbench_train_order`; return what the JSON records of it.
 
     airbench's CifarLoader loads ``{'images': uint8 (N, 32, 32, 3), 'labels': int64 (N,),
-    'classes': list[str]}`` (torchvision's NHWC layout) relative to the working folder.
+    'classes': list[str]}`` (torchvision's NHWC layout) relative to the working folder,
+    and ``train94`` computes its whitening from the file's first 5,000 training images:
+    the official CIFAR-10 files are in random order, an ImageFolder copy (ours) is sorted
+    by class, so the images are shuffled, each keeping its label. The test set keeps its
+    order (airbench evaluates all of it).
+
+    Args:
+        dataset: ``fastgraph.data`` CIFAR-10 (uint8 (N, 3, 32, 32) images, int64 labels).
+        folder: the work folder airbench runs in.
+        seed: seed of the training-set order.
+
+    Returns:
+        ``{"train_order": how the order is made, "train_order_seed": seed}``.
     """
     import torch
 
     target = folder / "cifar10"
     target.mkdir(parents=True, exist_ok=True)
-    for split, images, labels in (("train", dataset.train_images, dataset.train_labels),
+    order = airbench_train_order(len(dataset.train_labels), seed)
+    for split, images, labels in (("train", dataset.train_images[order], dataset.train_labels[order]),
                                   ("test", dataset.test_images, dataset.test_labels)):
         torch.save({"images": images.permute(0, 2, 3, 1).contiguous(), "labels": labels.clone(),
                     "classes": list(dataset.classes)}, target / f"{split}.pt")
-    return folder
+    return {"train_order": "torch.randperm(N, generator=torch.Generator().manual_seed(seed))",
+            "train_order_seed": seed}
 
 
 def parse_airbench_table(text: str) -> tuple[float, float]:
@@ -118,32 +157,47 @@ def _stats(values: list[float]) -> dict:
 
 
 def summarize(methods: dict[str, dict], reference: str = "airbench94") -> dict[str, dict]:
-    """Add ``time_to_target`` and ``ratio`` (time to the reference's mean TTA accuracy over
-    the reference's mean time) to each method's summary; the reference's ratio is 1."""
-    base = methods[reference]["summary"]["seconds"]["mean"]
-    target = methods[reference]["summary"]["tta_acc"]["mean"]
-    for name, m in methods.items():
-        if name == reference:
+    """Add ``target``, ``time_to_target`` and ``ratio`` to each method's summary.
+
+    A method is held against ``m["reference"]`` (else ``reference``): the airbench94 row
+    compiled or eager as the method is. ``target`` is that row's mean TTA accuracy
+    (fraction), ``time_to_target`` the method's counted seconds to reach it (None: never
+    reached), ``ratio`` that time over the row's mean seconds; a reference's ratio is 1.
+    """
+    for m in methods.values():
+        ref = methods[m.get("reference", reference)]
+        base = ref["summary"]["seconds"]["mean"]
+        if ref is m:
             m["time_to_target"] = base
         else:
             reached = m["summary"].get("target") or {}
             m["time_to_target"] = reached.get("seconds") if reached.get("reached") else None
         m["ratio"] = None if m["time_to_target"] is None else m["time_to_target"] / base
-        m["target"] = target
+        m["target"] = ref["summary"]["tta_acc"]["mean"]
     return methods
+
+
+def compile_label(m: dict) -> str:
+    """How a method's network ran: ``"eager"``, or ``"compiled"`` with a mode other than default."""
+    if not m.get("compiled"):
+        return "eager"
+    mode = m.get("compile_mode", "default")
+    return "compiled" if mode == "default" else f"compiled ({mode})"
 
 
 def markdown_table(methods: dict[str, dict], meta: dict) -> str:
     """The results as a Markdown table with a header naming device, torch, commit and date."""
-    target = next(iter(methods.values()))["target"]
-    whose = ("airbench94's own mean TTA accuracy" if meta.get("airbench")
+    whose = ("per row, the mean TTA accuracy of the airbench94 row that runs as it does "
+             "(compiled against compiled, eager against eager)" if meta.get("airbench")
              else "given with --target (airbench94 not run)")
+    order = ("" if meta.get("airbench_train_order_seed") is None else
+             f" airbench94's training set shuffled with seed {meta['airbench_train_order_seed']}.")
     lines = [f"# CIFAR-10 training: fastgraph recipes vs airbench94 ({meta['device']})", "",
              f"torch {meta['torch']}, commit {meta['commit'] or 'unknown'}, {meta['date']}; timing: "
-             f"{meta['timing_method']}. Data: {meta['data']}. Target: {100 * target:.2f}%, {whose}.", "",
+             f"{meta['timing_method']}. Data: {meta['data']}.{order} Target: {whose}.", "",
              "| method | model | runs | TTA accuracy % (mean ± std) | min–max % | mean time s | "
-             "time to target s | ratio to airbench94 |",
-             "|---|---|---:|---:|---:|---:|---:|---:|"]
+             "target % | time to target s | ratio to airbench94 | network |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
     for name, m in methods.items():
         s = m["summary"]
         acc, sec = s["tta_acc"], s["seconds"]
@@ -152,11 +206,12 @@ def markdown_table(methods: dict[str, dict], meta: dict) -> str:
         lines.append(f"| {name} | {m['model']} | {acc['n']} | "
                      f"{100 * acc['mean']:.2f} ± {100 * acc['std']:.2f} | "
                      f"{100 * acc['min']:.2f}–{100 * acc['max']:.2f} | {sec['mean']:.3f} | "
-                     f"{to_target} | {ratio} |")
+                     f"{100 * m['target']:.2f} | {to_target} | {ratio} | {compile_label(m)} |")
     lines += ["", "Time is counted seconds per run: whitening initialisation, training and the final TTA "
               "evaluation; data upload, compilation/warm-up and per-epoch progress "
-              "evaluation are not counted. Ratio: time to reach airbench94's mean TTA accuracy "
-              "over airbench94's mean time (lower is faster)."]
+              "evaluation are not counted. Ratio: time to reach the target over the mean time "
+              "of the airbench94 row it is held against (lower is faster). Network: eager, or "
+              "torch.compile (its mode)."]
     return "\n".join(lines) + "\n"
 
 
@@ -169,29 +224,91 @@ def result_stem(device_name: str, date: str) -> str:
 # --------------------------------------------------------------------- runners --------
 
 
-def run_airbench(dataset, runs: int, workdir: Path) -> dict:
-    """airbench94 (PyPI 0.1.8) ``runs`` times on ``dataset`` after one warm-up call."""
+def compiled_make_net94(airbench):
+    """A ``make_net`` for ``airbench.train94`` that compiles as ``airbench94_compiled.py`` does.
+
+    That script compiles its network once with ``torch.compile(mode="max-autotune")``,
+    re-initialises the same compiled network at the start of every run (``reinit_net``:
+    ``reset_parameters`` of its Conv, BatchNorm and Linear layers) and warms it up with a
+    whole run first, so no run compiles. Here the first call builds
+    ``airbench.make_net94()`` and compiles it in place (``nn.Module.compile``: the same
+    compiled forward, and the network stays the ``nn.Sequential`` that ``train94``
+    indexes, ``model[0]`` being the whitening conv); later calls re-initialise it. The
+    script's second network for the frozen whitening bias is not needed: ``train94``
+    turns the bias's ``requires_grad`` off at epoch 3 of the one network, Dynamo compiles
+    a graph for each setting in the warm-up run and picks the matching one afterwards.
+    """
+    from torch import nn
+
+    lib = airbench.lib_airbench94
+    built = []
+
+    def make_net():
+        if not built:
+            net = airbench.make_net94()
+            net.compile(mode=AIRBENCH_COMPILE_MODE)
+            built.append(net)
+        else:
+            net = built[0]
+            for m in net.modules():
+                if type(m) in (lib.Conv, lib.BatchNorm, nn.Linear):
+                    m.reset_parameters()
+        return net
+
+    return make_net
+
+
+def run_airbench(dataset, runs: int, workdir: Path, *, compiled: bool = False,
+                 seed: int = AIRBENCH_ORDER_SEED) -> dict:
+    """airbench94 (PyPI 0.1.8) ``runs`` times on ``dataset`` (training set shuffled with
+    ``seed``), eager after one ``warmup94`` call, or ``compiled`` after one whole
+    warm-up run (:func:`compiled_make_net94`).
+
+    Returns:
+        the method's record: model, version, compiled, compile_mode, train_order_seed,
+        runs (TTA accuracy as a fraction, airbench's counted seconds, graphs compiled
+        during the run), summary, timing method.
+
+    Raises:
+        BenchError: airbench not importable, its output unreadable, or a compiled run that
+            compiled a graph after the warm-up (its time would include compilation).
+    """
     try:
         import airbench
     except ImportError as exc:
         raise BenchError(f"airbench is not importable ({exc}): pip install airbench=={AIRBENCH_VERSION} "
                          "(it also needs torchvision), or pass --no-airbench --target ACC") from None
+    from fastgraph.timing import compiled_graphs
+
     version = getattr(airbench, "__version__", None)
-    export_for_airbench(dataset, workdir)
-    accs, secs = [], []
+    order = export_for_airbench(dataset, workdir, seed)
+    name = "airbench94_compiled" if compiled else "airbench94"
+    make_net = compiled_make_net94(airbench) if compiled else airbench.make_net94
+    accs, secs, compiles = [], [], []
     with contextlib.chdir(workdir):
         with contextlib.redirect_stdout(io.StringIO()):
-            airbench.warmup94()
+            if compiled:  # a whole run: both whitening-bias settings, train and eval mode
+                airbench.train94(run=0, verbose=True, make_net=make_net)
+            else:
+                airbench.warmup94()
         for run in range(runs):
             buffer = io.StringIO()
+            before = compiled_graphs()
             with contextlib.redirect_stdout(buffer):
-                airbench.train94(run=run, verbose=True)
+                airbench.train94(run=run, verbose=True, make_net=make_net)
+            compiles.append(compiled_graphs() - before)
+            if compiled and compiles[-1]:
+                raise BenchError(f"{name} run {run + 1} compiled {compiles[-1]} graph(s) after its "
+                                 "warm-up run: its time would include compilation")
             acc, sec = parse_airbench_table(buffer.getvalue())
-            print(f"airbench94 run {run + 1}/{runs}: TTA {100 * acc:.2f}%, {sec:.3f} s", flush=True)
+            print(f"{name} run {run + 1}/{runs}: TTA {100 * acc:.2f}%, {sec:.3f} s", flush=True)
             accs.append(acc)
             secs.append(sec)
     return {"model": "airbench94 net (airbench.make_net94)", "version": version or AIRBENCH_VERSION,
-            "runs": [{"tta_acc": a, "seconds": s} for a, s in zip(accs, secs, strict=True)],
+            "compiled": compiled, "compile_mode": AIRBENCH_COMPILE_MODE if compiled else None,
+            "reference": name, **order,
+            "runs": [{"tta_acc": a, "seconds": s, "compiles": c}
+                     for a, s, c in zip(accs, secs, compiles, strict=True)],
             "summary": {"tta_acc": _stats(accs), "seconds": _stats(secs)},
             "timing_method": "airbench's own: CUDA events around whitening init, training, TTA eval"}
 
@@ -214,8 +331,10 @@ def run_recipe(name: str, runs: int, target: float, data: str | None, device: st
                                 data=data, device=device, epochs=epochs, subset=subset,
                                 test_subset=test_subset, batch_size=batch_size), Progress())
     record = result.to_dict()
+    settings = record["settings"]
     return {"model": model, "runs": record["runs"], "summary": record["summary"],
-            "settings": record["settings"], "hyperparameters": record["hyperparameters"],
+            "settings": settings, "hyperparameters": record["hyperparameters"],
+            "compiled": settings["compile"], "compile_mode": settings.get("compile_mode", "default"),
             "timing_method": result.timing_method}
 
 
@@ -227,12 +346,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="CIFAR-10 for both (folder or archive; default $FASTGRAPH_DATA)")
     p.add_argument("--runs", type=int, default=5, help="runs per method (default 5)")
     p.add_argument("--runs-for", action="append", default=[], metavar="RECIPE=N",
-                   help="runs for one recipe (default resnet20_he2016=1)")
+                   help="runs for one recipe (default resnet20_seed_baseline=1)")
     p.add_argument("--epochs-for", action="append", default=[], metavar="RECIPE=E",
                    help="override a recipe's epochs (its lr schedule stretches)")
     p.add_argument("--recipes", default=",".join(RECIPES), help="comma-separated recipes to run")
     p.add_argument("--no-airbench", action="store_true", help="skip airbench94; needs --target")
     p.add_argument("--target", type=float, help="TTA accuracy to time to without airbench (fraction)")
+    p.add_argument("--airbench-order-seed", type=int, default=AIRBENCH_ORDER_SEED,
+                   help="seed of the shuffled order of airbench's training set "
+                        f"(default {AIRBENCH_ORDER_SEED})")
     p.add_argument("--out", default=str(RESULTS), help="folder for the JSON and Markdown results")
     p.add_argument("--dry-run", action="store_true",
                    help="exercise everything but the GPU on the CPU (tiny subsets, no airbench, "
@@ -259,6 +381,7 @@ def _main(args) -> int:
     from fastgraph.cli_common import git_commit
     from fastgraph.data import load_cifar10
     from fastgraph.errors import UserError
+    from fastgraph.recipes import load_recipe
 
     if not args.dry_run and not torch.cuda.is_available():
         raise BenchError("needs a CUDA GPU: this benchmark times GPU training "
@@ -282,24 +405,36 @@ def _main(args) -> int:
     device_name = "CPU dry run" if args.dry_run else torch.cuda.get_device_name(0)
     small = dict(subset=256, test_subset=100, batch_size=64) if args.dry_run else {}
     methods: dict[str, dict] = {}
-    if skip_airbench:
-        target = args.target
-    else:
-        with tempfile.TemporaryDirectory(prefix="airbench-data-") as work:
-            methods["airbench94"] = run_airbench(dataset, args.runs, Path(work))
-        target = methods["airbench94"]["summary"]["tta_acc"]["mean"]
+    # each recipe is raced against airbench94 run as it runs: compiled or eager (on CUDA
+    # the trainer compiles when the recipe says so)
+    compiles = {name: bool(load_recipe(name)["train"]["compile"]) for name in recipes}
+    reference = {}
+    if not skip_airbench:
+        for compiled in sorted(set(compiles.values())):
+            with tempfile.TemporaryDirectory(prefix="airbench-data-") as work:
+                m = run_airbench(dataset, args.runs, Path(work), compiled=compiled,
+                                 seed=args.airbench_order_seed)
+            methods[m["reference"]] = m
+            reference[compiled] = m["reference"]
     for name in recipes:
         runs = 1 if args.dry_run else runs_for.get(name, args.runs)
         epochs = 1 if args.dry_run else epochs_for.get(name)
+        ref = reference.get(compiles[name])
+        target = args.target if ref is None else methods[ref]["summary"]["tta_acc"]["mean"]
         try:
             methods[name] = run_recipe(name, runs, target, args.data, device, epochs, **small)
         except UserError as exc:
             raise BenchError(f"{name}: {exc}") from None
+        if ref is not None:
+            if methods[name]["compiled"] != compiles[name]:
+                raise BenchError(f"{name} ran {compile_label(methods[name])} but was raced against "
+                                 f"{ref}: the recipe's compile setting did not hold")
+            methods[name]["reference"] = ref
     if skip_airbench:
         for m in methods.values():
             reached = m["summary"].get("target") or {}
             m["time_to_target"] = reached.get("seconds") if reached.get("reached") else None
-            m["ratio"], m["target"] = None, target
+            m["ratio"], m["target"] = None, args.target
     else:
         summarize(methods)
 
@@ -309,6 +444,7 @@ def _main(args) -> int:
             "timing_method": "CUDA events" if device == "cuda" else "time.perf_counter (dry run)",
             "data": str(args.data or "$FASTGRAPH_DATA"),
             "airbench": None if skip_airbench else AIRBENCH_VERSION,
+            "airbench_train_order_seed": None if skip_airbench else args.airbench_order_seed,
             "dry_run": bool(args.dry_run)}
     out = Path(tempfile.mkdtemp(prefix="train_cifar10-dry-")) if args.dry_run else Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

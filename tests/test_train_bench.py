@@ -47,11 +47,14 @@ def test_exports_airbench_format(tmp_path, cifar10):
         test_images, test_labels = cifar10.test_images[:10], cifar10.test_labels[:10]
         classes = cifar10.classes
 
-    bench.export_for_airbench(Small, tmp_path)
+    record = bench.export_for_airbench(Small, tmp_path, seed=5)
+    assert record["train_order_seed"] == 5
+    order = bench.airbench_train_order(20, 5)  # the training set is written shuffled
     train = torch.load(tmp_path / "cifar10" / "train.pt", weights_only=True)
     assert train["images"].shape == (20, 32, 32, 3) and train["images"].dtype == torch.uint8
-    assert torch.equal(train["images"].permute(0, 3, 1, 2), Small.train_images)  # NHWC of the same pixels
-    assert torch.equal(train["labels"], Small.train_labels) and train["classes"] == list(cifar10.classes)
+    assert torch.equal(train["images"].permute(0, 3, 1, 2), Small.train_images[order])  # NHWC, same pixels
+    assert torch.equal(train["labels"], Small.train_labels[order])
+    assert train["classes"] == list(cifar10.classes)
     assert torch.load(tmp_path / "cifar10" / "test.pt", weights_only=True)["images"].shape == (10, 32, 32, 3)
 
 
@@ -63,10 +66,10 @@ def test_ratio_is_time_to_airbench_accuracy_over_airbench_time():
 
     methods = bench.summarize({"airbench94": method([0.94, 0.94], [4.0, 4.0]),
                                "fast": method([0.945], [3.5], reached_at=3.0),
-                               "resnet20_he2016": method([0.91], [500.0])})
+                               "resnet20_seed_baseline": method([0.91], [500.0])})
     assert methods["airbench94"]["ratio"] == 1.0
     assert methods["fast"]["ratio"] == pytest.approx(0.75)
-    assert methods["resnet20_he2016"]["ratio"] is None
+    assert methods["resnet20_seed_baseline"]["ratio"] is None
     table = bench.markdown_table(methods, {"device": "GPU", "torch": "2", "commit": "abc", "date": "d",
                                            "timing_method": "CUDA events", "data": "x", "airbench": "0.1.8"})
     assert "| fast | m | 1 | 94.50 ± 0.00 |" in table and "not reached" in table
