@@ -22,9 +22,9 @@ resnet20_seed_baseline=E``, which stretches its schedule: then it is no longer H
    ``airbench94_compiled.py`` does it (``torch.compile(mode="max-autotune")``, one
    network re-initialised every run, a whole warm-up run first, not counted) against the
    recipes that compile. Each variant runs only when a recipe needs it.
-2. Each fastgraph recipe (``fast``, ``page2019``, ``resnet20_seed_baseline``) on the model file
-   it names, N runs, evaluated with TTA after every epoch, timed with
-   ``fastgraph.timing.Timer`` (CUDA events; whitening init, training, final TTA
+2. Each fastgraph recipe (``fast``, ``fast_muon``, ``page2019``,
+   ``resnet20_seed_baseline``) on the model file it names, N runs, evaluated with TTA
+   after every epoch, timed with ``fastgraph.timing.Timer`` (CUDA events; whitening init, training, final TTA
    evaluation counted; data upload, compile and cuDNN warm-up, progress evaluation not).
 3. Per method: mean +/- std TTA accuracy, mean counted time, and the ratio of the time to
    reach the mean TTA accuracy of the airbench94 row compiled or eager as it is (the mean
@@ -54,7 +54,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
-RECIPES = ("fast", "page2019", "resnet20_seed_baseline")
+RECIPES = ("fast", "fast_muon", "page2019", "resnet20_seed_baseline")
 # ResNet-20's 200 epochs take many minutes per run on any GPU and never reach 94%: one
 # run unless --runs-for says otherwise.
 DEFAULT_RUNS_FOR = {"resnet20_seed_baseline": 1}

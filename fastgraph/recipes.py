@@ -83,10 +83,12 @@ SCHEMA: dict[str, dict[str, tuple[Callable[[Any], str | None], Any]]] = {
         "batch_size": (_number(1, integer=True), REQUIRED),
         "label_smoothing": (_number(0, 1), 0.0),
         "compile": (_boolean, False),  # torch.compile on CUDA (as with --compile)
+        "compile_mode": (_one_of("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
+                         "default"),  # torch.compile's mode
         "precision": (_one_of("fp32", "fp16", "bf16"), "fp32"),  # autocast on CUDA
     },
     "optimizer": {
-        "units": (_one_of("torch", "decoupled"), "torch"),
+        "units": (_one_of("torch", "decoupled", "summed"), "torch"),
         "lr": (_number(0, lo_open=True), REQUIRED),
         "momentum": (_number(0, 1), 0.9),
         "nesterov": (_boolean, False),
@@ -200,6 +202,14 @@ def torch_hyperparameters(recipe: Recipe, batch_size: int) -> TorchHyperparamete
     units = "torch": lr and weight_decay are already ``torch.optim.SGD``'s for a loss
     averaged over the batch.
 
+    units = "summed" (airbench94_muon.py, Page's code): lr and weight_decay are
+    ``torch.optim.SGD``'s for a loss *summed* over the batch (airbench94_muon:
+    ``F.cross_entropy(..., reduction="sum")``, head lr 0.67, ``weight_decay=wd/lr``). The
+    gradient of the mean is 1/batch_size of the sum's, so::
+
+        lr_torch = lr * batch_size
+        weight_decay_torch = weight_decay / batch_size   # lr_torch * wd_torch = lr * wd per step
+
     units = "decoupled" (airbench, after Page's "How to Train Your ResNet 5"): lr is the
     step size per 1024 examples after dividing out Nesterov momentum's amplification
     ``1 + 1/(1 - momentum)``, and weight_decay is the decay per 1024 examples, independent
@@ -212,6 +222,9 @@ def torch_hyperparameters(recipe: Recipe, batch_size: int) -> TorchHyperparamete
     opt = recipe["optimizer"]
     if opt["units"] == "torch":
         return TorchHyperparameters(opt["lr"], opt["momentum"], opt["nesterov"], opt["weight_decay"])
+    if opt["units"] == "summed":
+        return TorchHyperparameters(opt["lr"] * batch_size, opt["momentum"], opt["nesterov"],
+                                    opt["weight_decay"] / batch_size)
     kilostep = 1024 * (1 + 1 / (1 - opt["momentum"]))
     lr = opt["lr"] * batch_size / kilostep
     return TorchHyperparameters(lr, opt["momentum"], opt["nesterov"], opt["weight_decay"] / opt["lr"])

@@ -81,7 +81,7 @@ def test_a_model_that_cannot_take_cifar_images_is_one_line(tmp_path, capsys, dat
         def model():
             return nn.Sequential(nn.Conv2d(3, 8, 3), nn.Flatten(), nn.Linear(10, 10))
     """)
-    extra = {"train": ["--recipe", "resnet20_he2016", "--data", data_path],
+    extra = {"train": ["--recipe", "resnet20_seed_baseline", "--data", data_path],
              "roofline": ["--out", str(tmp_path / "roofline.png")]}.get(
         command, ["--data", data_path, "--out", str(tmp_path / "out")])
     line = cli_error(capsys, command, str(path), *extra)

@@ -22,12 +22,13 @@ from fastgraph.recipes import (
 )
 from support import REPO, cli_error
 
-SHIPPED = ("fast", "page2019", "resnet20_he2016")
+SHIPPED = ("fast", "fast_muon", "page2019", "resnet20_seed_baseline")
 # Passes that must rewrite the recipe's own model file (the rest may find it already in
 # shape: airbench's network is built pool-before-BN with GELU).
 APPLIED = {"page2019": ("whitening", "pool_before_bn", "swap_activation", "freeze_bn_scale",
                         "ghost_batchnorm"),
-           "fast": ("whitening", "freeze_bn_scale"), "resnet20_he2016": ()}
+           "fast": ("whitening", "freeze_bn_scale"), "fast_muon": ("whitening", "freeze_bn_scale"),
+           "resnet20_seed_baseline": ()}
 
 MINIMAL = """\
 name = "mini"
@@ -51,7 +52,7 @@ def write(tmp_path: Path, text: str, name: str = "r.toml") -> str:
     return str(path)
 
 
-def test_the_three_recipes_are_shipped():
+def test_the_recipes_are_shipped():
     assert set(SHIPPED) <= set(shipped_recipes())
 
 
@@ -72,7 +73,7 @@ def test_shipped_recipe_parses_and_its_passes_take_its_options(name):
         gm = torch.fx.symbolic_trace(torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten()))
         with_tta = registry.get("tta_flip").fn(gm, level=recipe["eval"]["tta_level"])
         assert registry.rewrite_count(gm, with_tta) == 1
-    if name == "resnet20_he2016":
+    if name == "resnet20_seed_baseline":
         inspect.signature(registry.get("stochastic_depth").fn).bind(None, **recipe["stochastic_depth"])
 
 
@@ -115,6 +116,35 @@ def test_decoupled_units_convert_as_airbench_does():
     assert torch_hyperparameters(recipe, 512).lr == pytest.approx(h.lr / 2)
 
 
+def test_summed_units_convert_as_airbench94_muon_does():
+    # airbench94_muon.py: reduction="sum" over 2000, head lr 0.67, weight_decay = wd / lr with
+    # wd = 2e-6 * 2000: the same steps on a batch-mean loss need lr x 2000, and every group
+    # still decays by 0.004 per step.
+    recipe = load_recipe("fast_muon")
+    h = torch_hyperparameters(recipe, 2000)
+    assert h.lr == pytest.approx(0.67 * 2000) and h.lr * h.weight_decay == pytest.approx(0.004)
+    bias = next(p for p in recipe.passes if p.name == "freeze_bn_scale").options
+    assert h.lr * bias["bias_lr_scale"] == pytest.approx(0.053 * 2000)
+    assert (h.lr * bias["bias_lr_scale"]) * (h.weight_decay * bias["bias_wd_scale"]) == pytest.approx(0.004)
+    assert recipe["muon"]["lr"] == 0.24 and recipe["muon"]["momentum"] == 0.6
+    assert [lr_factor(recipe, p) for p in (0.0, 0.5, 1.0)] == pytest.approx([1.0, 0.5, 0.0])
+
+
+# Keys a recipe states without a source of their own (the file's identity).
+_UNCITED = {"name", "title", "sources", "model", "knots", "values", "units", "notes"}
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_every_hyperparameter_line_says_where_it_comes_from(name):
+    """Each `key = value` of a shipped recipe carries a comment: its source (file and
+    function) or, where fastgraph deviates, the reason, as the header explains."""
+    text = (REPO / "profiles" / "recipes" / f"{name}.toml").read_text()
+    for line in text.splitlines():
+        match = re.match(r"^([a-z_]+)\s*=", line)
+        if match and match.group(1) not in _UNCITED:
+            assert "#" in line, f"{name}.toml: {line!r} has no comment"
+
+
 def test_torch_units_pass_through():
     h = torch_hyperparameters(load_recipe("page2019"), 512)
     assert (h.lr, h.weight_decay, h.momentum, h.nesterov) == (1.0, 5e-4, 0.9, True)
@@ -124,7 +154,7 @@ def test_schedules_follow_their_sources():
     page = load_recipe("page2019")  # 0 -> 1 at epoch 2 -> 0.1 at epoch 8, held to 10
     assert [lr_factor(page, e / 10) for e in (0, 1, 2, 5, 8, 9, 10)] == pytest.approx(
         [0.0, 0.5, 1.0, 0.55, 0.1, 0.1, 0.1])
-    he = load_recipe("resnet20_he2016")  # /10 at epochs 80 and 160 of 200
+    he = load_recipe("resnet20_seed_baseline")  # /10 at epochs 80 and 160 of 200
     assert [lr_factor(he, e / 200) for e in (0, 79, 80, 159, 160, 199)] == pytest.approx(
         [1.0, 1.0, 0.1, 0.1, 0.01, 0.01])
     fast = load_recipe("fast")  # airbench's triangle(start=0.2, peak=0.23, end=0.07)
