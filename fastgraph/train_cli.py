@@ -31,7 +31,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the ``fastgraph train`` options to its subparser."""
     parser.add_argument("model", help="plain PyTorch model file (.py)")
     parser.add_argument("--recipe", required=True,
-                        help="shipped recipe (fast, fast_muon, page2019, resnet20_seed_baseline) or a .toml file")
+                        help="shipped recipe (fast, fast_muon, page2019, resnet20_seed_baseline) "
+                             "or a .toml file")
     parser.add_argument("--entry", help="function or class in the model file that builds the model")
     parser.add_argument("--epochs", type=positive(float), help="override the recipe's epochs "
                         "(the lr schedule stretches with it)")

@@ -173,7 +173,8 @@ def training_graph(gm: fx.GraphModule, recipe: Mapping, *, stochastic_depth: boo
     gm, report = run_passes(gm.train(), names, mode="train", batch=batch, options=options, checks=checks)
     refused = [o for o in report.outcomes if o.status == "refused"]
     if refused:  # the recipe names a network it would not build: say so instead of training another
-        raise UserError(f"the recipe's pass {refused[0].name} was refused on this model: {refused[0].message}")
+        raise UserError(f"the recipe's pass {refused[0].name} was refused on this model: "
+                        f"{refused[0].message}")
     bn = recipe.get("batchnorm", {})
     for m in gm.modules():  # after the passes, so ghost batch norms get the settings too
         if isinstance(m, nn.modules.batchnorm._BatchNorm):

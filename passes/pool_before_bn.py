@@ -8,8 +8,8 @@ import torch.nn as nn
 from . import Identity, copy_module, finish, register
 from ._fx import (
     calls_module,
-    is_monotonic_activation,
     is_max_pool,
+    is_monotonic_activation,
     is_pointwise_activation,
     only_input,
     reorder_chain,

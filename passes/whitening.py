@@ -150,7 +150,8 @@ def whitening(
 
     padding = _whitening_padding(conv, kw)
     weight_dtype, device = conv.weight.dtype, conv.weight.device
-    whitening_module = PatchWhitening(bank.reshape(-1, 3, kw, kw).to(device=device, dtype=weight_dtype), padding)
+    whitening_module = PatchWhitening(bank.reshape(-1, 3, kw, kw).to(device=device, dtype=weight_dtype),
+                                      padding)
     pointwise = nn.Conv2d(bank.shape[0], conv.out_channels, 1, bias=conv.bias is not None,
                           device=device, dtype=weight_dtype)
     with torch.no_grad():

@@ -9,7 +9,6 @@ default bias initialisation.
 """
 
 import torch
-
 from airbench94_net import AirbenchNet
 
 

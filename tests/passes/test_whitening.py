@@ -188,8 +188,9 @@ def test_airbench_form_the_stem_becomes_the_frozen_whitening_conv(train_images, 
     assert not stem.weight.requires_grad and stem.bias.requires_grad
     assert torch.equal(stem.bias, gm.get_submodule("stem").bias)
     hints = out.meta["fastgraph.param_hints"]
-    assert hints["stem.weight"] == {"trainable": False} and hints["stem.bias"] == {"lr_scale": 1.0, "weight_decay_scale": 1.0, "train_epochs": 3.0,
-                                                                      "own_schedule": False}
+    assert hints["stem.weight"] == {"trainable": False}
+    assert hints["stem.bias"] == {"lr_scale": 1.0, "weight_decay_scale": 1.0, "train_epochs": 3.0,
+                                  "own_schedule": False}
     assert "stem.weight" not in gm.meta.get("fastgraph.param_hints", {})  # the input is untouched
 
     # The identity configuration keeps the stem's own filters: the same function.
