@@ -1,11 +1,17 @@
 """Run a list of graph passes, lint after each, and verify every one on real data.
 
-For every *exact* pass the manager compares the module before and after on a real
-CIFAR-10 batch in float64: the outputs and, in train mode, the gradients of the
-cross-entropy loss with respect to the input and to every parameter the two modules
-share by name. If any differs beyond tolerance it keeps the pre-pass module and reports
-the refusal with the measured difference (the torch.fx pass-manager idea of checking
-after each pass, with numerics in place of a lint only).
+For every *exact* pass the manager compares the module before and after in float64
+(:func:`fastgraph.verification.verify`: outputs on a real CIFAR-10 batch and a stress
+batch, in train mode the gradients of the input and of every parameter, the buffers, and
+the outputs after one SGD step, each relative to its own scale). If any differs beyond
+tolerance, or the rewritten module fails to run, it keeps the pre-pass module and
+reports the refusal with the measured difference or the error (the torch.fx
+pass-manager idea of checking after each pass, with numerics in place of a lint only).
+In inference mode the checks run on a *calibrated twin* of the module
+(:func:`fastgraph.verification.calibrated`: BatchNorm with real running statistics and
+non-trivial affine parameters), to which every pass is applied alongside, since a
+freshly built BatchNorm (mean 0, variance 1, weight 1, bias 0) makes a wrong fold look
+right.
 
 A *training-time* pass changes the function by design, so it is checked in its
 *identity configuration* (``fastgraph.passes.Identity``: ghost BN with one split,
@@ -21,65 +27,23 @@ clean-up) that drops a statement it did not mean to, such as an in-place residua
 
 from __future__ import annotations
 
-import copy
 from dataclasses import asdict, dataclass, field
-from typing import NamedTuple
 
 import torch
 import torch.fx as fx
-import torch.nn.functional as F
-from torch.overrides import TorchFunctionMode
 
 from fastgraph import passes as registry
 from fastgraph.errors import UserError
-
-# Relative tolerance of the float64 check. The modules hold float32 weights (a fold is
-# computed in float64 and rounded once to float32), so honest rewrites differ by a few
-# float32 ulps of the output scale; a wrong rewrite differs by orders of magnitude more.
-RTOL = 1e-5
-VERIFY_IMAGES = 32  # the float64 check batch: large enough for batch-statistics BN to be meaningful
-
-
-def verification_batch(images: torch.Tensor, labels: torch.Tensor, n: int = VERIFY_IMAGES):
-    """The batch exact passes are checked on: ``n`` of ``images`` (float32 (N, 3, H, W),
-    normalised) and their ``labels`` (int64 (N,)), spread over the N, so a class-sorted
-    set gives every class and not n airplanes."""
-    from fastgraph.data import spread_indices
-
-    rows = spread_indices(n, len(images)).to(images.device)
-    return images[rows], labels[rows]
-
-
-def _celu_float64(x: torch.Tensor, alpha: float) -> torch.Tensor:
-    """CELU (Barron 2017) from elementary ops, whose float64 gradient is exact.
-
-    PyTorch's own CELU backward rounds alpha to float32 before taking its reciprocal
-    (``derivatives.yaml``: ``elu_backward(grad, alpha, 1, 1.0/alpha.toFloat(), ...)``): in
-    float64, every gradient through ``CELU(alpha=0.075)`` or ``CELU(0.3)`` (Page's alphas,
-    not exact in float32) is off by up to 4e-8 relative, which a BatchNorm backward that
-    cancels most of a gradient can lift above the check's tolerance. The exponent's
-    argument is taken at min(x, 0), so no inf (and no NaN gradient) comes from large x;
-    ``x`` is not saved for the backward, so the in-place form may overwrite it.
-    """
-    positive = x > 0
-    negative_part = torch.where(positive, torch.zeros((), dtype=x.dtype, device=x.device), x)
-    return torch.where(positive, x, alpha * torch.expm1(negative_part / alpha))
-
-
-class _ExactFloat64Reference(TorchFunctionMode):
-    """Computes CELU with :func:`_celu_float64` for float64 tensors (modules, ``F.celu``,
-    ``torch.celu`` and their in-place forms), so the check compares two float64 functions
-    and not PyTorch's float32-rounded CELU gradient against a correct one."""
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func in (F.celu, torch.celu, torch.celu_) and args and args[0].dtype == torch.float64:
-            x = args[0]
-            alpha = args[1] if len(args) > 1 else kwargs.get("alpha", 1.0)
-            inplace = func is torch.celu_ or (args[2] if len(args) > 2 else kwargs.get("inplace", False))
-            y = _celu_float64(x, float(alpha))
-            return x.copy_(y) if inplace else y
-        return func(*args, **kwargs)
+from fastgraph.verification import (  # noqa: F401  (re-exported: the check's public names)
+    RTOL,
+    VERIFY_IMAGES,
+    Verification,
+    calibrated,
+    observe,
+    stress_batch,
+    verification_batch,
+    verify,
+)
 
 
 @dataclass
@@ -118,75 +82,6 @@ class PassReport:
         return [o.name for o in self.outcomes if o.status == "applied"]
 
 
-def _forward_backward(gm: fx.GraphModule, mode: str, x: torch.Tensor, y: torch.Tensor | None):
-    """Float64 outputs and (train mode) gradients of a copy of ``gm``; ``gm`` is untouched."""
-    model = copy.deepcopy(gm).double()
-    model.train(mode == "train")
-    x = x.detach().double().requires_grad_(mode == "train")
-    if mode != "train":
-        with torch.no_grad(), _ExactFloat64Reference():
-            return model(x).detach(), {}
-    with _ExactFloat64Reference():
-        out = model(x)
-    loss = F.cross_entropy(out, y) if y is not None and out.dim() == 2 else out.square().mean()
-    loss.backward()
-    grads = {"<input>": x.grad.detach()}
-    grads.update({n: p.grad.detach() for n, p in model.named_parameters() if p.grad is not None})
-    return out.detach(), grads
-
-
-def _max_rel_diff(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
-    """(max |a - b|, the tolerance for it): RTOL times the larger of 1 and max |a|."""
-    if a.shape != b.shape:
-        return float("inf"), 0.0
-    return (a - b).abs().max().item(), RTOL * max(1.0, a.abs().max().item())
-
-
-class Verification(NamedTuple):
-    """The float64 comparison of a module before and after a rewrite."""
-
-    ok: bool
-    max_output_diff: float
-    max_grad_diff: float | None  # over the input and every shared parameter; None in infer mode
-    tolerance: float  # of the outputs: RTOL * max(1, max |output|)
-    worst: str  # the comparison nearest to (or furthest over) its own tolerance, in words
-    results: tuple  # ``after``'s (outputs, gradients), the reference for the next pass
-
-
-def verify(before: fx.GraphModule, after: fx.GraphModule, mode: str,
-           batch: tuple[torch.Tensor, torch.Tensor | None], reference=None) -> Verification:
-    """Compare ``before`` and ``after`` on ``batch`` in float64.
-
-    Each tensor (the outputs; in train mode the gradient w.r.t. the input and to every
-    parameter both modules have with the same shape) must agree within RTOL times the larger of 1 and its
-    largest magnitude in ``before``.
-
-    Args:
-        before, after: the modules; neither is modified (copies run).
-        mode: "train" (batch-statistics BN, outputs and gradients) or "infer" (eval, outputs).
-        batch: (x float (N, 3, H, W), labels int64 (N,) or None).
-        reference: ``_forward_backward(before, ...)`` if already computed.
-    """
-    x, y = batch
-    ref_out, ref_grads = reference or _forward_backward(before, mode, x, y)
-    out, grads = _forward_backward(after, mode, x, y)
-    out_diff, tol = _max_rel_diff(ref_out, out)
-    checks = [("outputs", out_diff, tol)]
-    grad_diff = None
-    if mode == "train":
-        # A parameter a rewrite re-shaped under its old name (whitening's 1x1 conv takes the
-        # stem's name) is a new parameterisation: its gradient has nothing to match.
-        common = sorted(k for k in ref_grads.keys() & grads.keys() if ref_grads[k].shape == grads[k].shape)
-        grad_checks = [(f"gradient of {name}", *_max_rel_diff(ref_grads[name], grads[name]))
-                       for name in common]
-        grad_diff = max((d for _, d, _ in grad_checks), default=0.0)
-        checks += grad_checks
-    what, diff, limit = max(checks, key=lambda c: c[1] / c[2] if c[2] else float("inf"))
-    ok = all(d <= t for _, d, t in checks)
-    return Verification(ok, out_diff, grad_diff, tol, f"{what} by {diff:.3g} (tolerance {limit:.3g})",
-                        (out, grads))
-
-
 def lost_nodes(before: fx.GraphModule, after: fx.GraphModule, declared: frozenset[str]) -> list[str]:
     """Names of ``before``'s nodes missing from ``after`` (or with another op or target)
     that the pass did not declare rewritten. Nodes that were already dead (unused and
@@ -205,8 +100,8 @@ def lost_nodes(before: fx.GraphModule, after: fx.GraphModule, declared: frozense
 
 
 def _check_identity(info, gm: fx.GraphModule, options: dict, batch, outcome: PassOutcome) -> str | None:
-    """Check ``info``'s identity configuration on ``gm``; fill ``outcome``; return why it
-    is refused, or None."""
+    """Check ``info``'s identity configuration on ``gm`` (the module or its calibrated
+    twin); fill ``outcome``; return why it is refused, or None."""
     identity = info.identity(gm, options, len(batch[0]))
     if isinstance(identity, str):
         outcome.message = f"no identity configuration for this graph ({identity}); "
@@ -223,7 +118,7 @@ def _check_identity(info, gm: fx.GraphModule, options: dict, batch, outcome: Pas
     lost = lost_nodes(gm, same, registry.declared_rewritten(gm, same))
     if lost:
         return f"its identity configuration drops nodes it did not declare: {', '.join(lost)}"
-    check = verify(gm, same, identity.mode, batch)
+    check = verify(gm, same, identity.mode, batch, allow_frozen=True)
     outcome.max_output_diff, outcome.max_grad_diff = check.max_output_diff, check.max_grad_diff
     outcome.tolerance = check.tolerance
     if not check.ok:
@@ -293,6 +188,8 @@ def run_passes(gm: fx.GraphModule, names: list[str], *, mode: str,
     report = PassReport(mode)
     reference = None  # float64 results of the current module, reused across exact passes
     flops, nbytes = _costs(gm, cost_example, cost_batch_size)
+    # What the checks run on: the module itself, or in inference its calibrated twin.
+    twin = calibrated(gm, batch[0]) if checks and mode == "infer" and batch is not None else gm
     for info in infos:
         outcome = PassOutcome(info.name, info.exactness, "no-op", flops_before=flops,
                               bytes_before=nbytes, flops_after=flops, bytes_after=nbytes)
@@ -308,6 +205,7 @@ def run_passes(gm: fx.GraphModule, names: list[str], *, mode: str,
         if outcome.rewrites == 0:
             outcome.message = "nothing to rewrite"
             continue
+        twin_after = after if twin is gm else info.fn(twin, **options.get(info.name, {}))
         lost = lost_nodes(gm, after, registry.declared_rewritten(gm, after))
         if lost:
             outcome.status = "refused"
@@ -317,9 +215,7 @@ def run_passes(gm: fx.GraphModule, names: list[str], *, mode: str,
         if not checks:
             outcome.message = "applied unchecked (checked on this graph before)"
         elif info.exact:
-            if reference is None:
-                reference = _forward_backward(gm, mode, *batch)
-            check = verify(gm, after, mode, batch, reference)
+            check = verify(twin, twin_after, mode, batch, reference)
             outcome.max_output_diff, outcome.max_grad_diff = check.max_output_diff, check.max_grad_diff
             outcome.tolerance = check.tolerance
             if not check.ok:
@@ -328,7 +224,7 @@ def run_passes(gm: fx.GraphModule, names: list[str], *, mode: str,
                 continue
             reference = check.results
         else:
-            refusal = (_check_identity(info, gm, options.get(info.name, {}), batch, outcome)
+            refusal = (_check_identity(info, twin, options.get(info.name, {}), batch, outcome)
                        if info.identity is not None else None)
             if refusal is not None:
                 outcome.status = "refused"
@@ -337,7 +233,7 @@ def run_passes(gm: fx.GraphModule, names: list[str], *, mode: str,
             reference = None  # the function changed: the next exact pass needs a new reference
             outcome.message += "changes the function: train with it"
         outcome.status = "applied"
-        gm = after
+        gm, twin = after, (after if twin is gm else twin_after)
         flops, nbytes = _costs(gm, cost_example, cost_batch_size)
         outcome.flops_after, outcome.bytes_after = flops, nbytes
     return gm, report

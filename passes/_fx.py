@@ -268,3 +268,40 @@ def has_side_effect(gm: fx.GraphModule, node: fx.Node) -> bool:
         return True
     name = getattr(target, "__name__", "")
     return name.endswith("_") and not name.endswith("__")
+
+
+# Ops whose result may share storage with their first input (views, and reshape-like ops
+# that return a view when they can).
+_VIEW_METHODS = frozenset({"view", "view_as", "reshape", "reshape_as", "flatten", "unflatten", "transpose",
+                           "permute", "t", "expand", "expand_as", "squeeze", "unsqueeze", "narrow", "select",
+                           "as_strided", "contiguous", "detach", "__getitem__", "unfold", "split", "chunk"})
+_VIEW_FUNCTIONS = frozenset({operator.getitem, torch.flatten, torch.reshape, torch.transpose,
+                             torch.permute, torch.squeeze, torch.unsqueeze, torch.narrow, torch.select,
+                             torch.t, torch.detach, torch.split, torch.chunk, torch.unflatten})
+_VIEW_MODULES = (nn.Flatten, nn.Unflatten, nn.Identity)
+
+
+def is_view(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """Whether ``node``'s result may share storage with its first input."""
+    if node.op == "call_method":
+        return node.target in _VIEW_METHODS
+    if node.op == "call_function":
+        return node.target in _VIEW_FUNCTIONS
+    return node.op == "call_module" and type(module_of(gm, node)) in _VIEW_MODULES
+
+
+def aliases(node: fx.Node) -> set[fx.Node]:
+    """The nodes whose results may share storage with ``node``'s: up through views to the
+    base, then down through every view of it (what an in-place write to one changes)."""
+    gm = node.graph.owning_module
+    base = node
+    while is_view(gm, base) and only_input(base) is not None:
+        base = only_input(base)
+    group, stack = {base}, [base]
+    while stack:
+        current = stack.pop()
+        for user in current.users:
+            if user not in group and is_view(gm, user) and only_input(user) is current:
+                group.add(user)
+                stack.append(user)
+    return group

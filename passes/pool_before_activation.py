@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch.fx as fx
 
 from . import copy_module, finish, register
-from ._fx import is_inplace, is_max_pool, is_monotonic_activation, only_input, reorder_chain
+from ._fx import aliases, is_inplace, is_max_pool, is_monotonic_activation, only_input, reorder_chain
 
 
 def _match(gm: fx.GraphModule, pool: fx.Node) -> fx.Node | None:
@@ -15,10 +15,15 @@ def _match(gm: fx.GraphModule, pool: fx.Node) -> fx.Node | None:
     act = only_input(pool)
     if act is None or len(act.users) != 1 or not is_monotonic_activation(gm, act):
         return None
-    # An in-place activation also overwrote its input; after the swap it no longer does,
-    # so any other reader of that input would see different values.
-    if is_inplace(gm, act) and len(only_input(act).users) != 1:
-        return None
+    # An in-place activation also overwrote its input and every tensor sharing its
+    # storage; after the swap it no longer does, so any other reader of any of them (a
+    # view taken before, the base it is a view of, the caller's input) would see
+    # different values.
+    if is_inplace(gm, act):
+        group = aliases(only_input(act))
+        readers = {user for node in group for user in node.users if user not in group}
+        if readers != {act} or any(node.op == "placeholder" for node in group):
+            return None
     return act
 
 

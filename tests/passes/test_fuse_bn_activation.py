@@ -127,9 +127,9 @@ def test_pass_manager_verifies_and_applies_it(real_batch):
         out, report = run_passes(gm, ["fuse_bn_activation"], mode=mode, batch=(x, labels))
         (outcome,) = report.outcomes
         assert outcome.status == "applied" and outcome.rewrites == 8, outcome
-        assert outcome.max_output_diff < 1e-12
+        assert outcome.max_output_diff < 1e-9
         if mode == "train":
-            assert outcome.max_grad_diff < 1e-12
+            assert outcome.max_grad_diff < 1e-9
 
 
 def test_pass_manager_check_is_exact_through_in_place_celu(real_batch):
@@ -138,7 +138,7 @@ def test_pass_manager_check_is_exact_through_in_place_celu(real_batch):
     out, report = run_passes(fx.symbolic_trace(model), ["fuse_bn_activation"], mode="train", batch=real_batch)
     (outcome,) = report.outcomes
     assert outcome.status == "applied" and outcome.rewrites == 1, outcome
-    assert outcome.max_output_diff < 1e-12 and outcome.max_grad_diff < 1e-12
+    assert outcome.max_output_diff < 1e-9 and outcome.max_grad_diff < 1e-9  # relative
 
 
 class Functional(nn.Module):

@@ -124,7 +124,7 @@ def test_every_training_pass_is_checked_exact_in_its_identity_configuration(exam
     assert outcome.status == "applied", outcome
     assert outcome.identity == identity
     assert "identity configuration exact (train mode)" in outcome.message
-    assert outcome.max_output_diff <= 1e-12 and outcome.max_grad_diff <= 1e-12
+    assert outcome.max_output_diff <= 1e-9 and outcome.max_grad_diff <= 1e-9  # relative
     assert out is not gm
 
 

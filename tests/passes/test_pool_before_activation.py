@@ -272,3 +272,35 @@ def test_padded_dilated_pool_refused():
     assert pool_before_activation(gm) is gm
     functional = fx.symbolic_trace(ActPool(F.relu, lambda t: F.max_pool2d(t, 3, 1, 1, 2)))
     assert pool_before_activation(functional) is functional
+
+
+class ViewThenInPlace(nn.Module):
+    """relu_ on a view of the conv output, whose base is read elsewhere."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.head = nn.Linear(8, 10)
+
+    def forward(self, x):
+        base = self.conv(x)
+        view = base.view(-1, 8, 32, 32)
+        pooled = F.max_pool2d(F.relu(view, inplace=True), 2)
+        return self.head(pooled.mean((2, 3)) + base.mean((2, 3)))  # base holds the ReLU's output
+
+
+class InPlaceOnInput(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.head = nn.Linear(3, 10)
+
+    def forward(self, x):
+        return self.head(F.max_pool2d(x.relu_(), 2).mean((2, 3)))  # writes the caller's tensor
+
+
+@pytest.mark.parametrize("model", [ViewThenInPlace, InPlaceOnInput])
+def test_in_place_activation_on_an_aliased_tensor_does_not_move(model, real_batch):
+    """The old guard counted the users of the activation's input only; a view taken of it
+    (or the base it is a view of, or the caller's input) also sees the in-place write."""
+    gm = fx.symbolic_trace(model())
+    assert pool_before_activation(gm) is gm
