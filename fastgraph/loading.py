@@ -2,9 +2,13 @@
 
 The file is imported in isolation (a private module name, removed from ``sys.modules``
 afterwards) so two model files with the same name never collide and nothing of the
-user's leaks into fastgraph. The entry point is, in order: ``--entry NAME``; a function
-``model()`` or ``build_model()``; else the one ``nn.Module`` subclass defined in the file
-that constructs with no arguments.
+user's leaks into fastgraph. The entry point is, in order: ``--entry NAME`` (a function or
+class, called with no arguments, or a module-level ``nn.Module`` instance, used as it is);
+``model`` or ``build_model`` (likewise); else the one model the file defines: a module-level
+``nn.Module`` instance with parameters (``net = ResNet18()``, as many scripts build theirs;
+not one held inside another) or an ``nn.Module`` subclass defined in the file that
+constructs with no arguments and of which no such instance exists. More than one such
+candidate is a one-line error naming them all.
 """
 
 from __future__ import annotations
@@ -74,30 +78,56 @@ def _constructs_without_arguments(cls: type) -> bool:
     )
 
 
+def _module_instances(module: types.ModuleType) -> dict[str, nn.Module]:
+    """The module-level ``nn.Module`` instances that can be the model, by name.
+
+    Left out: private names (``_cache``); an instance without parameters (a shared
+    ``relu = nn.ReLU()`` is a helper, not a model to optimise); an instance that is part of
+    another one (a ``backbone`` handed to a wrapper); a second name bound to the same object.
+    """
+    found: dict[str, nn.Module] = {}
+    for name, value in vars(module).items():
+        if (isinstance(value, nn.Module) and not name.startswith("_")
+                and all(value is not v for v in found.values())
+                and next(value.parameters(), None) is not None):
+            found[name] = value
+    inner = {id(m) for v in found.values() for m in itertools.islice(v.modules(), 1, None)}
+    return {name: v for name, v in found.items() if id(v) not in inner}
+
+
 def find_entry(module: types.ModuleType, path: Path, entry: str | None = None):
-    """The callable that builds the model: ``entry``, ``model``/``build_model``, or the one
-    no-argument ``nn.Module`` subclass defined in the file. Raises ``ModelError``."""
+    """What builds the model: a callable to call with no arguments, or an ``nn.Module``
+    instance to use as it is (the rules are in the module docstring). Raises ``ModelError``
+    when there is none, when ``entry`` is not in the file, or when several candidates fit."""
     if entry is not None:
         if not hasattr(module, entry):
             defined = sorted(k for k, v in vars(module).items()
-                             if callable(v) and getattr(v, "__module__", None) == module.__name__)
+                             if (callable(v) and getattr(v, "__module__", None) == module.__name__)
+                             or isinstance(v, nn.Module))
             listed = ", ".join(defined) or "nothing callable"
             raise ModelError(f"{path} has no {entry!r}; it defines: {listed}")
         return getattr(module, entry)
     for fn_name in ENTRY_FUNCTIONS:
-        if callable(getattr(module, fn_name, None)):
+        if callable(getattr(module, fn_name, None)):  # an nn.Module instance is callable too
             return getattr(module, fn_name)
+    instances = _module_instances(module)
     classes = [v for v in vars(module).values()
                if isinstance(v, type) and issubclass(v, nn.Module) and v.__module__ == module.__name__]
-    candidates = [c for c in classes if _constructs_without_arguments(c)]
+    # A class the file already built an instance of is that instance's recipe, not a
+    # second candidate: ``class Net`` with ``net = Net()`` is one model.
+    built = {type(v) for v in instances.values()}
+    candidates = {**instances, **{c.__name__: c for c in classes
+                                  if _constructs_without_arguments(c) and c not in built}}
     if len(candidates) == 1:
-        return candidates[0]
+        return next(iter(candidates.values()))
     if not candidates:
         raise ModelError(
-            f"no entry point in {path}: define model() or build_model(), or one nn.Module "
-            "subclass that constructs with no arguments, or pass --entry NAME")
-    names = ", ".join(c.__name__ for c in candidates)
-    raise ModelError(f"ambiguous entry point in {path}: {names} all construct with no arguments; "
+            f"no entry point in {path}: define model() or build_model(), one nn.Module subclass "
+            "that constructs with no arguments, or one module-level nn.Module instance, "
+            "or pass --entry NAME")
+    names = ", ".join(candidates)
+    raise ModelError(f"ambiguous entry point in {path}: {names} could each be the model "
+                     "(module-level instances or classes that construct with no arguments); "
                      "pass --entry NAME")
 
 
@@ -106,10 +136,12 @@ def load_model(path: str | Path, entry: str | None = None) -> nn.Module:
 
     Args:
         path: a ``.py`` file written as plain PyTorch (no fastgraph import needed).
-        entry: name of a function or class in the file to call with no arguments.
+        entry: name of a function or class in the file to call with no arguments, or of
+            a module-level ``nn.Module`` instance.
 
     Returns:
-        The constructed ``nn.Module`` (parameters as the file initialises them).
+        The constructed ``nn.Module`` (parameters as the file initialises them), or the
+        module-level instance itself.
 
     Raises:
         ModelError: file missing, syntax error, import error, no or ambiguous entry point,
@@ -118,6 +150,8 @@ def load_model(path: str | Path, entry: str | None = None) -> nn.Module:
     path = Path(path).expanduser().resolve()
     module = import_model_file(path)
     factory = find_entry(module, path, entry)
+    if isinstance(factory, nn.Module):
+        return factory  # built when the file was imported; calling it would run its forward
     label = getattr(factory, "__name__", repr(factory))
     try:
         model = factory()

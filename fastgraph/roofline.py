@@ -12,7 +12,9 @@ Here:
   memory bandwidth and SM count, each with its vendor source;
 - :func:`count_flops` and :func:`node_costs` count FLOPs with
   ``torch.utils.flop_counter.FlopCounterMode`` (matrix multiplies and convolutions;
-  elementwise ops, batch norm and pooling count zero FLOPs there, but move bytes);
+  elementwise ops, batch norm and pooling count zero FLOPs there, but move bytes), with
+  the weight gradient of a grouped convolution counted per group (torch 2.13 counts it
+  ``groups`` times over);
 - :func:`step_bytes` estimates the bytes a training step moves under a stated model;
 - :func:`roofline`, :func:`training_roofline`, :func:`inference_roofline` turn those
   into seconds, and :func:`efficiency` / :func:`mfu` compare measured times with them.
@@ -35,7 +37,7 @@ import torch
 import torch.fx
 from torch.fx.passes.shape_prop import ShapeProp
 from torch.utils._pytree import tree_leaves
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, conv_flop_count
 
 from fastgraph.errors import UserError
 from fastgraph.tracing import check_runs
@@ -208,25 +210,65 @@ def _batch_size(example: torch.Tensor) -> int:
     return int(example.shape[0])
 
 
+def _conv_backward_flops(grad_out_shape, x_shape, w_shape, _bias, _stride, _padding, _dilation,
+                         transposed, _output_padding, groups, output_mask, out_shape=None, **_) -> int:
+    """FLOPs of ``aten.convolution_backward`` from its argument shapes (a ``FlopCounterMode`` formula).
+
+    The input gradient is a transposed convolution of the output gradient with the
+    weight, and the weight gradient a convolution of the input with the output gradient,
+    each costing what the forward costs, 2 * N * C_out * (C_in / groups) * kernel * output
+    pixels. torch 2.13's own formula counts the weight gradient through the batch/channel
+    transposed shapes, in which the division by ``groups`` is lost: a depthwise conv's
+    weight gradient came out ``groups`` times too large (MobileNetV2's training FLOPs 14x
+    its forward instead of about 3x; pytorch/pytorch#183405 proposes the same division).
+    This is torch's decomposition with that division restored.
+    """
+    def t(shape):  # swap batch and channels: the weight gradient as a convolution
+        return [shape[1], shape[0], *shape[2:]]
+
+    flops = 0
+    if output_mask[0]:
+        flops += conv_flop_count(grad_out_shape, w_shape, out_shape[0], not transposed)
+    if output_mask[1]:
+        data, kernel = (grad_out_shape, x_shape) if transposed else (x_shape, grad_out_shape)
+        flops += conv_flop_count(t(data), t(kernel), t(out_shape[1]), transposed=False) // groups
+    return flops
+
+
+# FLOP formulas that replace torch's in every count here.
+_FLOP_FORMULAS = MappingProxyType({torch.ops.aten.convolution_backward: _conv_backward_flops})
+
+
 def count_flops(module: torch.nn.Module, example: torch.Tensor) -> FlopCount:
     """Forward and training FLOPs per image of ``module`` on ``example``.
 
     Args:
         module: any ``nn.Module`` (a ``GraphModule`` included); it is deep-copied, so its
             parameters, BN running statistics and train/eval flag are untouched.
-        example: input batch, e.g. float (N, 3, 32, 32) on the module's device. Its
-            values do not matter, only shapes; N >= 2 if the model has batch norm
-            over 1x1 maps in training mode.
+        example: input batch, e.g. float (N, C, H, W) on the module's device. Its
+            values do not matter, only shapes. A single image (N = 1) is counted as two
+            copies of it (see below).
 
     Returns:
         :class:`FlopCount`: forward FLOPs (eval mode, no autograd) and forward+backward
-        FLOPs (train mode, gradients of all outputs), both divided by N.
+        FLOPs (train mode, backward from every output tensor that requires a gradient,
+        the model returning a tensor or a tuple, list or dict of them), both divided by
+        the number of images run (``batch_size``).
+
+    The training count runs the module in train mode, the function that is trained (a
+    training-time rewrite may differ between modes), rather than in eval mode. BatchNorm
+    in train mode raises on one value per channel, which an ImageNet-style ResNet reaches
+    at a single image (its last stage runs on 1x1 maps at 32x32), so a one-image example
+    is run as two copies of it: FLOPs scale linearly with the batch, and dividing by two
+    gives the same per-image count.
 
     ``FlopCounterMode`` counts nothing under ``torch.inference_mode`` in some PyTorch
     versions and autograd cannot run there, so the count always runs with inference mode
     switched off, on a normal-tensor copy of ``example``.
     """
     n = _batch_size(example)
+    if n == 1:
+        example, n = example.expand(2, *example.shape[1:]), 2
     with torch.inference_mode(False):
         x = example.detach().clone()  # an inference tensor cannot enter autograd
         model = copy.deepcopy(module).eval()
@@ -234,7 +276,7 @@ def count_flops(module: torch.nn.Module, example: torch.Tensor) -> FlopCount:
             model(x)
         forward = counter.get_total_flops()
         model = copy.deepcopy(module).train()
-        with FlopCounterMode(display=False) as counter:
+        with FlopCounterMode(display=False, custom_mapping=dict(_FLOP_FORMULAS)) as counter:
             outputs = [t for t in tree_leaves(model(x))
                        if isinstance(t, torch.Tensor) and t.requires_grad]
             if outputs:
