@@ -8,9 +8,13 @@ imported inside the functions: building the parser stays fast.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
+import math
+import os
 import subprocess
-from collections.abc import Callable, Iterator
+import tempfile
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
@@ -19,7 +23,8 @@ from fastgraph.errors import UserError
 
 
 def positive(kind: type = int) -> Callable[[str], int | float]:
-    """An argparse ``type`` that parses ``kind`` (int or float) and accepts only values > 0.
+    """An argparse ``type`` that parses ``kind`` (int or float) and accepts only values > 0;
+    a float must also be finite (``inf``, ``nan`` and ``1e400`` are refused).
 
     Raises ``argparse.ArgumentTypeError`` (argparse's one-line usage error, exit 2).
     """
@@ -30,8 +35,8 @@ def positive(kind: type = int) -> Callable[[str], int | float]:
         except ValueError:
             raise argparse.ArgumentTypeError(f"not a{'n' if kind is int else ''} {kind.__name__}: "
                                              f"{text!r}") from None
-        if not value > 0:
-            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+        if not value > 0 or not math.isfinite(value):  # an infinite epoch count never ends
+            raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
         return value
 
     return parse
@@ -67,27 +72,97 @@ def device_name(device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
 
 
-def output_path(path: str | Path, option: str) -> Path:
-    """``path`` (``~`` expanded) with its parent folders created, before any slow work.
+def output_path(path: str | Path, option: str, *, folder: bool = False) -> Path:
+    """``path`` (``~`` expanded), checked before any slow work to be writable as ``option``'s output.
+
+    A file output must not be an existing folder, and the folder it goes in must already
+    exist: a mistyped folder is reported, not created. A folder output (``folder=True``,
+    e.g. ``fastgraph profile --out``) must be a folder or not exist yet, inside an existing
+    folder; the command creates it when it writes, so a command that fails leaves nothing.
+    Writing is tested by creating and removing a hidden probe file, because permission
+    bits do not bind root and a read-only mount shows only when written to.
 
     Raises:
-        UserError: the folders cannot be created (the message names ``option``).
+        UserError: naming ``option`` and the path: a folder where a file is wanted (or a
+            file where a folder is), a missing parent folder or a parent that is a file,
+            or no permission to write.
     """
     file = Path(path).expanduser()
+    if folder and file.exists() and not file.is_dir():
+        raise UserError(f"{option} {file}: is a file, not a folder")
+    if not folder and file.is_dir():
+        raise UserError(f"{option} {file}: is a folder; give a file name")
+    parent = file.parent
+    if not parent.is_dir():
+        what = "is not a folder" if parent.exists() else "does not exist"
+        raise UserError(f"{option} {file}: {parent} {what}")
+    where = file if folder and file.is_dir() else parent
     try:
-        file.parent.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=where, prefix=".fastgraph-probe-")
+        os.close(fd)
+        os.unlink(probe)
+        if not folder and file.exists() and not os.access(file, os.W_OK):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
     except OSError as exc:
         raise UserError(f"cannot write {option} {file}: {exc.strerror or exc}") from None
     return file
+
+
+def check_outputs(outputs: Mapping[str, str | Path | None], *,
+                  inputs: Mapping[str, str | Path | None] | None = None,
+                  folders: tuple[str, ...] = ()) -> dict[str, Path]:
+    """Check a command's outputs before any slow work; return ``{option: Path}`` for those given.
+
+    Args:
+        outputs: option -> path (None: not given), e.g. ``{"--out": args.out, "--json": args.json}``.
+        inputs: what -> path of the files the command reads, e.g. ``{"model file": args.model}``:
+            no output may overwrite one of them.
+        folders: the options in ``outputs`` whose output is a folder (see :func:`output_path`).
+
+    Raises:
+        UserError: one output is not writable (see :func:`output_path`), names an input,
+            or names the same file as another output.
+    """
+    checked: dict[str, Path] = {}
+    claimed: dict[str, str] = {}  # real path -> the option or input that names it
+    for what, path in (inputs or {}).items():
+        if path is not None:
+            claimed[os.path.realpath(Path(path).expanduser())] = f"the {what}"
+    for option, path in outputs.items():
+        if path is None:
+            continue
+        file = output_path(path, option, folder=option in folders)
+        owner = claimed.get(os.path.realpath(file))
+        if owner is not None:
+            named = owner if owner.startswith("the ") else f"also {owner}'s output"
+            raise UserError(f"{option} {file} is {named}: give another name")
+        claimed[os.path.realpath(file)] = option
+        checked[option] = file
+    return checked
+
+
+def traced_model(path: str | Path, entry: str | None = None):
+    """The model file at ``path`` loaded, built and traced: the ``fx.GraphModule``.
+
+    Commands call it before they look for data, which may be absent or slow to decode,
+    so that a wrong model file is the error reported (a ResNet loads and traces in well
+    under a second).
+
+    Raises:
+        ModelError: see :func:`fastgraph.loading.load_model` and :func:`fastgraph.tracing.trace`.
+    """
+    from fastgraph.loading import load_model
+    from fastgraph.tracing import trace
+
+    return trace(load_model(path, entry), path)
 
 
 @contextmanager
 def output_file(path: str | Path, option: str) -> Iterator[Path]:
     """``with output_file(args.out, "--out") as path:`` write to ``path``.
 
-    Creates the parent folders first; an ``OSError`` (no permission, no such folder,
-    disk full) while creating or writing becomes a one-line ``UserError`` naming
-    ``option`` and the file.
+    Checks ``path`` first (see :func:`output_path`); an ``OSError`` (no permission, disk
+    full) while writing becomes a one-line ``UserError`` naming ``option`` and the file.
     """
     file = output_path(path, option)
     try:

@@ -23,7 +23,14 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from fastgraph.cli_common import device_name, output_path, positive, resolve_device, write_json
+from fastgraph.cli_common import (
+    check_outputs,
+    device_name,
+    positive,
+    resolve_device,
+    traced_model,
+    write_json,
+)
 from fastgraph.errors import UserError
 
 TTA_LEVELS = {"none": 0, "flip": 1, "flip-translate": 2}
@@ -277,15 +284,17 @@ def run(args: argparse.Namespace) -> int:
     if args.format == "tensorrt" and device.type != "cuda":
         raise UserError("--format tensorrt runs on a CUDA device; drop --device cpu")
 
-    # A missing or corrupt checkpoint and an unwritable output are named before any slow work.
+    # Unwritable outputs, a bad checkpoint and a bad model file are named before the data is
+    # looked for (it may be absent, or take seconds to decode).
     suffix = ".onnx" if args.format == "onnx" else ".ep"
-    out = output_path(args.out or Path.cwd() / f"{Path(args.model).stem}{suffix}", "--out")
-    if args.json:
-        output_path(args.json, "--json")
+    inputs = {"model file": args.model, "checkpoint": args.checkpoint, "data": args.data}
+    out = check_outputs({"--out": args.out or Path.cwd() / f"{Path(args.model).stem}{suffix}",
+                         "--json": args.json}, inputs=inputs)["--out"]
     if args.checkpoint:
         from fastgraph.trained import read_weights
 
         read_weights(args.checkpoint)
+    traced_model(args.model, args.entry)
     data = load_cifar10(args.data)
     index = spread_indices(args.verify_images, len(data.test_images))
     test_x, test_y = normalize(data.test_images[index]), data.test_labels[index]

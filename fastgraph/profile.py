@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from fastgraph.cli_common import device_name, output_path, resolve_device, write_json
+from fastgraph.cli_common import check_outputs, device_name, resolve_device, traced_model, write_json
 from fastgraph.errors import UserError
 
 PHASES = ("step", "data", "forward", "backward", "optimizer")
@@ -172,14 +172,13 @@ def nsys_command(args: argparse.Namespace, out: Path) -> str:
     return shlex.join(nsys + argv + ["--nsys"])
 
 
-def _build(args, device: torch.device, data, batch_size: int):
-    """(the training GraphModule before ranges, with ranges on the device, real batch for checks)."""
-    from fastgraph.loading import load_model
+def _build(args, gm, device: torch.device, data):
+    """(the training GraphModule before ranges, with ranges on the device, real batch for checks)
+    from the traced model file ``gm``."""
     from fastgraph.pass_manager import run_passes, verification_batch
-    from fastgraph.tracing import check_runs, trace
+    from fastgraph.tracing import check_runs
     from fastgraph.trained import spread_training_images, training_graph
 
-    gm = trace(load_model(args.model, args.entry), args.model)
     images, labels = spread_training_images(data)
     check_runs(gm, images[:2])
     if args.recipe:
@@ -211,16 +210,18 @@ def run(args: argparse.Namespace) -> int:
     hardware = load_profile(args.profile)
     peak = hardware.peak(precision)
     batch_size = args.batch_size or (512 if cuda else 32)
-    out = output_path(Path(args.out) / "trace.json", "--out").parent  # before any slow work
-    if args.json:
-        output_path(args.json, "--json")
+    # Outputs and the model file are checked before the data is looked for (it may be absent,
+    # or take seconds to decode).
+    out = check_outputs({"--out": args.out, "--json": args.json},
+                        inputs={"model file": args.model, "data": args.data}, folders=("--out",))["--out"]
+    traced = traced_model(args.model, args.entry)
     data = load_cifar10(args.data)
     total = batch_size * (args.warmup + args.steps)
     if total > len(data.train_images):
         raise UserError(f"{args.warmup + args.steps} steps of {batch_size} images exceed the "
                         f"{len(data.train_images)} training images")
 
-    gm, module, images = _build(args, device, data, batch_size)
+    gm, module, images = _build(args, traced, device, data)
     points = {p.label: p for p in node_points(gm, hardware, precision, mode="train", batch_size=batch_size,
                                               example=images[:2])}
     labels = list(dict.fromkeys(nvtx.range_names(module)))  # a module called twice is one row
@@ -258,6 +259,10 @@ def run(args: argparse.Namespace) -> int:
     from torch.profiler import ProfilerActivity, profile, schedule
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    try:  # checked writable at the start; made only now, so a failed run leaves no empty folder
+        out.mkdir(exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"cannot write --out {out}: {exc.strerror or exc}") from None
     trace_path = out / "trace.json"
     captured = []
 

@@ -14,7 +14,7 @@ import argparse
 import json
 from pathlib import Path
 
-from fastgraph.cli_common import output_path, positive, write_json
+from fastgraph.cli_common import check_outputs, positive, write_json
 from fastgraph.errors import UserError
 
 
@@ -49,6 +49,25 @@ def read_measured(path: str) -> dict:
     if not isinstance(record, dict) or not isinstance(record.get("rows"), list) or "batch_size" not in record:
         raise UserError(f"--measured {file} is not the --json output of `fastgraph profile`")
     return record
+
+
+def check_plot_type(path: str | Path) -> None:
+    """Refuse a plot path whose suffix matplotlib cannot write.
+
+    Without a suffix matplotlib would append ``.png`` on its own and the plot would land
+    beside the name the user gave (``--out DIR`` would become ``DIR.png``).
+
+    Raises:
+        UserError: no suffix, or one that is not a format matplotlib writes (png, pdf, svg...).
+    """
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    kinds = FigureCanvasBase.get_supported_filetypes()
+    suffix = Path(path).suffix.lower().removeprefix(".")
+    if suffix not in kinds:
+        what = f"matplotlib cannot write .{suffix} files" if suffix else "no file type"
+        others = ", ".join(f".{k}" for k in sorted(kinds) if k != "png")
+        raise UserError(f"--out {path}: {what}; end the name with .png (or {others})")
 
 
 def roofline_record(gm, profile, precision: str, mode: str, batch_size: int,
@@ -133,8 +152,10 @@ def run(args: argparse.Namespace) -> int:
     profile = load_profile(args.profile)
     profile.peak(args.precision)
     measured = read_measured(args.measured) if args.measured else None
-    if args.json:
-        output_path(args.json, "--json")  # an unwritable path fails before the tracing
+    # Outputs fail here, before the tracing; the plot goes exactly where --out says.
+    check_outputs({"--out": args.out, "--json": args.json},
+                  inputs={"model file": args.model, "measured profile": args.measured})
+    check_plot_type(args.out)
     batch_size = args.batch_size
     if measured is not None:
         if args.mode != "train":

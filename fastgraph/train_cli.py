@@ -4,15 +4,19 @@
 recipe's passes and trains on the device-resident dataset; it prints a per-epoch table
 with a progress bar and, over ``--runs``, mean +/- std of the accuracies and of the
 counted time (see ``fastgraph.train`` for what is counted), and writes a JSON record with
-``--json``. Ctrl-C writes a checkpoint when ``--checkpoint DIR`` is given (exit 130);
-``--resume`` continues it.
+``--json``. Ctrl-C or SIGTERM writes a checkpoint when ``--checkpoint DIR`` is given (exit
+130 for Ctrl-C, 143 = 128 + SIGTERM, as a shell reports a process that SIGTERM ended);
+``--resume`` continues it. The ``--json`` path and the model file are checked before the
+data is looked for.
 """
 
 from __future__ import annotations
 
 import argparse
+import signal
+import sys
 
-from fastgraph.cli_common import environment, positive, write_json
+from fastgraph.cli_common import check_outputs, environment, positive, write_json
 from fastgraph.errors import UserError
 
 
@@ -68,11 +72,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Run ``fastgraph train``; returns the exit code (a ``UserError`` is one line, exit 2)."""
     from fastgraph.recipes import load_recipe
-    from fastgraph.train import TrainOptions, train
+    from fastgraph.train import Interrupted, TrainOptions, train
     from fastgraph.train_report import RichReporter, print_summary
 
     if args.resume and not args.checkpoint:
         raise UserError("--resume needs --checkpoint DIR (the folder holding the checkpoint)")
+    # Before the training, not after it: the results of hours must have somewhere to go.
+    check_outputs({"--json": args.json}, inputs={"model file": args.model, "data": args.data})
     recipe = load_recipe(args.recipe)
     opts = TrainOptions(model_path=args.model, recipe=recipe, entry=args.entry, epochs=args.epochs,
                         batch_size=args.batch_size, runs=args.runs, seed=args.seed, target=args.target,
@@ -81,8 +87,14 @@ def run(args: argparse.Namespace) -> int:
                         resume=args.resume, stochastic_depth=args.stochastic_depth, data=args.data,
                         progress_eval=args.progress_eval)
     reporter = RichReporter(recipe)
-    with reporter:
-        result = train(opts, reporter)
+    try:
+        with reporter:
+            result = train(opts, reporter)
+    except Interrupted as exc:
+        if exc.signum != signal.SIGTERM:
+            raise  # Ctrl-C: the CLI's KeyboardInterrupt exit, 130
+        print("fastgraph: terminated", file=sys.stderr)
+        return 128 + signal.SIGTERM
     print_summary(result, reporter.console)
     if args.json:
         path = write_json(args.json, {**environment(result.settings["device"]), **result.to_dict()})

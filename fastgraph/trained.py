@@ -42,11 +42,13 @@ def read_weights(path: str | Path) -> tuple[dict, Path]:
     """Read a weights file (a folder means ``<folder>/checkpoint.pt``); tensors land on the CPU.
 
     Returns:
-        (the loaded object, which must be a dict, the file read).
+        (the loaded dict, the file read): a training checkpoint holding at least its
+        weights and recipe, or a state_dict (names -> tensors, or ``{"state_dict": ...}``).
 
     Raises:
-        UserError: the file is missing, unreadable, not a PyTorch file, truncated, or
-            holds something other than a dict.
+        UserError: the file is missing, unreadable, not a PyTorch file, truncated, holds
+            something other than a dict, is a training checkpoint missing a key (named),
+            or a dict that is neither.
     """
     path = Path(path).expanduser()
     if path.is_dir():
@@ -68,7 +70,20 @@ def read_weights(path: str | Path) -> tuple[dict, Path]:
     if not isinstance(state, dict):
         raise UserError(f"checkpoint {path} holds a {type(state).__name__}, not a state_dict or a "
                         "fastgraph training checkpoint")
+    # Checked here, where export reads the file before the data, not when the weights load.
+    if _meant_as_training_checkpoint(state):
+        from fastgraph.checkpoint import WEIGHTS_KEYS, check_state
+
+        check_state(state, path, WEIGHTS_KEYS)
+    else:
+        _plain_state_dict(state, path)
     return state, path
+
+
+def _meant_as_training_checkpoint(state: Mapping) -> bool:
+    # A state_dict maps names to tensors; these keys with other values belong to a checkpoint.
+    keys = [key for key in ("format", "recipe", "model") if key in state]
+    return any(not isinstance(state[key], torch.Tensor) for key in keys)
 
 
 def is_training_checkpoint(state: Mapping) -> bool:

@@ -12,6 +12,14 @@ writable, else in the cache dir (``$FASTGRAPH_CACHE``, else ``~/.cache/fastgraph
 ``cifar10-<hash of the resolved source path>.npz``. A folder whose mode bits grant no
 write permission counts as read-only even for root, so a shared data set marked
 read-only is never written beside.
+
+One process decodes at a time per cache file; the others wait and then read its result.
+The lock is a file created exclusively beside the cache, holding the decoder's PID and
+host name, removed when it is done. No kernel lock is taken, so nothing of it passes to
+the decoder's forked workers: a worker that outlives its killed parent holds nothing. A
+lock whose holder is gone (killed mid-decode) is taken over; a live holder is waited for
+at most :data:`LOCK_WAIT_SECONDS`, after which the waiter decodes as well (each result is
+renamed into place whole, so the cache stays valid either way).
 """
 
 from __future__ import annotations
@@ -20,8 +28,10 @@ import contextlib
 import hashlib
 import json
 import os
+import socket
 import stat
 import tempfile
+import time
 import warnings
 import zipfile
 from collections.abc import Callable, Iterator
@@ -30,14 +40,14 @@ from typing import NamedTuple
 
 import numpy as np
 
-try:  # POSIX: one decode at a time per cache file; other loaders wait, then read it
-    import fcntl
-except ImportError:  # pragma: no cover - Windows: no lock, atomic rename still holds
-    fcntl = None
-
 # Bump when the arrays' layout or the key's meaning changes, so old caches rebuild.
 FORMAT_VERSION = 1
 CACHE_SUFFIX = ".fastgraph-cache.npz"
+LOCK_WAIT_SECONDS = 900.0  # longest wait for a live decoder (a full JPEG decode takes ~10 s on 2 cores)
+LOCK_POLL_SECONDS = 0.1  # how often a waiter looks at the lock again
+# A lock file naming no holder this long after it was last written is abandoned: a holder
+# writes its PID right after creating the file (earlier versions of fastgraph left empty ones).
+LOCK_UNNAMED_SECONDS = 10.0
 
 
 class Arrays(NamedTuple):
@@ -156,25 +166,92 @@ def write(path: Path, key: str, arrays: Arrays) -> None:
         raise
 
 
-@contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    # Several test runs may start on a cold cache at once: let one decode, the rest wait
-    # and then read its result instead of each spending the CPU on the same decode.
-    if fcntl is None:
-        yield
-        return
+def process_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists on this machine and has not exited.
+
+    A zombie (exited, not yet reaped by its parent) counts as gone. Where this cannot be
+    told safely (not POSIX: ``os.kill`` there would terminate the process), it counts as alive.
+    """
+    if pid <= 0:
+        return False
+    if os.name != "posix":
+        return True
     try:
+        os.kill(pid, 0)  # signal 0: existence and permission check only
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # another user's process
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            state = f.read().rpartition(")")[2].split()[0]  # the name in parentheses may hold spaces
+    except (OSError, IndexError):
+        return True  # no /proc (macOS): kill(0) found it
+    return state not in ("Z", "X")
+
+
+def lock_path(cache_file: Path) -> Path:
+    """The lock file of ``cache_file``: present while a process decodes into it."""
+    return cache_file.with_name(cache_file.name + ".lock")
+
+
+def _lock_is_stale(lock: Path) -> bool:
+    """Whether the lock file's holder is gone (the file itself being gone counts as stale)."""
+    try:
+        text = lock.read_text()
+        age = time.time() - lock.stat().st_mtime
+    except (OSError, UnicodeDecodeError):
+        return not lock.exists()
+    pid_text, _, host = text.partition("\n")
+    if not pid_text.strip().isdigit():
+        return age > LOCK_UNNAMED_SECONDS
+    if host.strip() and host.strip() != socket.gethostname():
+        return False  # another machine's process: its liveness cannot be seen from here
+    return not process_alive(int(pid_text))
+
+
+@contextlib.contextmanager
+def _locked(path: Path, wait: float = LOCK_WAIT_SECONDS) -> Iterator[None]:
+    """Hold the decode lock of cache file ``path`` while the body runs (see the module docstring).
+
+    Waits, polling every :data:`LOCK_POLL_SECONDS`, while a live process holds it, at most
+    ``wait`` seconds; takes over a lock whose holder is gone; runs the body without a lock
+    when the folder cannot be written or the wait ran out.
+    """
+    lock = lock_path(path)
+    deadline = time.monotonic() + wait
+    owned = False
+    with contextlib.suppress(OSError):
         path.parent.mkdir(parents=True, exist_ok=True)
-        f = open(path.with_name(path.name + ".lock"), "a")  # noqa: SIM115 - held across yield
-    except OSError:
-        yield
-        return
-    with f:
-        fcntl.flock(f, fcntl.LOCK_EX)
+    while True:
         try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            if _lock_is_stale(lock):
+                # Two waiters may both take over the same stale lock and decode twice; the
+                # atomic rename of each result keeps the cache whole.
+                try:
+                    lock.unlink(missing_ok=True)
+                    continue
+                except OSError:
+                    pass  # cannot be removed: wait as for a live holder
+            if time.monotonic() > deadline:
+                break
+            time.sleep(LOCK_POLL_SECONDS)
+            continue
+        except OSError:
+            break  # a read-only folder: the cache goes elsewhere, no lock needed
+        with os.fdopen(fd, "w") as f:
+            f.write(f"{os.getpid()}\n{socket.gethostname()}\n")
+        owned = True
+        break
+    try:
+        yield
+    finally:
+        if owned:
+            with contextlib.suppress(OSError):
+                if lock.read_text().partition("\n")[0] == str(os.getpid()):
+                    lock.unlink()
 
 
 def load_or_build(source: Path, key: str, build: Callable[[], Arrays]) -> tuple[Arrays, Path | None, bool]:

@@ -1,7 +1,11 @@
-"""Fixtures for the data tests: a few hundred real CIFAR-10 images, and a private cache."""
+"""Fixtures for the data tests: a few hundred real CIFAR-10 images, a private cache, and a local
+HTTP server to download from."""
 
 from __future__ import annotations
 
+import functools
+import http.server
+import threading
 import warnings
 from pathlib import Path
 
@@ -55,3 +59,22 @@ def isolated_cache(tmp_path, monkeypatch) -> Path:
     return path
 
 
+class _Quiet(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args):  # keep test output clean
+        pass
+
+
+@pytest.fixture
+def server(tmp_path):
+    """A static file server on 127.0.0.1 (a free port) serving ``tmp_path / 'www'``."""
+    root = tmp_path / "www"
+    root.mkdir()
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_Quiet, directory=root))
+    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    try:
+        yield root, f"http://127.0.0.1:{httpd.server_address[1]}"
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+        thread.join(timeout=5)

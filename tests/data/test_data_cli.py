@@ -3,10 +3,7 @@ HTTP server on 127.0.0.1, and bad inputs that must end in exit code 2 and one li
 
 from __future__ import annotations
 
-import functools
 import hashlib
-import http.server
-import threading
 
 import pytest
 from cifar_builders import make_tar, write_batches, write_imagefolder
@@ -25,27 +22,6 @@ def _one_line_error(capsys, *names: str) -> str:
     for name in names:
         assert name in lines[0]
     return lines[0]
-
-
-class _Quiet(http.server.SimpleHTTPRequestHandler):
-    def log_message(self, *args):  # keep test output clean
-        pass
-
-
-@pytest.fixture
-def server(tmp_path):
-    """A static file server on 127.0.0.1 (a free port) serving ``tmp_path / 'www'``."""
-    root = tmp_path / "www"
-    root.mkdir()
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_Quiet, directory=root))
-    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    try:
-        yield root, f"http://127.0.0.1:{httpd.server_address[1]}"
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
-        thread.join(timeout=5)
 
 
 @pytest.fixture
