@@ -4,6 +4,10 @@ The report holds, per pass: applied or refused, rewrites, exactness, the measure
 difference, FLOPs and bytes per image before and after; then the roofline of a training
 run (or of inference over the test set) on a hardware profile before and after, with the
 step time measured on this device.
+
+Inputs are CIFAR-10 images, resized to ``--input-shape`` when it asks for other 3-channel
+sizes; for another channel count random normal data stands in, and the report and its
+JSON say so, since then nothing was checked on real images.
 """
 
 from __future__ import annotations
@@ -16,8 +20,9 @@ from pathlib import Path
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
+from torch.utils._pytree import tree_leaves
 
-from fastgraph.cli_common import device_name, output_file, output_path, resolve_device, write_json
+from fastgraph.cli_common import check_outputs, device_name, output_file, resolve_device, write_json
 from fastgraph.errors import UserError
 
 # The passes `optimize` runs when --passes is not given: the exact ones for the mode,
@@ -28,12 +33,19 @@ DEFAULT_PASSES = {
     "infer": ["pool_before_activation", "fold_bn"],
 }
 DATA_PASS_IMAGES = 5000  # training images given to passes that need data (whitening's patch covariance)
+CIFAR_SHAPE = (3, 32, 32)
+SYNTHETIC_INPUT = "synthetic input: verification on random normal data"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """Add the ``fastgraph optimize`` options to its subparser."""
     p.add_argument("model", help="plain PyTorch model file (.py)")
-    p.add_argument("--entry", help="function or class in the file that builds the model")
+    p.add_argument("--entry", help="function or class in the file that builds the model, or a module-level "
+                   "nn.Module instance")
+    p.add_argument("--input-shape", default="3,32,32", metavar="C,H,W",
+                   help="one input image: channels, height, width (default 3,32,32). With 3 channels the "
+                   "real CIFAR-10 images are resized to HxW; with any other count random normal data "
+                   "stands in, and the report says so")
     p.add_argument("--mode", choices=("train", "infer"), default="train",
                    help="optimise the training step (default) or inference")
     defaults = "; ".join(f"{mode}: {','.join(names)}" for mode, names in DEFAULT_PASSES.items())
@@ -54,9 +66,64 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", metavar="FILE", help="write the whole report as JSON")
 
 
+def parse_input_shape(text: str) -> tuple[int, int, int]:
+    """``--input-shape`` text ``"C,H,W"`` as (channels, height, width), in pixels.
+
+    Raises:
+        UserError: not three comma-separated positive integers (one line quoting ``text``).
+    """
+    try:
+        shape = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        shape = ()
+    if len(shape) != 3 or min(shape) < 1:
+        raise UserError(f"--input-shape must be C,H,W positive integers, got {text!r}")
+    return shape
+
+
+def _resized(images: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Normalised float images (N, 3, 32, 32) resized bilinearly to ``size`` (H, W).
+
+    Antialiased, so that a shrink averages the pixels it drops rather than aliasing them;
+    when enlarging, antialiasing changes nothing.
+    """
+    if tuple(images.shape[-2:]) == size:
+        return images
+    return F.interpolate(images, size=size, mode="bilinear", align_corners=False, antialias=True)
+
+
+def _synthetic_batch(n: int, shape: tuple[int, int, int], classes: int = 10):
+    """``n`` random normal inputs (n, *shape) float32 and int64 labels in [0, classes),
+    from a fixed seed so that two runs verify on the same values."""
+    generator = torch.Generator().manual_seed(0)
+    return (torch.randn(n, *shape, generator=generator),
+            torch.randint(0, classes, (n,), generator=generator))
+
+
+def training_loss(out, y: torch.Tensor) -> torch.Tensor:
+    """A scalar loss of a model output for a timed training step.
+
+    ``out`` is a tensor or a tuple, list or dict of them (nested). Its first floating
+    tensor gets cross-entropy against the int64 labels ``y`` (N,) when it is (N, classes)
+    logits that the labels fit, else its mean; every further floating tensor adds its
+    mean, so the backward reaches every head the model computes, as training would.
+
+    Raises:
+        UserError: the output holds no floating-point tensor (nothing to train).
+    """
+    tensors = [t.float() for t in tree_leaves(out) if isinstance(t, torch.Tensor) and t.is_floating_point()]
+    if not tensors:
+        raise UserError(f"the model returns no floating-point tensor ({type(out).__name__}): "
+                        "nothing to train")
+    first = tensors[0]
+    fits = first.dim() == 2 and first.shape[0] == len(y) and first.shape[1] > int(y.max())
+    loss = F.cross_entropy(first, y) if fits else first.mean()
+    return loss + sum(t.mean() for t in tensors[1:])
+
+
 def _step_fn(gm: fx.GraphModule, mode: str, x: torch.Tensor, y: torch.Tensor, device: torch.device,
              precision: str):
-    """A zero-argument training step (forward, cross-entropy, backward, SGD) or inference
+    """A zero-argument training step (forward, :func:`training_loss`, backward, SGD) or inference
     forward of a copy of ``gm`` on (x, y) on ``device``; ``gm`` is untouched."""
     model = copy.deepcopy(gm).to(device).train(mode == "train")
     x, y = x.to(device), y.to(device)
@@ -72,7 +139,7 @@ def _step_fn(gm: fx.GraphModule, mode: str, x: torch.Tensor, y: torch.Tensor, de
 
         def step():
             opt.zero_grad(set_to_none=True)
-            F.cross_entropy(forward().float(), y).backward()
+            training_loss(forward(), y).backward()
             opt.step()
     else:
         def step():
@@ -123,44 +190,64 @@ def run(args: argparse.Namespace) -> int:
     from fastgraph.data import load_cifar10, normalize, spread_indices
     from fastgraph.loading import load_model
     from fastgraph.pass_manager import VERIFY_IMAGES, run_passes, verification_batch
-    from fastgraph.tracing import trace
+    from fastgraph.tracing import check_runs, check_trace, trace
     from fastgraph.trained import spread_training_images
 
     if args.epochs <= 0 or args.steps <= 0 or (args.batch_size is not None and args.batch_size <= 1):
         raise UserError("--epochs and --steps must be positive and --batch-size at least 2")
+    shape = parse_input_shape(args.input_shape)
     profile = roofline.load_profile(args.profile)
     profile.peak(args.precision)  # raises a one-line error for a precision the profile lacks
     device = resolve_device(args.device)
     # Unwritable outputs fail here, before the slow work.
-    out = output_path(args.out or Path.cwd() / f"{Path(args.model).stem}.optimized.pt", "--out")
-    for option, path in (("--emit-code", args.emit_code), ("--json", args.json)):
-        if path:
-            output_path(path, option)
+    out = check_outputs({"--out": args.out or Path.cwd() / f"{Path(args.model).stem}.optimized.pt",
+                         "--emit-code": args.emit_code, "--json": args.json},
+                        inputs={"model file": args.model, "data": args.data})["--out"]
 
     model = load_model(args.model, args.entry)
-    gm = trace(model, args.model)
-    data = load_cifar10(args.data)
+    gm = trace(model, args.model, mode=args.mode)  # self.training branches as they will run
     batch_size = args.batch_size or (512 if device.type == "cuda" else 32)
-    if batch_size > len(data.test_images):
-        raise UserError(f"--batch-size {batch_size} is more than the {len(data.test_images)} test images")
-    # Test images of every class: an ImageFolder test split is stored class by class.
-    index = spread_indices(max(batch_size, VERIFY_IMAGES), len(data.test_images))
-    x, y = normalize(data.test_images[index]), data.test_labels[index]
     names = DEFAULT_PASSES[args.mode]
     if args.passes:
         names = [n.strip() for n in args.passes.split(",") if n.strip()]
+    needs_data = [name for name in names if name in registry.REGISTRY and registry.get(name).needs_data]
+    if shape[0] == CIFAR_SHAPE[0]:
+        data = load_cifar10(args.data)
+        if batch_size > len(data.test_images):
+            raise UserError(f"--batch-size {batch_size} is more than the {len(data.test_images)} test images")
+        # Test images of every class: an ImageFolder test split is stored class by class.
+        index = spread_indices(max(batch_size, VERIFY_IMAGES), len(data.test_images))
+        x, y = _resized(normalize(data.test_images[index]), shape[1:]), data.test_labels[index]
+        source = "real CIFAR-10 test images" + ("" if shape == CIFAR_SHAPE else
+                                                 f", resized bilinearly to {shape[1]}x{shape[2]}")
+    else:
+        if needs_data:  # whitening's patch statistics of noise would whiten nothing
+            raise UserError(f"pass {needs_data[0]} needs real images, and --input-shape "
+                            f"{args.input_shape} has {shape[0]} channels, not CIFAR-10's 3")
+        data = None
+        x, y = _synthetic_batch(max(batch_size, VERIFY_IMAGES), shape)
+        source = SYNTHETIC_INPUT
+    # Two images, not one: in train mode BatchNorm raises on one value per channel, which
+    # ImageNet-style ResNets reach on their 1x1 maps; every count is divided by the batch.
+    example = x[:2]
+    check_runs(gm, example)  # a model sized for other images fails here, in one line
     if args.mode == "infer":
         gm.eval()  # inference passes such as fold_bn act on eval-mode BatchNorm
         model.eval()
     # Passes that need data (whitening) get training images of every class.
     options = {}
-    if any(name in registry.REGISTRY and registry.get(name).needs_data for name in names):
-        images, _ = spread_training_images(data, DATA_PASS_IMAGES)
-        options = {name: {"images": images} for name in names
-                   if name in registry.REGISTRY and registry.get(name).needs_data}
+    if needs_data:
+        # As many patches as DATA_PASS_IMAGES images hold at 32x32 (fewer images when
+        # larger), and at least ten images per class.
+        count = max(DATA_PASS_IMAGES * CIFAR_SHAPE[1] * CIFAR_SHAPE[2] // (shape[1] * shape[2]), 100)
+        images, _ = spread_training_images(data, min(count, DATA_PASS_IMAGES))
+        options = {name: {"images": _resized(images, shape[1:])} for name in needs_data}
 
+    # The user's eager model is the reference: a trace that lost part of it (a no_grad
+    # block, a train() override...) is refused here, naming the construct, before any pass.
+    check_trace(model, gm, args.mode, verification_batch(x, y))
     optimized, pass_report = run_passes(gm, names, mode=args.mode, batch=verification_batch(x, y),
-                                        options=options, cost_example=x[:1], cost_batch_size=batch_size)
+                                        options=options, cost_example=example, cost_batch_size=batch_size)
 
     rows = []
     graphs = {"before": gm, "after": optimized}
@@ -168,7 +255,7 @@ def run(args: argparse.Namespace) -> int:
         {label: _step_fn(module, args.mode, x[:batch_size], y[:batch_size], device, args.precision)
          for label, module in graphs.items()}, device, args.steps)
     for label, module in graphs.items():
-        est = roofline.estimate(module, x[:1], profile, args.precision, mode=args.mode,
+        est = roofline.estimate(module, example, profile, args.precision, mode=args.mode,
                                 epochs=args.epochs, batch_size=args.batch_size or 512)
         seconds, method = measured[label]
         images_per_second = batch_size / seconds
@@ -184,6 +271,7 @@ def run(args: argparse.Namespace) -> int:
         "device": device_name(device),
         "torch": torch.__version__,
         "batch_size": batch_size,
+        "input": {"shape": list(shape), "data": source},
         "verify_images": VERIFY_IMAGES,
         "profile": profile.name,
         "precision": args.precision,
@@ -198,5 +286,7 @@ def run(args: argparse.Namespace) -> int:
         result["emitted_code"] = str(code.resolve())
     if args.json:
         write_json(args.json, result)
+    # Said before the tables: checks on synthetic data say nothing about real images.
+    print(f"Input {'x'.join(map(str, shape))}: {source}")
     report_view.print_optimize_report(result)
     return 0

@@ -29,10 +29,13 @@ epoch N on: SGD with lr 0 leaves the parameter exactly as it is and, unlike turn
 ``requires_grad`` off, changes nothing a compiled graph's guards look at. With
 ``own_schedule`` its lr follows the recipe's schedule over its N epochs.
 
-Reliability: a checkpoint at the end of every epoch (``fastgraph.checkpoint``), a
-first Ctrl-C finishes the current step, writes a checkpoint and raises
-``KeyboardInterrupt`` (the CLI exits 130), ``resume`` continues bit-exactly on the same
-device, and a NaN or infinite loss stops the run with :class:`TrainingDiverged`.
+Reliability: a checkpoint at the end of every epoch (``fastgraph.checkpoint``); a
+first Ctrl-C or SIGTERM (what a job scheduler or ``kill`` sends) lets the current step
+finish, writes a checkpoint at that step boundary and raises :class:`Interrupted` (the
+CLI exits 130, or 143 for SIGTERM); a second one stops at once. ``resume`` continues
+bit-exactly on the same device, and a NaN or infinite loss stops the run with
+:class:`TrainingDiverged`. The model file, the checkpoint and the options are checked
+before the data is looked for.
 """
 
 from __future__ import annotations
@@ -53,7 +56,7 @@ from torch import nn
 
 from fastgraph import checkpoint as ckpt
 from fastgraph import nvtx
-from fastgraph.cli_common import resolve_device
+from fastgraph.cli_common import resolve_device, traced_model
 from fastgraph.errors import UserError
 from fastgraph.optim import WeightAverage, build_optimizers
 from fastgraph.pass_manager import VERIFY_IMAGES
@@ -69,6 +72,17 @@ TIMING_RULE = ("counted: the recipe's passes (whitening initialisation included)
 
 class TrainingDiverged(UserError):
     """The loss became NaN or infinite; the message names the epoch and step."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """Training stopped by a signal; ``signum`` is ``signal.SIGINT`` (Ctrl-C) or ``signal.SIGTERM``.
+
+    A ``KeyboardInterrupt``, so code that handles Ctrl-C handles SIGTERM alike.
+    """
+
+    def __init__(self, signum: int = signal.SIGINT):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
 
 
 @dataclass
@@ -261,27 +275,37 @@ def balanced_subset(labels: torch.Tensor, n: int, what: str = "training") -> tor
 
 
 class _Interrupt:
-    """SIGINT handler for the duration of training: the first Ctrl-C sets a flag that the
-    loop checks between steps (so the checkpoint is of a consistent state); a second one
-    interrupts at once."""
+    """SIGINT and SIGTERM handler for the duration of training: the first signal sets a
+    flag that the loop checks between steps (so the checkpoint is of a consistent state)
+    and records which signal it was; a second one interrupts at once. Signal handlers can
+    only be set in the main thread; elsewhere the signals keep their handlers."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self):
         self.requested = False
-        self._previous = None
+        self.signum = signal.SIGINT
+        self._previous: dict = {}
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGINT, self._handle)
+            self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
         return self
 
     def _handle(self, signum, frame):
         if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
+            raise Interrupted(signum)
+        self.requested, self.signum = True, signum
+
+    def check(self) -> None:
+        """Raise :class:`Interrupted` if a signal came; call at step boundaries only."""
+        if self.requested:
+            raise Interrupted(self.signum)
 
     def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
+        for s, previous in self._previous.items():
+            signal.signal(s, previous)
+        self._previous = {}
         return False
 
 
@@ -367,9 +391,10 @@ class Trainer:
         train_cfg = recipe["train"]
         self.epochs = float(opts.epochs if opts.epochs is not None else train_cfg["epochs"])
         self.batch_size = int(opts.batch_size if opts.batch_size is not None else train_cfg["batch_size"])
-        if not self.epochs > 0 or self.batch_size < 1:
-            raise UserError(f"--epochs must be > 0 and --batch-size >= 1, "
-                            f"got {self.epochs} and {self.batch_size}")
+        if not (self.epochs > 0 and math.isfinite(self.epochs)):  # an infinite schedule never ends
+            raise UserError(f"--epochs must be a finite number > 0, got {self.epochs}")
+        if self.batch_size < 1:
+            raise UserError(f"--batch-size must be >= 1, got {self.batch_size}")
         cuda = self.device.type == "cuda"
         self.precision = opts.precision or (recipe["train"]["precision"] if cuda else "fp32")
         if self.precision not in DTYPES:
@@ -452,12 +477,13 @@ class Trainer:
     def _build(self, timer: Timer) -> tuple[fx.GraphModule, dict]:
         """Load, trace and rewrite the model file: (train-mode GraphModule on the device, pass report)."""
         from fastgraph.loading import load_model
-        from fastgraph.tracing import check_runs, trace
+        from fastgraph.pass_manager import verification_batch
+        from fastgraph.tracing import check_runs, check_trace, trace
         from fastgraph.trained import training_graph
 
         with timer.phase("model build", counted=False):
-            model = load_model(self.opts.model_path, self.opts.entry)
-            gm = trace(model, source=self.opts.model_path).to(self.device)
+            model = load_model(self.opts.model_path, self.opts.entry).to(self.device)
+            gm = trace(model, source=self.opts.model_path, mode="train")
             images, labels = self._pass_images()
             check_runs(gm, images[:2])
         if not self._passes_checked:
@@ -466,6 +492,8 @@ class Trainer:
             # with the random state put back so the counted build below is the same.
             with timer.phase("pass checks", counted=False), torch.random.fork_rng(
                     devices=[self.device] if self.device.type == "cuda" else []):
+                # the user's eager model is the reference of every check
+                check_trace(model, gm, "train", verification_batch(images, labels))
                 training_graph(gm, self.recipe.to_dict(), images=images, labels=labels,
                                stochastic_depth=self.opts.stochastic_depth)
             self._passes_checked = True
@@ -623,6 +651,10 @@ class Trainer:
             with timer.phase("warm-up", counted=False):
                 self._warm_up(r)
         if saved is not None:  # resume inside this run, at a step boundary
+            from fastgraph.trained import check_state_matches
+
+            # The model file may have changed since: name the first weight that differs.
+            check_state_matches(module, saved["model"], ckpt.checkpoint_path(self.opts.checkpoint_dir))
             module.load_state_dict(saved["model"])
             for opt, state in zip(optimizers, saved["optimizers"], strict=True):
                 opt.load_state_dict(state)
@@ -676,7 +708,7 @@ class Trainer:
         return group["peak_lr"] * factor
 
     def _train_epoch(self, r: _Run, epoch: int, skip: int) -> None:
-        """Train epoch ``epoch`` from its step ``skip``; raise on a non-finite loss or Ctrl-C."""
+        """Train epoch ``epoch`` from its step ``skip``; raise on a non-finite loss, Ctrl-C or SIGTERM."""
         recipe = self.recipe
         steps_here = min(r.steps_per_epoch, r.total_steps - epoch * r.steps_per_epoch)
         r.new_epoch(epoch, skip, r.augmenter.state_dict(), r.timer.total())
@@ -724,7 +756,7 @@ class Trainer:
                     f"{skip + k + 1} (step {r.step - len(losses) + k + 1} of the run); recipe "
                     f"{recipe.name} with peak lr {self.hyper.lr:g} is unstable for this model")
         if interrupted:
-            raise KeyboardInterrupt
+            self.interrupt.check()
 
     def _end_epoch(self, r: _Run, epoch: int, resumed_inside: bool) -> EpochRecord:
         """Evaluate (see the module docstring for what is counted) and record epoch ``epoch``."""
@@ -786,15 +818,17 @@ class Trainer:
     def _on_interrupt(self, state: dict | None) -> None:
         """Write ``state`` (the run at the step boundary where it stopped) as the checkpoint."""
         directory = self.opts.checkpoint_dir
+        how = "interrupted" + (f" ({signal.Signals(self.interrupt.signum).name})" if self.interrupt.requested
+                               else "")
         if not directory:
-            self.reporter.message("interrupted; no --checkpoint folder was given, nothing saved")
+            self.reporter.message(f"{how}; no --checkpoint folder was given, nothing saved")
         elif state is not None:
             path = ckpt.save_checkpoint(directory, state)
-            self.reporter.message(f"interrupted at run {state['run'] + 1} epoch {state['epoch'] + 1} "
+            self.reporter.message(f"{how} at run {state['run'] + 1} epoch {state['epoch'] + 1} "
                                   f"after step {state['step_in_epoch']}; checkpoint written to {path}; "
                                   "continue with --resume")
         else:
-            self.reporter.message(f"interrupted mid-step; the checkpoint in {directory} is of the last "
+            self.reporter.message(f"{how} mid-step; the checkpoint in {directory} is of the last "
                                   "finished epoch; continue with --resume")
 
     # -- all runs ---------------------------------------------------------------------
@@ -815,6 +849,9 @@ class Trainer:
         saved = None
         if opts.resume and not opts.checkpoint_dir:
             raise UserError("--resume needs --checkpoint DIR (the folder holding the checkpoint)")
+        # The model file and the checkpoint are checked before the data is looked for: it may
+        # be absent, or take seconds to decode.
+        traced_model(opts.model_path, opts.entry)
         if opts.checkpoint_dir:
             exists = ckpt.checkpoint_path(opts.checkpoint_dir).exists()
             if opts.resume:
@@ -836,6 +873,11 @@ class Trainer:
         self.last_model = None
         with self.interrupt:
             for run in range(first, opts.runs):
+                if self.interrupt.requested:  # between runs: the finished run's checkpoint is written
+                    how = f"interrupted ({signal.Signals(self.interrupt.signum).name}) before run {run + 1}"
+                    self.reporter.message(f"{how}; continue with --resume" if opts.checkpoint_dir
+                                          else f"{how}; no --checkpoint folder was given")
+                    self.interrupt.check()
                 completed.append(self._run(run, list(completed), in_run if run == first else None))
         return TrainResult(recipe=self.recipe.to_dict(), hyperparameters=asdict(self.hyper),
                            settings=self.settings(), runs=completed, timing_method=setup.method,
@@ -852,7 +894,8 @@ def train(opts: TrainOptions, reporter: Reporter | None = None) -> TrainResult:
     Raises:
         UserError: bad options, model file, data, recipe passes, or checkpoint.
         TrainingDiverged: a NaN or infinite loss (names the epoch and step).
-        KeyboardInterrupt: Ctrl-C (or a reporter callback raising it), after writing a
-            checkpoint when ``opts.checkpoint_dir`` is set.
+        Interrupted: Ctrl-C or SIGTERM (``signum`` says which), after writing a checkpoint
+            when ``opts.checkpoint_dir`` is set.
+        KeyboardInterrupt: a reporter callback raised it (a checkpoint is written alike).
     """
     return Trainer(opts, reporter).train()
