@@ -37,6 +37,7 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     """The ``fastgraph`` argument parser, with one subparser per command of :data:`COMMANDS`."""
     parser = _Parser(prog="fastgraph", description=fastgraph.__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"fastgraph {fastgraph.__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
     for name, (module_name, help_text) in COMMANDS.items():

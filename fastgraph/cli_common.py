@@ -171,8 +171,26 @@ def output_file(path: str | Path, option: str) -> Iterator[Path]:
         raise UserError(f"cannot write {option} {file}: {exc.strerror or exc}") from None
 
 
+SCHEMA_VERSION = 1  # of every JSON report; raised when a key changes meaning or goes
+DEFAULT_PROFILE = "h100"  # the hardware profile every command's roofline uses unless told
+
+
+def report_header() -> dict:
+    """What every JSON report starts with: ``schema`` (:data:`SCHEMA_VERSION`), fastgraph
+    and torch versions, the git commit of this checkout (or None) and the UTC date."""
+    import torch
+
+    import fastgraph
+
+    return {"schema": SCHEMA_VERSION, "fastgraph": fastgraph.__version__, "torch": torch.__version__,
+            "commit": git_commit(), "date": datetime.now(UTC).isoformat(timespec="seconds")}
+
+
 def write_json(path: str | Path, record: dict, option: str = "--json") -> Path:
-    """Write ``record`` as indented JSON to ``path`` (see :func:`output_file` for errors)."""
+    """Write ``record`` as indented JSON to ``path`` (see :func:`output_file` for errors),
+    after :func:`report_header` (the record's own keys win) and with ``device`` always
+    present (``"none"`` for a report that ran nothing, such as a pure roofline)."""
+    record = {**report_header(), "device": "none", **record}
     with output_file(path, option) as file:
         file.write_text(json.dumps(record, indent=2) + "\n")
     return file
@@ -205,5 +223,4 @@ def environment(device: str) -> dict:
         name = torch.cuda.get_device_name(torch.device(device))
     else:
         name = f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
-    return {"fastgraph": fastgraph.__version__, "torch": torch.__version__, "device": name,
-            "commit": git_commit(), "date": datetime.now(UTC).isoformat(timespec="seconds")}
+    return {**report_header(), "fastgraph": fastgraph.__version__, "device": name}

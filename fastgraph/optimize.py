@@ -22,8 +22,16 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch.utils._pytree import tree_leaves
 
-from fastgraph.cli_common import check_outputs, device_name, output_file, resolve_device, write_json
+from fastgraph.cli_common import (
+    DEFAULT_PROFILE,
+    check_outputs,
+    device_name,
+    output_file,
+    resolve_device,
+    write_json,
+)
 from fastgraph.errors import UserError
+from fastgraph.timing import compare_step_times
 
 # The passes `optimize` runs when --passes is not given: the exact ones for the mode,
 # whose results are verified; training-time passes change the function and are named
@@ -51,13 +59,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     defaults = "; ".join(f"{mode}: {','.join(names)}" for mode, names in DEFAULT_PASSES.items())
     p.add_argument("--passes", help=f"comma-separated pass names, in order (default: the exact passes "
                    f"for the mode, {defaults})")
-    p.add_argument("--profile", default="a100", help="hardware profile for the roofline (default a100)")
+    p.add_argument("--profile", default=DEFAULT_PROFILE,
+                   help=f"hardware profile for the roofline (default {DEFAULT_PROFILE})")
     p.add_argument("--precision", default="bf16", help="fp32, tf32, fp16 or bf16 (default bf16)")
     p.add_argument("--epochs", type=int, default=10,
                    help="epochs of 50,000 images in the roofline (default 10)")
     p.add_argument("--batch-size", type=int, default=None,
                    help="batch of the measured step (default 512 on CUDA, 32 on CPU)")
-    p.add_argument("--steps", type=int, default=3, help="timed steps per measurement (default 3)")
+    p.add_argument("--steps", type=int, default=5,
+                   help="timed steps of each graph, alternated before/after (default 5)")
     p.add_argument("--device", default=None, help="device for the measured step (default cuda if present)")
     p.add_argument("--data", help="CIFAR-10: python-format dir, ImageFolder dir or archive "
                    "(default $FASTGRAPH_DATA, then ~/.cache/fastgraph/cifar10)")
@@ -154,7 +164,7 @@ def _measure_alternating(steps: dict, device: torch.device, rounds: int) -> dict
     One warm-up call each (not timed), then ``rounds`` rounds that time one call of every
     function in turn, so a change in machine load between them (a shared CPU, GPU clocks)
     falls on all of them alike rather than on whichever was timed second.
-    Returns {name: (median seconds, method)}.
+    Returns {name: (every step's seconds, method)}.
     """
     from fastgraph.timing import measure_step_time
 
@@ -166,8 +176,8 @@ def _measure_alternating(steps: dict, device: torch.device, rounds: int) -> dict
             one = measure_step_time(fn, device, warmup=0, iters=1)
             times[name].append(one.median_seconds)
     clock = one.method.split(",")[0]
-    method = f"{clock}, 1 warm-up excluded, median of {rounds}, before/after alternated"
-    return {name: (statistics.median(t), method) for name, t in times.items()}
+    method = f"{clock}, 1 warm-up excluded, {rounds} steps each, before/after alternated"
+    return {name: (t, method) for name, t in times.items()}
 
 
 def _readable_code(gm: fx.GraphModule, passes_applied: list[str], source: str) -> str:
@@ -257,9 +267,11 @@ def run(args: argparse.Namespace) -> int:
     for label, module in graphs.items():
         est = roofline.estimate(module, example, profile, args.precision, mode=args.mode,
                                 epochs=args.epochs, batch_size=args.batch_size or 512)
-        seconds, method = measured[label]
+        samples, method = measured[label]
+        seconds = statistics.median(samples)
         images_per_second = batch_size / seconds
         rows.append({"graph": label, **est, "measured_step_seconds": seconds,
+                     "measured_step_samples": samples,
                      "measured_images_per_second": images_per_second,
                      "measured_flops_per_second": est["step_flops_per_image"] * images_per_second,
                      "timing_method": method})
@@ -278,6 +290,8 @@ def run(args: argparse.Namespace) -> int:
         "epochs": args.epochs,
         **pass_report.to_dict(),
         "roofline": rows,
+        # before vs after with their spread: "within noise" when the ranges overlap
+        "measured_step": compare_step_times(measured["before"][0], measured["after"][0]),
         "optimized_module": str(out.resolve()),
     }
     if args.emit_code:

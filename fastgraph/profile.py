@@ -36,7 +36,14 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from fastgraph.cli_common import check_outputs, device_name, resolve_device, traced_model, write_json
+from fastgraph.cli_common import (
+    DEFAULT_PROFILE,
+    check_outputs,
+    device_name,
+    resolve_device,
+    traced_model,
+    write_json,
+)
 from fastgraph.errors import UserError
 
 PHASES = ("step", "data", "forward", "backward", "optimizer")
@@ -56,7 +63,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="folder for trace.json (default fastgraph-profile)")
     p.add_argument("--data", help="CIFAR-10 (folder or archive; default $FASTGRAPH_DATA)")
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default cuda if present)")
-    p.add_argument("--profile", default="h100", help="hardware profile for the share of peak (default h100)")
+    p.add_argument("--profile", default=DEFAULT_PROFILE,
+                   help=f"hardware profile for the share of peak (default {DEFAULT_PROFILE})")
     p.add_argument("--precision", choices=("fp32", "tf32", "fp16", "bf16"), default=None,
                    help="autocast precision on CUDA and the peak it is held against (default bf16 on CUDA, "
                         "fp32 on CPU, where steps always run in fp32)")

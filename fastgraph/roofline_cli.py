@@ -14,7 +14,7 @@ import argparse
 import json
 from pathlib import Path
 
-from fastgraph.cli_common import check_outputs, positive, write_json
+from fastgraph.cli_common import DEFAULT_PROFILE, check_outputs, positive, write_json
 from fastgraph.errors import UserError
 
 
@@ -22,7 +22,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     """Add the ``fastgraph roofline`` options to its subparser."""
     p.add_argument("model", help="plain PyTorch model file (.py)")
     p.add_argument("--entry", help="function or class in the file that builds the model")
-    p.add_argument("--profile", default="h100", help="hardware profile name or .toml file (default h100)")
+    p.add_argument("--profile", default=DEFAULT_PROFILE,
+                   help=f"hardware profile name or .toml file (default {DEFAULT_PROFILE})")
     p.add_argument("--precision", default="bf16", help="fp32, tf32, fp16 or bf16 (default bf16)")
     p.add_argument("--mode", choices=("train", "infer"), default="train",
                    help="a training step (default) or an inference batch")

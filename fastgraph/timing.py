@@ -248,3 +248,30 @@ def measure_step_time(step_fn, device: torch.device | str | None = "cpu", warmup
         times = tuple(times)
     method = f"{_method_name(device)}, {warmup} warm-up excluded, median of {iters}"
     return StepTime(statistics.median(times), times, method)
+
+
+def compare_step_times(before: list[float], after: list[float]) -> dict:
+    """How two sets of step times (seconds, timed in alternation) compare, honestly.
+
+    Returns ``{"speedup", "before", "after", "verdict", "text"}``: ``speedup`` is median
+    before / median after; ``before`` and ``after`` are ``{"median", "min", "max", "n"}``
+    in seconds; ``verdict`` is ``"within noise"`` when the [min, max] ranges overlap (one
+    step's spread covers the difference), else ``"faster"`` or ``"slower"``; ``text`` says
+    it in one line. Raises ``ValueError`` for an empty list.
+    """
+    if not before or not after:
+        raise ValueError("compare_step_times needs at least one time on each side")
+
+    def summary(times):
+        return {"median": statistics.median(times), "min": min(times), "max": max(times), "n": len(times)}
+
+    b, a = summary(before), summary(after)
+    speedup = b["median"] / a["median"]
+    if a["min"] <= b["max"] and b["min"] <= a["max"]:
+        verdict = "within noise"
+    else:
+        verdict = "faster" if speedup > 1 else "slower"
+    text = (f"{speedup:.3f}x, {verdict} (median {1e3 * b['median']:.3g} ms, range {1e3 * b['min']:.3g}-"
+            f"{1e3 * b['max']:.3g} before; {1e3 * a['median']:.3g} ms, {1e3 * a['min']:.3g}-"
+            f"{1e3 * a['max']:.3g} after; n = {b['n']} each)")
+    return {"speedup": speedup, "before": b, "after": a, "verdict": verdict, "text": text}

@@ -130,3 +130,23 @@ def test_a_data_pass_gets_training_images_or_a_one_line_error(small_resnet9, rea
     out, report = run_passes(gm, ["whitening"], mode="train", batch=real_batch,
                              options={"whitening": {"images": images}})
     assert report.outcomes[0].status == "applied"
+
+
+def test_the_json_report_says_what_made_it_and_how_sure_the_timing_is(tmp_path, small_resnet9, data_path):
+    out, report, _ = optimize(tmp_path, small_resnet9, data_path, "--steps", "3")
+    for key in ("schema", "fastgraph", "torch", "commit", "date", "device"):
+        assert report[key] not in (None, ""), key
+    assert report["schema"] == 1 and report["profile"] == "h100"  # the one default profile
+    timing = report["measured_step"]
+    assert timing["verdict"] in ("within noise", "faster", "slower")
+    assert timing["before"]["n"] == timing["after"]["n"] == 3
+    assert timing["before"]["min"] <= timing["before"]["median"] <= timing["before"]["max"]
+    assert len(report["roofline"][0]["measured_step_samples"]) == 3
+
+
+def test_version(capsys):
+    import fastgraph
+
+    with pytest.raises(SystemExit) as info:
+        main(["--version"])
+    assert info.value.code == 0 and capsys.readouterr().out.strip() == f"fastgraph {fastgraph.__version__}"

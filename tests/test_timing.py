@@ -116,3 +116,17 @@ def test_cuda_events_time_gpu_work():
     result = measure_step_time(lambda: torch.cuda._sleep(cycles // 10), "cuda", warmup=1, iters=5)
     assert result.median_seconds > 1e-4
     assert result.method == "CUDA events, 1 warm-up excluded, median of 5"
+
+
+def test_step_times_whose_ranges_overlap_are_within_noise():
+    from fastgraph.timing import compare_step_times
+
+    same = compare_step_times([0.100, 0.104, 0.098], [0.101, 0.097, 0.103])
+    assert same["verdict"] == "within noise" and "within noise" in same["text"]
+    assert same["speedup"] == pytest.approx(0.100 / 0.101)
+    faster = compare_step_times([0.200, 0.210, 0.205], [0.100, 0.104, 0.102])
+    assert faster["verdict"] == "faster" and faster["speedup"] == pytest.approx(0.205 / 0.102)
+    assert faster["before"] == {"median": 0.205, "min": 0.2, "max": 0.21, "n": 3}
+    assert compare_step_times([0.1], [0.3])["verdict"] == "slower"
+    with pytest.raises(ValueError):
+        compare_step_times([], [0.1])
