@@ -143,8 +143,10 @@ def attribute(events, labels: list[str], *, cuda: bool, steps: int) -> dict:
             "backward_unattributed_seconds": unattributed * per_step}
 
 
-def table_rows(attributed: dict, points: dict, labels: list[str], peak: float) -> tuple[list[dict], float]:
-    """One row per node label (graph order): times, % of step, FLOPs, FLOP/s, share of peak, intensity."""
+def table_rows(attributed: dict, points: dict, labels: list[str], peak: float | None,
+               ) -> tuple[list[dict], float]:
+    """One row per node label (graph order): times, % of step, FLOPs, FLOP/s, share of peak
+    (None when ``peak`` is None: the run was not on the profile's hardware), intensity."""
     step_seconds = attributed["phases"].get("step", 0.0)
     rows = []
     for label in labels:
@@ -158,7 +160,7 @@ def table_rows(attributed: dict, points: dict, labels: list[str], peak: float) -
                      "percent_of_step": 100 * seconds / step_seconds if step_seconds else None,
                      "flops": flops, "bytes": point.bytes if point else 0.0,
                      "achieved_flops_per_second": achieved,
-                     "fraction_of_peak": achieved / peak if achieved else None,
+                     "fraction_of_peak": achieved / peak if achieved and peak else None,
                      "arithmetic_intensity": point.arithmetic_intensity if point else 0.0,
                      "profiler_forward_flops": timing["profiler_forward_flops"]})
     return rows, step_seconds
@@ -285,13 +287,16 @@ def run(args: argparse.Namespace) -> int:
             step(i)
             prof.step()
     attributed = attribute(captured[0], labels, cuda=cuda, steps=args.steps)
-    rows, step_seconds = table_rows(attributed, points, labels, peak)
+    # A share of a GPU's peak is only meaningful for a run on that GPU: never next to a
+    # CPU measurement, nor an A100 run held against the H100 profile.
+    on_profile = cuda and hardware.name.lower() in device_name(device).lower().replace(" ", "")
+    rows, step_seconds = table_rows(attributed, points, labels, peak if on_profile else None)
     node_seconds = sum(r["seconds"] for r in rows)
     result = {
         "model": str(Path(args.model).resolve()), "recipe": args.recipe, "device": device_name(device),
         "torch": torch.__version__, "batch_size": batch_size, "steps": args.steps, "warmup": args.warmup,
         "precision": precision, "run_precision": precision if cuda else "fp32",
-        "profile": hardware.name, "peak_flops_per_second": peak,
+        "profile": hardware.name, "peak_flops_per_second": peak, "measured_on_profile": on_profile,
         "nvtx_backend": nvtx.backend(),
         "timing_method": (f"torch.profiler, {'CUDA kernel' if cuda else 'CPU op'} times per node, "
                           "wall time of "
@@ -335,15 +340,21 @@ def print_report(result: dict, console=None) -> None:
     t = Table(title=f"Per node, mean of {result['steps']} training steps of {result['batch_size']} images on "
                     f"{result['device']} ({result['timing_method'].split(',')[1].strip()})",
               title_justify="left")
-    for col in ("node", "forward", "backward", "self time", "% of step", "FLOPs", "achieved",
-                f"% of {result['profile']} peak", "FLOP/B"):
+    on_profile = result.get("measured_on_profile", False)
+    columns = ["node", "forward", "backward", "self time", "% of step", "FLOPs", "achieved", "FLOP/B"]
+    if on_profile:
+        columns.insert(7, f"% of {result['profile']} peak")
+    for col in columns:
         t.add_column(col, justify="left" if col == "node" else "right")
     for r in result["rows"]:
         pct = f"{r['percent_of_step']:.1f}%" if r["percent_of_step"] is not None else "-"
         share = f"{100 * r['fraction_of_peak']:.3g}%" if r["fraction_of_peak"] is not None else "-"
-        t.add_row(r["node"], seconds(r["forward_seconds"]), seconds(r["backward_seconds"]),
-                  seconds(r["seconds"]), pct, si(r["flops"]), si(r["achieved_flops_per_second"], "FLOP/s"),
-                  share, f"{r['arithmetic_intensity']:.3g}")
+        cells = [r["node"], seconds(r["forward_seconds"]), seconds(r["backward_seconds"]),
+                 seconds(r["seconds"]), pct, si(r["flops"]), si(r["achieved_flops_per_second"], "FLOP/s"),
+                 f"{r['arithmetic_intensity']:.3g}"]
+        if on_profile:
+            cells.insert(7, share)
+        t.add_row(*cells)
     console.print(t)
     phases = result["phases"]
     step_s = result["step_seconds"] or 1.0
@@ -352,9 +363,11 @@ def print_report(result: dict, console=None) -> None:
         for name in PHASES[1:]) + f"; graph modules {seconds(result['nodes_seconds'])} "
         f"({100 * result['nodes_seconds'] / step_s:.0f}%), other backward ops "
         f"{seconds(result['backward_unattributed_seconds'])}")
+    share = (f" = {100 * result['step_flops'] / step_s / result['peak_flops_per_second']:.3g}% of the "
+             f"{result['profile']} {result['precision']} peak" if on_profile else
+             f" (measured on {result['device']}, not on the {result['profile']} profile: "
+             "no share of its peak)")
     console.print(f"Model FLOPs per step {si(result['step_flops'])} ({result['flops_method']}); achieved "
-                  f"{si(result['step_flops'] / step_s, 'FLOP/s')} = "
-                  f"{100 * result['step_flops'] / step_s / result['peak_flops_per_second']:.3g}% of the "
-                  f"{result['profile']} {result['precision']} peak")
+                  f"{si(result['step_flops'] / step_s, 'FLOP/s')}{share}")
     console.print(f"Chrome trace (chrome://tracing, ui.perfetto.dev): {result['trace']}")
     console.print(f"Nsight Systems, same steps with NVTX ranges:\n  {result['nsys_command']}")

@@ -93,3 +93,23 @@ def test_bad_options_are_one_line_errors(narrow, data_path, capsys):
     assert "--steps" in cli_error(capsys, "profile", str(narrow), "--steps", "0", "--data", data_path)
     assert "unknown hardware profile" in cli_error(capsys, "profile", str(narrow), "--profile", "tpu9",
                                                     "--data", data_path)
+
+
+def test_a_cpu_run_is_never_held_against_a_gpu_peak(tmp_path, data_path, capsys):
+    """A share of an H100's peak next to a CPU measurement says nothing: the column and
+    the share are left out, and the report says why."""
+    from fastgraph.cli import main
+    from support import write_model
+
+    model = write_model(tmp_path, (8, 16, 32, 64), "tiny_resnet9.py")
+    js = tmp_path / "profile.json"
+    assert main(["profile", str(model), "--data", data_path, "--steps", "1", "--warmup", "0",
+                 "--batch-size", "4", "--out", str(tmp_path / "trace"), "--json", str(js)]) == 0
+    printed = capsys.readouterr().out
+    assert "peak" not in printed.split("Model FLOPs per step")[0]  # no column of shares
+    assert "not on the h100 profile: no share of its peak" in printed
+    import json
+
+    record = json.loads(js.read_text())
+    assert record["measured_on_profile"] is False
+    assert all(r["fraction_of_peak"] is None for r in record["rows"])
