@@ -215,8 +215,8 @@ def pytorch_logits(module: nn.Module, images: torch.Tensor, device: torch.device
     Runs on ``device`` (``module`` is moved there) in chunks of ``chunk`` images.
     """
     module = module.to(device).eval()
-    chunks = [images[i:i + chunk] for i in range(0, len(images), chunk)]
-    return torch.cat([module(x.to(device)).float().cpu() for x in chunks])
+    return run_in_batches(lambda x: module(x.to(device)), images, batch=None, chunk=chunk,
+                          description="PyTorch reference")
 
 
 def compare(reference: torch.Tensor, engine: torch.Tensor, labels: torch.Tensor) -> dict:
@@ -341,23 +341,28 @@ def run(args: argparse.Namespace) -> int:
     return 0 if check["passed"] else 1
 
 
-def run_in_batches(call, images: torch.Tensor, *, batch: int | None, chunk: int = REFERENCE_CHUNK
-                   ) -> torch.Tensor:
+def run_in_batches(call, images: torch.Tensor, *, batch: int | None, chunk: int = REFERENCE_CHUNK,
+                   description: str = "engine") -> torch.Tensor:
     """Logits of an engine over ``images``, float32 (N, classes) on the CPU.
 
     ``call`` maps a float32 (n, 3, H, W) CPU batch to its logits (any float tensor on any
     device). A fixed-batch engine (``batch`` given) gets chunks of exactly ``batch``
     images, the last padded with copies of its first image and the padding's outputs
-    dropped; a dynamic one gets chunks of ``chunk``.
+    dropped; a dynamic one gets chunks of ``chunk``. A transient progress bar in images,
+    named ``description``, shows on a terminal only (see :func:`fastgraph.report.progress`).
     """
+    from fastgraph.report import progress
+
     size = batch or chunk
     outputs = []
-    for start in range(0, len(images), size):
-        x = images[start:start + size]
-        n = len(x)
-        if batch and n < batch:
-            x = torch.cat([x, x[:1].expand(batch - n, *x.shape[1:])])
-        outputs.append(call(x)[:n].float().cpu())
+    with progress(f"verifying: {description}", total=len(images)) as update:
+        for start in range(0, len(images), size):
+            x = images[start:start + size]
+            n = len(x)
+            if batch and n < batch:
+                x = torch.cat([x, x[:1].expand(batch - n, *x.shape[1:])])
+            outputs.append(call(x)[:n].float().cpu())
+            update(advance=n)
     return torch.cat(outputs)
 
 

@@ -1,6 +1,15 @@
-"""Tables for people, from the same dicts that are written as JSON for machines."""
+"""Tables for people, from the same dicts that are written as JSON for machines, and the
+progress bar of long work.
+
+Tables fit the terminal they are printed on (80 columns included): cells wrap at spaces
+and fold long words rather than cut them with an ellipsis, and number columns keep the
+width of their widest number, so no digit is ever hidden or split.
+"""
 
 from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 from rich.console import Console
 from rich.table import Table
@@ -29,57 +38,114 @@ def _arrow(before, after, fmt) -> str:
     return f"{fmt(before)} → {fmt(after)}"
 
 
+def _min_width(header: str, cells: list[str], number: bool) -> int:
+    """Narrowest a column may get: its longest header word, and in a number column its
+    longest word, so a number ("2.27") may move its unit to the next line but never splits."""
+    words = header.split() + [w for cell in cells for w in cell.split()] * number
+    return max(map(len, words))
+
+
+def _fitting_table(title: str, columns: dict[str, str], rows: list[list[str]]) -> Table:
+    """A table that folds to the console width; ``columns`` maps header -> justify.
+
+    A right-justified column is a number column and never gets narrower than its widest
+    number, and no header is folded inside a word: rich otherwise shrinks every column
+    alike and folds "2.27" into "2.2 / 7". Cells wrap at spaces; the text of
+    left-justified columns (a long pass name) folds rather than ends in an ellipsis.
+    """
+    t = Table(title=title, title_justify="left", expand=False, pad_edge=False)
+    for i, (header, justify) in enumerate(columns.items()):
+        t.add_column(header, justify=justify, overflow="fold", no_wrap=False,
+                     min_width=_min_width(header, [row[i] for row in rows], justify == "right"))
+    for row in rows:
+        t.add_row(*row)
+    return t
+
+
 def pass_table(passes: list[dict], mode: str) -> Table:
-    """One row per pass: status, rewrites, exactness, verified difference, FLOPs and bytes per image."""
-    t = Table(title=f"Passes ({mode} mode; verified in float64 on real CIFAR-10, training-time ones in "
-                    "their identity configuration; differences relative to each tensor's scale)",
-              title_justify="left")
-    columns = ("pass", "kind", "status", "rewrites", "max rel diff", "tol", "fwd FLOPs/img", "fwd bytes/img")
-    for col in columns:
-        t.add_column(col, justify="right" if col in ("rewrites", "max rel diff", "tol") else "left")
+    """One row per pass: status, rewrites, exactness, verified difference, FLOPs and bytes per image.
+
+    "rel diff" is the largest difference of any output, buffer or gradient relative to
+    that tensor's own scale; its tolerance goes in the title when every checked pass
+    shares one (the usual case), else in a column of its own.
+    """
     styles = {"applied": "green", "refused": "red", "no-op": "dim"}
+    tolerances = {p["tolerance"] for p in passes if p["max_output_diff"] is not None}
+    one_tol = len(tolerances) <= 1
+    rows = []
     for p in passes:
         diff = tol = "-"
         if p["max_output_diff"] is not None:
             diff = f"{max(p['max_output_diff'], p['max_grad_diff'] or 0.0):.2g}"
             tol = f"{p['tolerance']:.1g}"
-        t.add_row(p["name"], p["exactness"], f"[{styles.get(p['status'], '')}]{p['status']}",
-                  str(p["rewrites"]), diff, tol,
-                  _arrow(p["flops_before"], p["flops_after"], si),
-                  _arrow(p["bytes_before"], p["bytes_after"], lambda v: si(v, "B")))
-    return t
+        rows.append([p["name"], p["exactness"], f"[{styles.get(p['status'], '')}]{p['status']}",
+                     str(p["rewrites"]), diff, *([] if one_tol else [tol]),
+                     _arrow(p["flops_before"], p["flops_after"], si),
+                     _arrow(p["bytes_before"], p["bytes_after"], lambda v: si(v, "B"))])
+    columns = {"pass": "left", "kind": "left", "status": "left", "rewrites": "right", "rel diff": "right",
+               **({} if one_tol else {"tol": "right"}), "FLOPs": "right", "bytes": "right"}
+    checked = f", tolerance {next(iter(tolerances)):.1g}" if one_tol and tolerances else ""
+    title = (f"Passes ({mode} mode), checked in float64 on real CIFAR-10 (training-time ones in their "
+             f"identity configuration); differences relative to each tensor's scale{checked}; "
+             "forward FLOPs and bytes per image")
+    return _fitting_table(title, columns, rows)
 
 
 def roofline_table(result: dict) -> Table:
     """Roofline of the run on the profile, and the step measured on this device, before and after."""
     rows = result["roofline"]
     what = f"training, {result['epochs']} epochs" if result["mode"] == "train" else "inference, test set"
-    t = Table(title=f"Roofline ({what}) on {result['profile']} at {result['precision']}; "
-                    f"step measured on {result['device']}, batch {result['batch_size']}",
-              title_justify="left")
-    for col in ("graph", "FLOPs/img", "bytes/img", "FLOP/B", "roofline", "bound", "measured step",
-                "img/s", "FLOP/s"):
-        t.add_column(col, justify="left" if col in ("graph", "bound") else "right")
-    for r in rows:
-        t.add_row(r["graph"], si(r["step_flops_per_image"]), si(r["step_bytes_per_image"], "B"),
-                  f"{r['arithmetic_intensity']:.3g}", seconds(r["roofline_seconds"]), r["bound"],
-                  seconds(r["measured_step_seconds"]), f"{r['measured_images_per_second']:.4g}",
-                  si(r["measured_flops_per_second"]))
-    return t
+    title = (f"Roofline ({what}) on {result['profile']} at {result['precision']}; "
+             f"step measured on {result['device']}, batch {result['batch_size']}; FLOPs and bytes "
+             "per image; roof time: the step's time on the roofline")
+    columns = {"graph": "left", "FLOPs": "right", "bytes": "right", "FLOP/B": "right",
+               "roof time": "right", "bound": "left", "step": "right", "img/s": "right", "FLOP/s": "right"}
+    cells = [[r["graph"], si(r["step_flops_per_image"]), si(r["step_bytes_per_image"], "B"),
+              f"{r['arithmetic_intensity']:.3g}", seconds(r["roofline_seconds"]), r["bound"],
+              seconds(r["measured_step_seconds"]), f"{r['measured_images_per_second']:.4g}",
+              si(r["measured_flops_per_second"])] for r in rows]
+    return _fitting_table(title, columns, cells)
 
 
 def print_optimize_report(result: dict, console: Console | None = None) -> None:
-    """Print the optimize report (pass table, roofline table, where the module went)."""
-    console = console or Console(width=max(Console().width, 120))
+    """Print the optimize report (pass table, roofline table, where the module went).
+
+    ``console`` defaults to stdout at the terminal's width (80 columns when not a terminal).
+    """
+    console = console or Console()
     console.print(pass_table(result["passes"], result["mode"]))
     for p in result["passes"]:
         if p["message"] and p["status"] != "no-op":
-            console.print(f"  {p['name']}: {p['message']}")
+            # Unbroken: a message may quote a path or an error to search for.
+            console.print(f"  {p['name']}: {p['message']}", soft_wrap=True)
     console.print(roofline_table(result))
     if len(result["roofline"]) == 2:
         before, after = result["roofline"]
-        speedup = before["measured_step_seconds"] / after["measured_step_seconds"]
-        console.print(f"Measured step: {speedup:.3f}x ({result['roofline'][0]['timing_method']})")
-    console.print(f"Optimised module written to {result['optimized_module']}")
+        timing = result.get("measured_step")
+        if timing is None:  # a report written before step times carried their spread
+            timing = {"text": f"{before['measured_step_seconds'] / after['measured_step_seconds']:.3f}x"}
+        console.print(f"Measured step: {timing['text']} ({result['roofline'][0]['timing_method']})")
+    # Paths are never broken across lines, so they can be copied.
+    console.print(f"Optimised module written to {result['optimized_module']}", soft_wrap=True)
     if result.get("emitted_code"):
-        console.print(f"Generated code written to {result['emitted_code']}")
+        console.print(f"Generated code written to {result['emitted_code']}", soft_wrap=True)
+
+
+@contextmanager
+def progress(description: str, total: float | None = None) -> Iterator[Callable[..., None]]:
+    """A transient progress bar on stderr, drawn only when stderr is a terminal.
+
+    Yields ``update(**fields)``, rich's ``Progress.update`` for the one task: ``advance=n``
+    or ``completed=n`` in the units of ``total`` (None: a pulsing bar with no end), and
+    ``note="..."`` for a short text after the bar. Safe to call from other threads. Off a
+    terminal (tests, pipes, CI logs) nothing at all is written, so JSON and captured
+    output stay as they are.
+    """
+    from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
+
+    console = Console(stderr=True)
+    columns = (TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(),
+               TextColumn("{task.fields[note]}"), TimeElapsedColumn())
+    with Progress(*columns, console=console, transient=True, disable=not console.is_terminal) as bar:
+        task = bar.add_task(description, total=total, note="")
+        yield lambda **fields: bar.update(task, **fields)

@@ -3,7 +3,9 @@
 Drawn with matplotlib's object API on the Agg canvas (no pyplot state, no display
 needed): one compute ceiling per precision of the hardware profile (the chosen one
 solid, the others dashed), the memory-bandwidth slope up to each ridge point, every
-graph node with counted FLOPs as a labelled point, and the whole step as a star
+graph node with counted FLOPs as a point, the most expensive ones labelled (ResNet-50
+has over fifty convolutions, most of them at the same few points: labelling them all
+gives a smear; every node is in the table and the JSON), and the whole step as a star
 (Williams, Waterman and Patterson, "Roofline", CACM 2009). Nodes without counted FLOPs
 (batch norm, activations, pooling: ``FlopCounterMode`` counts matrix multiplies and
 convolutions only) have no place on a log FLOP/s axis; they are listed in a box.
@@ -15,6 +17,8 @@ from pathlib import Path
 
 from fastgraph.roofline import HardwareProfile
 
+LABELLED = 12  # nodes labelled at most, the most expensive first
+
 
 def _limits(values: list[float], ridge: float) -> tuple[float, float]:
     positive = [v for v in values if v > 0] + [ridge]
@@ -23,7 +27,28 @@ def _limits(values: list[float], ridge: float) -> tuple[float, float]:
 
 def plot_roofline(path: str | Path, *, profile: HardwareProfile, precision: str, points: list[dict],
                   step: dict, title: str, measured: list[dict] | None = None) -> Path:
-    """Write the roofline PNG to ``path`` and return it.
+    """Write the roofline PNG to ``path`` and return it (arguments: :func:`roofline_figure`).
+
+    Raises:
+        UserError: the file cannot be written.
+    """
+    from fastgraph.errors import UserError
+
+    fig = roofline_figure(profile=profile, precision=precision, points=points, step=step, title=title,
+                          measured=measured)
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path)
+    except (OSError, ValueError) as exc:  # ValueError: a file suffix matplotlib has no format for
+        reason = getattr(exc, "strerror", None) or exc
+        raise UserError(f"cannot write the roofline plot {path}: {reason}") from None
+    return path
+
+
+def roofline_figure(*, profile: HardwareProfile, precision: str, points: list[dict], step: dict, title: str,
+                    measured: list[dict] | None = None):
+    """The roofline as a matplotlib ``Figure`` on an Agg canvas (11 x 7 inches, 110 dpi).
 
     Args:
         profile, precision: the ceilings; ``precision`` is drawn solid.
@@ -33,15 +58,12 @@ def plot_roofline(path: str | Path, *, profile: HardwareProfile, precision: str,
         measured: per node ``{"label", "arithmetic_intensity", "achieved_flops_per_second"}``
             from a profile; when given they are the labelled points and the predicted
             ones are drawn hollow for comparison.
+            Nodes may carry ``roofline_seconds``/``measured_seconds``/``flops``: the
+            :data:`LABELLED` costliest get a label.
         title: the plot title.
-
-    Raises:
-        UserError: the file cannot be written.
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
-
-    from fastgraph.errors import UserError
 
     peak = profile.peak(precision)
     bandwidth = profile.memory_bandwidth
@@ -76,7 +98,6 @@ def plot_roofline(path: str | Path, *, profile: HardwareProfile, precision: str,
         y_key = "achieved_flops_per_second"
         ax.scatter([m["arithmetic_intensity"] for m in labelled], [m[y_key] for m in labelled], s=28,
                    color="tab:orange", zorder=4, label="nodes, measured")
-    _label_points(ax, [(p["label"], p["arithmetic_intensity"], p[y_key]) for p in labelled])
     step_y = step.get("achieved_flops_per_second", step["attainable_flops_per_second"])
     ax.scatter([step["arithmetic_intensity"]], [step_y], marker="*", s=260, color="tab:red", zorder=5,
                edgecolors="black",
@@ -96,29 +117,41 @@ def plot_roofline(path: str | Path, *, profile: HardwareProfile, precision: str,
     ax.set_title(title, fontsize=10)
     ax.grid(True, which="major", linewidth=0.4, color="0.85")
     ax.legend(loc="upper left", fontsize=7)
-    path = Path(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path)
-    except (OSError, ValueError) as exc:  # ValueError: a file suffix matplotlib has no format for
-        reason = getattr(exc, "strerror", None) or exc
-        raise UserError(f"cannot write the roofline plot {path}: {reason}") from None
-    return path
+    # Last: label extents are measured in display space, which the limits above define.
+    _label_points(ax, sorted(labelled, key=_cost, reverse=True)[:LABELLED], y_key)
+    return fig
 
 
-def _label_points(ax, points: list[tuple[str, float, float]]) -> None:
-    """Annotate each point with its label, stepping labels of nearby points apart vertically
-    (nodes of equal shape sit on top of each other at the compute ceiling)."""
-    import math
+def _cost(point: dict) -> float:
+    """How much a node matters: its measured or roofline seconds, else its FLOPs."""
+    for key in ("measured_seconds", "roofline_seconds", "flops"):
+        if point.get(key) is not None:
+            return point[key]
+    return 0.0
 
-    placed: list[tuple[float, float]] = []
-    for label, x, y in sorted(points, key=lambda p: (p[1], p[2])):
-        lx, ly = math.log10(x), math.log10(y)
-        crowd = sum(1 for px, py in placed if abs(px - lx) < 0.3 and abs(py - ly) < 0.1)  # ~ a label width
-        placed.append((lx, ly))
-        dy = 4 + 8 * (crowd // 2 + crowd % 2) * (1 if crowd % 2 == 0 else -1)
-        ax.annotate(label, (x, y), xytext=(4, dy), textcoords="offset points", fontsize=6,
-                    arrowprops={"arrowstyle": "-", "color": "0.6", "linewidth": 0.4} if crowd else None)
+
+# Label offsets from the point, in typographic points, tried in this order: right, then
+# above and below at growing distance, then left.
+_OFFSETS = [(6, 0)] + [(dx, s * dy) for dy in (10, 20, 30, 40, 55, 70) for s in (1, -1)
+                       for dx in (6, -6)] + [(-6, 0)]
+
+
+def _label_points(ax, points: list[dict], y_key: str) -> None:
+    """Annotate ``points`` (most important first) where the label overlaps no label placed
+    before it; a point with no free place among the offsets stays unlabelled."""
+    renderer = ax.figure.canvas.get_renderer()
+    placed = []
+    for p in points:
+        x, y = p["arithmetic_intensity"], p[y_key]
+        for dx, dy in _OFFSETS:
+            line = {"arrowstyle": "-", "color": "0.6", "linewidth": 0.4} if dy else None
+            text = ax.annotate(p["label"], (x, y), xytext=(dx, dy), textcoords="offset points", fontsize=6,
+                               ha="left" if dx >= 0 else "right", va="center", arrowprops=line)
+            box = text.get_window_extent(renderer).expanded(1.05, 1.1)
+            if not any(box.overlaps(other) for other in placed):
+                placed.append(box)
+                break
+            text.remove()
 
 
 def _wrap(text: str, width: int) -> list[str]:

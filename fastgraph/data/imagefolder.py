@@ -7,7 +7,8 @@ CIFAR-10's canonical order when those are the names, else sorted), and within a 
 by file name in numeric order (``2.png`` before ``10.png``).
 
 Decoding uses Pillow in worker processes (one per core): per image the cost is Python
-overhead around a tiny decode, so threads would serialise on the GIL.
+overhead around a tiny decode, so threads would serialise on the GIL. On a terminal a
+transient progress bar follows it (archive bytes read, images decoded).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import numpy as np
 
 from fastgraph.data.cache import Arrays
 from fastgraph.errors import DataError
+from fastgraph.report import progress
 
 SPLITS = ("train", "test")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
@@ -64,14 +66,19 @@ def _decode_chunk(items: list[tuple[str, bytes]]) -> np.ndarray | str:
 class _Decoder:
     """Feeds images to worker processes as they are read, so reading overlaps decoding."""
 
-    def __init__(self, workers: int):
+    def __init__(self, workers: int, update=None):
         self.meta: list[tuple[str, str, str]] = []  # (split, class, file name) per image
         self.parts: list[Future | np.ndarray | str] = []
         self.pending: list[tuple[str, bytes]] = []
+        self.update = update or (lambda **_: None)  # progress: see fastgraph.report.progress
+        self.decoded = 0
         self.pool = None
         if workers > 1 and "fork" in multiprocessing.get_all_start_methods():
             # fork: workers need only Pillow and numpy, and start without re-importing torch.
             self.pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"))
+            # Fork the workers now, before the progress bar starts its refresh thread:
+            # forking a process that runs threads can copy a held lock into the child.
+            self.pool.submit(int).result()
 
     def add(self, split: str, cls: str, fname: str, display: str, data: bytes) -> None:
         self.meta.append((split, cls, fname))
@@ -82,7 +89,17 @@ class _Decoder:
     def _flush(self) -> None:
         if self.pending:
             chunk, self.pending = self.pending, []
-            self.parts.append(self.pool.submit(_decode_chunk, chunk) if self.pool else _decode_chunk(chunk))
+            if self.pool is None:
+                self.parts.append(_decode_chunk(chunk))
+                self._done(len(chunk))
+            else:
+                future, n = self.pool.submit(_decode_chunk, chunk), len(chunk)
+                future.add_done_callback(lambda _: self._done(n))
+                self.parts.append(future)
+
+    def _done(self, n: int) -> None:
+        self.decoded += n
+        self.update(note=f"{self.decoded:,} images decoded")
 
     def finish(self) -> np.ndarray:
         """All images as uint8 (N, 32, 32, 3) in the order added; raises DataError."""
@@ -116,8 +133,10 @@ def _split_class_file(parts: tuple[str, ...]) -> tuple[str, str, str, str] | Non
 def _read_archive(path: Path, dec: _Decoder) -> set[str]:
     tops: set[str] = set()
     try:
-        with tarfile.open(path, "r:*") as tar:
+        # The raw file is opened here so that its position tracks the compressed bytes read.
+        with open(path, "rb") as raw, tarfile.open(fileobj=raw, mode="r:*") as tar:
             for member in tar:
+                dec.update(completed=raw.tell())
                 if not member.isfile():
                     continue
                 parsed = _split_class_file(PurePosixPath(member.name.removeprefix("./")).parts)
@@ -194,17 +213,20 @@ def read_imagefolder(source: Path, workers: int | None = None) -> Arrays:
     if workers is None:
         workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     dec = _Decoder(workers)
+    # A folder's size is unknown until listed: its bar only counts images.
+    total = None if source.is_dir() else source.stat().st_size
     try:  # whatever goes wrong (a DataError, Ctrl-C), the worker processes are shut down
-        if source.is_dir():
-            _read_folder(source, dec)
-        else:
-            tops = _read_archive(source, dec)
-            if len(tops) > 1:
-                raise DataError(f"{source}: archive holds train/ and test/ under several top-level "
-                                f"folders ({', '.join(sorted(t or '.' for t in tops))}); keep one")
-        per_split = {s: {c for sp, c, _ in dec.meta if sp == s} for s in SPLITS}
-        _check_classes(source, per_split)
-        images = dec.finish()
+        with progress(f"decoding {source.name} (once)", total=total) as dec.update:
+            if source.is_dir():
+                _read_folder(source, dec)
+            else:
+                tops = _read_archive(source, dec)
+                if len(tops) > 1:
+                    raise DataError(f"{source}: archive holds train/ and test/ under several top-level "
+                                    f"folders ({', '.join(sorted(t or '.' for t in tops))}); keep one")
+            per_split = {s: {c for sp, c, _ in dec.meta if sp == s} for s in SPLITS}
+            _check_classes(source, per_split)
+            images = dec.finish()
     finally:
         dec.close()
     classes = class_order(per_split["train"])
