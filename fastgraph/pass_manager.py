@@ -34,16 +34,7 @@ import torch.fx as fx
 
 from fastgraph import passes as registry
 from fastgraph.errors import UserError
-from fastgraph.verification import (  # noqa: F401  (re-exported: the check's public names)
-    RTOL,
-    VERIFY_IMAGES,
-    Verification,
-    calibrated,
-    observe,
-    stress_batch,
-    verification_batch,
-    verify,
-)
+from fastgraph.verification import VERIFY_IMAGES, calibrated, verification_batch, verify  # noqa: F401
 
 
 @dataclass
