@@ -34,6 +34,7 @@ import torch.fx as fx
 
 from fastgraph import passes as registry
 from fastgraph.errors import UserError
+from fastgraph.report import progress
 from fastgraph.verification import VERIFY_IMAGES, calibrated, verification_batch, verify  # noqa: F401
 
 
@@ -181,50 +182,67 @@ def run_passes(gm: fx.GraphModule, names: list[str], *, mode: str,
     flops, nbytes = _costs(gm, cost_example, cost_batch_size)
     # What the checks run on: the module itself, or in inference its calibrated twin.
     twin = calibrated(gm, batch[0]) if checks and mode == "infer" and batch is not None else gm
-    for info in infos:
-        outcome = PassOutcome(info.name, info.exactness, "no-op", flops_before=flops,
-                              bytes_before=nbytes, flops_after=flops, bytes_after=nbytes)
-        report.outcomes.append(outcome)
-        try:
-            after = info.fn(gm, **options.get(info.name, {}))
-            after.graph.lint()
-        except (UserError, ValueError) as exc:
-            # A pass's own guard rejecting the user's options or batch: the user's to fix.
-            message = str(exc).removeprefix(f"{info.name}: ")  # PassOptionError names the pass already
-            raise UserError(f"pass {info.name}: {message}") from None
-        outcome.rewrites = registry.rewrite_count(gm, after)
-        if outcome.rewrites == 0:
-            outcome.message = "nothing to rewrite"
-            continue
-        twin_after = after if twin is gm else info.fn(twin, **options.get(info.name, {}))
-        lost = lost_nodes(gm, after, registry.declared_rewritten(gm, after))
-        if lost:
-            outcome.status = "refused"
-            outcome.message = (f"dropped nodes it did not declare rewritten: {', '.join(lost)}; "
-                               "kept the module before it")
-            continue
-        if not checks:
-            outcome.message = "applied unchecked (checked on this graph before)"
-        elif info.exact:
-            check = verify(twin, twin_after, mode, batch, reference)
-            outcome.max_output_diff, outcome.max_grad_diff = check.max_output_diff, check.max_grad_diff
-            outcome.tolerance = check.tolerance
-            if not check.ok:
-                outcome.status = "refused"
-                outcome.message = f"differs: {check.worst}; kept the module before it"
-                continue
-            reference = check.results
-        else:
-            refusal = (_check_identity(info, twin, options.get(info.name, {}), batch, outcome)
-                       if info.identity is not None else None)
-            if refusal is not None:
-                outcome.status = "refused"
-                outcome.message = f"{refusal}; kept the module before it"
-                continue
-            reference = None  # the function changed: the next exact pass needs a new reference
-            outcome.message += "changes the function: train with it"
-        outcome.status = "applied"
-        gm, twin = after, (after if twin is gm else twin_after)
-        flops, nbytes = _costs(gm, cost_example, cost_batch_size)
-        outcome.flops_after, outcome.bytes_after = flops, nbytes
+    with progress("passes, checked in float64", total=len(infos)) as update:
+        for i, info in enumerate(infos):
+            update(completed=i, note=info.name)
+            gm, twin, reference, flops, nbytes = _apply_one(
+                info, gm, twin, reference, flops, nbytes, report, mode=mode, batch=batch,
+                options=options.get(info.name, {}), checks=checks,
+                cost_example=cost_example, cost_batch_size=cost_batch_size)
     return gm, report
+
+
+def _apply_one(info, gm, twin, reference, flops, nbytes, report: PassReport, *, mode, batch,
+               options: dict, checks: bool, cost_example, cost_batch_size: int):
+    """One pass of :func:`run_passes`: apply, check, record its outcome in ``report``.
+
+    Returns the new (module, check twin, float64 reference, FLOPs, bytes): the inputs
+    unchanged when the pass is a no-op or refused.
+    """
+    outcome = PassOutcome(info.name, info.exactness, "no-op", flops_before=flops,
+                          bytes_before=nbytes, flops_after=flops, bytes_after=nbytes)
+    report.outcomes.append(outcome)
+    unchanged = gm, twin, reference, flops, nbytes
+    try:
+        after = info.fn(gm, **options)
+        after.graph.lint()
+    except (UserError, ValueError) as exc:
+        # A pass's own guard rejecting the user's options or batch: the user's to fix.
+        message = str(exc).removeprefix(f"{info.name}: ")  # PassOptionError names the pass already
+        raise UserError(f"pass {info.name}: {message}") from None
+    outcome.rewrites = registry.rewrite_count(gm, after)
+    if outcome.rewrites == 0:
+        outcome.message = "nothing to rewrite"
+        return unchanged
+    twin_after = after if twin is gm else info.fn(twin, **options)
+    lost = lost_nodes(gm, after, registry.declared_rewritten(gm, after))
+    if lost:
+        outcome.status = "refused"
+        outcome.message = (f"dropped nodes it did not declare rewritten: {', '.join(lost)}; "
+                           "kept the module before it")
+        return unchanged
+    if not checks:
+        outcome.message = "applied unchecked (checked on this graph before)"
+    elif info.exact:
+        check = verify(twin, twin_after, mode, batch, reference)
+        outcome.max_output_diff, outcome.max_grad_diff = check.max_output_diff, check.max_grad_diff
+        outcome.tolerance = check.tolerance
+        if not check.ok:
+            outcome.status = "refused"
+            outcome.message = f"differs: {check.worst}; kept the module before it"
+            return unchanged
+        reference = check.results
+    else:
+        refusal = (_check_identity(info, twin, options, batch, outcome)
+                   if info.identity is not None else None)
+        if refusal is not None:
+            outcome.status = "refused"
+            outcome.message = f"{refusal}; kept the module before it"
+            return unchanged
+        reference = None  # the function changed: the next exact pass needs a new reference
+        outcome.message += "changes the function: train with it"
+    outcome.status = "applied"
+    gm, twin = after, (after if twin is gm else twin_after)
+    flops, nbytes = _costs(gm, cost_example, cost_batch_size)
+    outcome.flops_after, outcome.bytes_after = flops, nbytes
+    return gm, twin, reference, flops, nbytes

@@ -45,18 +45,32 @@ def _min_width(header: str, cells: list[str], number: bool) -> int:
     return max(map(len, words))
 
 
-def _fitting_table(title: str, columns: dict[str, str], rows: list[list[str]]) -> Table:
+def number(value: float | None) -> str:
+    """A plain number of 3 significant digits and no exponent (1234 -> "1234", 0.0123 ->
+    "0.0123"), for a column whose header carries the unit; '-' for None."""
+    if value is None:
+        return "-"
+    return f"{value:.0f}" if abs(value) >= 100 else f"{value:.3g}"
+
+
+def fitting_table(title: str, columns: dict[str, str], rows: list[list[str]], *,
+                  compact: bool = False) -> Table:
     """A table that folds to the console width; ``columns`` maps header -> justify.
 
-    A right-justified column is a number column and never gets narrower than its widest
-    number, and no header is folded inside a word: rich otherwise shrinks every column
-    alike and folds "2.27" into "2.2 / 7". Cells wrap at spaces; the text of
-    left-justified columns (a long pass name) folds rather than ends in an ellipsis.
+    Only the first column (the names) may fold inside a word, rather than end in an
+    ellipsis: every other column keeps the width of its longest word (a number,
+    "compute"), and no header is folded inside a word; rich otherwise shrinks every
+    column alike and folds "2.27" into "2.2 / 7". Cells wrap at spaces.
+    ``compact``: no vertical rules and one space between columns, for the per-node tables
+    of ten or more columns (give their numbers as :func:`number` with the unit in the header).
     """
-    t = Table(title=title, title_justify="left", expand=False, pad_edge=False)
+    from rich import box
+
+    style = {"box": box.SIMPLE_HEAD, "padding": (0, 0), "show_edge": False} if compact else {}
+    t = Table(title=title, title_justify="left", expand=False, pad_edge=False, **style)
     for i, (header, justify) in enumerate(columns.items()):
         t.add_column(header, justify=justify, overflow="fold", no_wrap=False,
-                     min_width=_min_width(header, [row[i] for row in rows], justify == "right"))
+                     min_width=_min_width(header, [row[i] for row in rows], justify == "right" or i > 0))
     for row in rows:
         t.add_row(*row)
     return t
@@ -88,7 +102,7 @@ def pass_table(passes: list[dict], mode: str) -> Table:
     title = (f"Passes ({mode} mode), checked in float64 on real CIFAR-10 (training-time ones in their "
              f"identity configuration); differences relative to each tensor's scale{checked}; "
              "forward FLOPs and bytes per image")
-    return _fitting_table(title, columns, rows)
+    return fitting_table(title, columns, rows)
 
 
 def roofline_table(result: dict) -> Table:
@@ -104,7 +118,7 @@ def roofline_table(result: dict) -> Table:
               f"{r['arithmetic_intensity']:.3g}", seconds(r["roofline_seconds"]), r["bound"],
               seconds(r["measured_step_seconds"]), f"{r['measured_images_per_second']:.4g}",
               si(r["measured_flops_per_second"])] for r in rows]
-    return _fitting_table(title, columns, cells)
+    return fitting_table(title, columns, cells)
 
 
 def print_optimize_report(result: dict, console: Console | None = None) -> None:
@@ -131,9 +145,29 @@ def print_optimize_report(result: dict, console: Console | None = None) -> None:
         console.print(f"Generated code written to {result['emitted_code']}", soft_wrap=True)
 
 
+_terminal_claims = []  # the live displays drawing now (at most one is ever drawn)
+
+
+@contextmanager
+def claim_terminal() -> Iterator[bool]:
+    """Claim the terminal for one live display; yields whether this caller may draw.
+
+    Two live displays at once (training's epoch bar and, inside it, the bar of the pass
+    checks) would redraw over each other: only the outermost claimant draws, the inner
+    ones stay silent.
+    """
+    first = not _terminal_claims
+    _terminal_claims.append(True)
+    try:
+        yield first
+    finally:
+        _terminal_claims.pop()
+
+
 @contextmanager
 def progress(description: str, total: float | None = None) -> Iterator[Callable[..., None]]:
-    """A transient progress bar on stderr, drawn only when stderr is a terminal.
+    """A transient progress bar on stderr, drawn only when stderr is a terminal and no
+    other live display is drawing (see :func:`claim_terminal`).
 
     Yields ``update(**fields)``, rich's ``Progress.update`` for the one task: ``advance=n``
     or ``completed=n`` in the units of ``total`` (None: a pulsing bar with no end), and
@@ -146,6 +180,8 @@ def progress(description: str, total: float | None = None) -> Iterator[Callable[
     console = Console(stderr=True)
     columns = (TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(),
                TextColumn("{task.fields[note]}"), TimeElapsedColumn())
-    with Progress(*columns, console=console, transient=True, disable=not console.is_terminal) as bar:
-        task = bar.add_task(description, total=total, note="")
-        yield lambda **fields: bar.update(task, **fields)
+    with claim_terminal() as mine:
+        with Progress(*columns, console=console, transient=True,
+                      disable=not (mine and console.is_terminal)) as bar:
+            task = bar.add_task(description, total=total, note="")
+            yield lambda **fields: bar.update(task, **fields)

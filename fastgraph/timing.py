@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from fastgraph.errors import UserError
+from fastgraph.report import progress
 
 
 class CompiledInCountedPhase(RuntimeError):
@@ -224,8 +225,18 @@ def measure_step_time(step_fn, device: torch.device | str | None = "cpu", warmup
     if warmup < 0 or iters < 1:
         raise ValueError("measure_step_time needs warmup >= 0 and iters >= 1")
     device = _resolve_device(device)
+    with progress(f"timing {iters} steps", total=warmup + iters) as update:
+        times = _timed_calls(step_fn, device, warmup, iters, update)
+    method = f"{_method_name(device)}, {warmup} warm-up excluded, median of {iters}"
+    return StepTime(statistics.median(times), times, method)
+
+
+def _timed_calls(step_fn, device: torch.device, warmup: int, iters: int, update) -> tuple[float, ...]:
+    """Seconds of each timed call (see :func:`measure_step_time`); ``update`` advances a bar
+    between calls, outside the timed regions."""
     for _ in range(warmup):
         step_fn()
+        update(advance=1, note="warm-up")
     if device.type == "cuda":
         torch.cuda.synchronize(device)  # warm-up work must not leak into the first timing
         stream = torch.cuda.current_stream(device)
@@ -237,17 +248,16 @@ def measure_step_time(step_fn, device: torch.device | str | None = "cpu", warmup
             step_fn()
             end.record(stream)
             events.append((start, end))
+            update(advance=1, note="")
         torch.cuda.synchronize(device)
-        times = tuple(s.elapsed_time(e) / 1e3 for s, e in events)
-    else:
-        times = []
-        for _ in range(iters):
-            start_s = time.perf_counter()
-            step_fn()
-            times.append(time.perf_counter() - start_s)
-        times = tuple(times)
-    method = f"{_method_name(device)}, {warmup} warm-up excluded, median of {iters}"
-    return StepTime(statistics.median(times), times, method)
+        return tuple(s.elapsed_time(e) / 1e3 for s, e in events)
+    times = []
+    for _ in range(iters):
+        start_s = time.perf_counter()
+        step_fn()
+        times.append(time.perf_counter() - start_s)
+        update(advance=1, note="")
+    return tuple(times)
 
 
 def compare_step_times(before: list[float], after: list[float]) -> dict:

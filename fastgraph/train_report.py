@@ -15,6 +15,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from fastgraph.recipes import Recipe
+from fastgraph.report import claim_terminal
 from fastgraph.train import EpochRecord, Reporter, RunRecord, TrainResult
 
 COLUMNS = ("epoch", "lr", "train loss", "train acc", "test acc", "TTA acc", "epoch s", "run s")
@@ -38,13 +39,17 @@ class RichReporter(Reporter):
         self.progress = Progress(TextColumn("[dim]{task.description}"), BarColumn(), MofNCompleteColumn(),
                                  TimeElapsedColumn(), console=self.console, transient=True)
         self._task = None
+        self._claim = None
 
     def __enter__(self):
-        self.progress.start()
+        self._claim = claim_terminal()
+        if self._claim.__enter__():  # the outermost live display: draw the epoch bar
+            self.progress.start()
         return self
 
     def __exit__(self, *exc):
         self.progress.stop()
+        self._claim.__exit__(*exc)
         return False
 
     def run_start(self, run, runs, seed, steps, epochs):

@@ -99,3 +99,24 @@ def test_export_verification_runs_in_batches_and_prints_nothing_off_a_terminal(c
     fixed = run_in_batches(Counted(), images[:70], batch=32)  # a fixed-batch engine: last one padded
     assert calls == [32, 32, 32] and torch.equal(fixed, images[:70].flatten(1)[:, :10])
     assert capsys.readouterr() == ("", "")
+
+
+def test_a_bar_inside_a_live_display_stays_silent(monkeypatch, capsys):
+    """On a terminal, the pass checks' bar inside training's epoch bar would redraw over it
+    (and two of rich's live displays on one console raise): only the outermost draws."""
+    from fastgraph.recipes import load_recipe
+    from fastgraph.report import progress
+    from fastgraph.train_report import RichReporter
+
+    monkeypatch.setenv("TTY_COMPATIBLE", "1")  # rich treats stdout and stderr as terminals
+    with progress("outer", total=2) as outer:
+        with progress("inner", total=2) as inner:
+            inner(advance=1)
+        outer(advance=1)
+    err = capsys.readouterr().err
+    assert "outer" in err and "inner" not in err
+
+    with RichReporter(load_recipe("page2019"), Console(file=io.StringIO(), force_terminal=True)):
+        with progress("pass checks", total=1) as update:
+            update(advance=1)
+    assert "pass checks" not in capsys.readouterr().err

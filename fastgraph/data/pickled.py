@@ -23,6 +23,7 @@ import numpy as np
 from fastgraph.data.cache import Arrays
 from fastgraph.data.imagefolder import ARCHIVE_ERRORS
 from fastgraph.errors import DataError
+from fastgraph.report import progress
 
 FOLDER = "cifar-10-batches-py"
 ARCHIVE = "cifar-10-python.tar.gz"
@@ -112,9 +113,14 @@ def decode(files: Mapping[str, bytes], where: Mapping[str, str],
         raise DataError(f"{where[META_FILE]}: no b'label_names' list; re-download it")
     classes = tuple(n.decode() if isinstance(n, bytes) else str(n) for n in names)
     out = []
-    for group in (TRAIN_FILES, TEST_FILES):
-        batches = [_batch(_unpickle(files[n], where[n]), where[n], len(classes)) for n in group]
-        out += [np.concatenate([b[0] for b in batches]), np.concatenate([b[1] for b in batches])]
+    with progress("decoding python-format batches", total=len(TRAIN_FILES) + len(TEST_FILES)) as update:
+        for group in (TRAIN_FILES, TEST_FILES):
+            batches = []
+            for name in group:
+                update(note=name)
+                batches.append(_batch(_unpickle(files[name], where[name]), where[name], len(classes)))
+                update(advance=1)
+            out += [np.concatenate([b[0] for b in batches]), np.concatenate([b[1] for b in batches])]
     return Arrays(*out, classes)
 
 
