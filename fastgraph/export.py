@@ -380,13 +380,13 @@ def print_summary(result: dict, console=None) -> None:
 
     from fastgraph.report import si
 
-    console = console or Console(width=max(Console().width, 100))
+    console = console or Console()
     v, e, w = result["verification"], result["engine"], result["weights"]
     passes = ", ".join(f"{s['name']} ({s['status']}, {s['rewrites']})" for s in result["passes"])
     t = Table(title=f"fastgraph export: {Path(result['model']).name} -> {result['format']}",
               title_justify="left", show_header=False)
     t.add_column("what", style="bold")
-    t.add_column("value")
+    t.add_column("value", overflow="fold")  # a path folds rather than ends in an ellipsis
     weights = w["kind"] + (f" {w['path']}" if w.get("path") else "")
     if w["kind"] == "training checkpoint":
         weights += f" ({w['weights']} weights, recipe {w.get('recipe')})"

@@ -332,30 +332,31 @@ def _run_for_nsys(step, args, device: torch.device) -> int:
 def print_report(result: dict, console=None) -> None:
     """The per-node table and the phase summary (the same numbers as the JSON)."""
     from rich.console import Console
-    from rich.table import Table
 
-    from fastgraph.report import seconds, si
+    from fastgraph.report import fitting_table, number, seconds, si
 
-    console = console or Console(width=max(Console().width, 130))
-    t = Table(title=f"Per node, mean of {result['steps']} training steps of {result['batch_size']} images on "
-                    f"{result['device']} ({result['timing_method'].split(',')[1].strip()})",
-              title_justify="left")
+    console = console or Console()
+    title = (f"Per node, mean of {result['steps']} training steps of {result['batch_size']} images on "
+             f"{result['device']} ({result['timing_method'].split(',')[1].strip()}): forward, backward "
+             "and self time, share of the step, FLOPs and achieved rate")
     on_profile = result.get("measured_on_profile", False)
-    columns = ["node", "forward", "backward", "self time", "% of step", "FLOPs", "achieved", "FLOP/B"]
+    # Short headers, so that node names keep their width in 80 columns.
+    columns = ["node", "fwd ms", "bwd ms", "self ms", "% step", "FLOPs", "GFLOP/s", "FLOP/B"]
     if on_profile:
-        columns.insert(7, f"% of {result['profile']} peak")
-    for col in columns:
-        t.add_column(col, justify="left" if col == "node" else "right")
+        columns.insert(7, f"% {result['profile']} peak")
+    rows = []
     for r in result["rows"]:
-        pct = f"{r['percent_of_step']:.1f}%" if r["percent_of_step"] is not None else "-"
-        share = f"{100 * r['fraction_of_peak']:.3g}%" if r["fraction_of_peak"] is not None else "-"
-        cells = [r["node"], seconds(r["forward_seconds"]), seconds(r["backward_seconds"]),
-                 seconds(r["seconds"]), pct, si(r["flops"]), si(r["achieved_flops_per_second"], "FLOP/s"),
+        pct = f"{r['percent_of_step']:.1f}" if r["percent_of_step"] is not None else "-"
+        share = f"{100 * r['fraction_of_peak']:.3g}" if r["fraction_of_peak"] is not None else "-"
+        achieved = r["achieved_flops_per_second"]
+        cells = [r["node"], *(number(r[k] * 1e3) for k in ("forward_seconds", "backward_seconds", "seconds")),
+                 pct, si(r["flops"]), number(achieved / 1e9 if achieved is not None else None),
                  f"{r['arithmetic_intensity']:.3g}"]
         if on_profile:
             cells.insert(7, share)
-        t.add_row(*cells)
-    console.print(t)
+        rows.append(cells)
+    console.print(fitting_table(title, {c: "left" if c == "node" else "right" for c in columns}, rows,
+                                compact=True))
     phases = result["phases"]
     step_s = result["step_seconds"] or 1.0
     console.print("Step " + seconds(result["step_seconds"]) + ": " + ", ".join(
@@ -369,5 +370,6 @@ def print_report(result: dict, console=None) -> None:
              "no share of its peak)")
     console.print(f"Model FLOPs per step {si(result['step_flops'])} ({result['flops_method']}); achieved "
                   f"{si(result['step_flops'] / step_s, 'FLOP/s')}{share}")
-    console.print(f"Chrome trace (chrome://tracing, ui.perfetto.dev): {result['trace']}")
-    console.print(f"Nsight Systems, same steps with NVTX ranges:\n  {result['nsys_command']}")
+    # Paths and the command are printed unbroken, so they can be copied.
+    console.print(f"Chrome trace (chrome://tracing, ui.perfetto.dev): {result['trace']}", soft_wrap=True)
+    console.print(f"Nsight Systems, same steps with NVTX ranges:\n  {result['nsys_command']}", soft_wrap=True)

@@ -114,31 +114,33 @@ def roofline_record(gm, profile, precision: str, mode: str, batch_size: int,
 
 def roofline_table(record: dict):
     """One row per node and one for the step: FLOPs, bytes, intensity, bound, roofline time, measured."""
-    from rich.table import Table
-
-    from fastgraph.report import seconds, si
+    from fastgraph.report import fitting_table, number, si
 
     measured = any("measured_seconds" in n for n in record["nodes"])
-    t = Table(title=f"Roofline per node: {record['mode']} step of {record['batch_size']} images on "
-                    f"{record['display_name']} at {record['precision']} "
-                    f"(ridge {record['ridge_point']:.3g} FLOPs/B)",
-              title_justify="left")
-    cols = ["node", "FLOPs", "bytes", "FLOP/B", "bound", "attainable", "roofline", "% of step"]
-    if measured:
-        cols += ["measured", "achieved", "% of attainable"]
-    for c in cols:
-        t.add_column(c, justify="left" if c in ("node", "bound") else "right")
+    title = (f"Roofline per node: {record['mode']} step of {record['batch_size']} images on "
+             f"{record['display_name']} at {record['precision']} "
+             f"(ridge {record['ridge_point']:.3g} FLOPs/B); "
+             "roof: the node's time on the roofline" + ("; meas: measured time, achieved rate and its share "
+                                                          "of the roof's" if measured else ""))
+    # Short headers and units in them, so that 11 columns fit 80 with the node names whole.
+    cols = ["node", "FLOPs", "bytes", "FLOP/B", "bound", "roof µs", "% step"]
+    cols += ["meas µs", "TFLOP/s", "% roof"] if measured else ["attainable TFLOP/s"]
+    rows = []
     total = record["step"]["roofline_seconds"] or 1.0
-    for n in record["nodes"] + [dict(record["step"], label="step (sum of nodes)", bound="-")]:
+    for n in record["nodes"] + [dict(record["step"], label="step (sum)", bound="-")]:
         row = [n["label"], si(n["flops"]), si(n["bytes"], "B"), f"{n['arithmetic_intensity']:.3g}",
-               n["bound"], si(n["attainable_flops_per_second"], "FLOP/s"), seconds(n["roofline_seconds"]),
-               f"{100 * n['roofline_seconds'] / total:.1f}%"]
+               n["bound"], number(n["roofline_seconds"] * 1e6), f"{100 * n['roofline_seconds'] / total:.1f}"]
         if measured:
             frac = n.get("fraction_of_attainable")
-            row += [seconds(n.get("measured_seconds")), si(n.get("achieved_flops_per_second"), "FLOP/s"),
-                    f"{100 * frac:.1f}%" if frac is not None else "-"]
-        t.add_row(*row)
-    return t
+            seconds, achieved = n.get("measured_seconds"), n.get("achieved_flops_per_second")
+            row += [number(seconds * 1e6 if seconds is not None else None),
+                    number(achieved / 1e12 if achieved is not None else None),
+                    f"{100 * frac:.1f}" if frac is not None else "-"]
+        else:
+            row.append(number(n["attainable_flops_per_second"] / 1e12))
+        rows.append(row)
+    return fitting_table(title, {c: "left" if c in ("node", "bound") else "right" for c in cols}, rows,
+                         compact=True)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -175,7 +177,7 @@ def run(args: argparse.Namespace) -> int:
     record["plot"] = str(plot.resolve())
     if args.json:
         write_json(args.json, record)
-    console = Console(width=max(Console().width, 160 if measured else 120))
+    console = Console()
     console.print(roofline_table(record))
-    console.print(f"Roofline plot written to {plot}")
+    console.print(f"Roofline plot written to {plot}", soft_wrap=True)
     return 0

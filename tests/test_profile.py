@@ -66,12 +66,14 @@ def test_cpu_profile_attributes_time_to_every_module_call(tmp_path, narrow, data
     assert record["nsys_command"].startswith("nsys profile -t cuda,nvtx --capture-range=cudaProfilerApi")
     assert "--nsys" in record["nsys_command"] and str(narrow) in record["nsys_command"]
     assert "layer1.0.0" in printed and "nsys profile" in printed
+    _fits_80_columns(printed)
 
     # The profile's JSON places measured points on the roofline, one per node it timed.
     png, rl = tmp_path / "measured.png", tmp_path / "measured.json"
     assert main(["roofline", str(narrow), "--precision", "fp32", "--measured", str(js), "--out", str(png),
                  "--json", str(rl)]) == 0
     roof = json.loads(rl.read_text())
+    _fits_80_columns(capsys.readouterr().out)  # the 11-column measured table included
     assert roof["batch_size"] == BATCH
     measured = {n["label"]: n for n in roof["nodes"] if "measured_seconds" in n}
     assert set(measured) == set(calls)
@@ -79,6 +81,14 @@ def test_cpu_profile_attributes_time_to_every_module_call(tmp_path, narrow, data
         achieved = by_node[name]["achieved_flops_per_second"]
         assert measured[name]["achieved_flops_per_second"] == pytest.approx(achieved)
     assert roof["step"]["measured_seconds"] == pytest.approx(step)
+
+
+def _fits_80_columns(printed: str) -> None:
+    """The tables fold to the 80 columns of a console that is not a terminal, hiding nothing;
+    only the lines that name a file or a command to copy run long."""
+    table = [line for line in printed.splitlines() if "/" not in line or "│" in line]
+    assert table and max(map(len, table)) <= 80, printed
+    assert "…" not in printed
 
 
 def _forward_flops(gm, x):
@@ -107,7 +117,7 @@ def test_a_cpu_run_is_never_held_against_a_gpu_peak(tmp_path, data_path, capsys)
                  "--batch-size", "4", "--out", str(tmp_path / "trace"), "--json", str(js)]) == 0
     printed = capsys.readouterr().out
     assert "peak" not in printed.split("Model FLOPs per step")[0]  # no column of shares
-    assert "not on the h100 profile: no share of its peak" in printed
+    assert "not on the h100 profile: no share of its peak" in " ".join(printed.split())  # wrapped at 80
     import json
 
     record = json.loads(js.read_text())
