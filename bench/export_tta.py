@@ -124,7 +124,7 @@ def compile_runner(module, device):
 def onnx_runner(module, device, workdir: Path, name: str):
     import numpy as np
 
-    from fastgraph.export_onnx import export_onnx, session
+    from fastgraph.deploy.onnx import export_onnx, session
 
     path = workdir / f"{name}.onnx"
     info = export_onnx(copy.deepcopy(module).cpu(), path, batch=None)
@@ -148,7 +148,7 @@ def onnx_runner(module, device, workdir: Path, name: str):
 
 
 def tensorrt_runner(module, device, workdir: Path, name: str, precision: str, max_batch: int):
-    from fastgraph.export_tensorrt import compile_tensorrt
+    from fastgraph.deploy.tensorrt import compile_tensorrt
 
     engine, info = compile_tensorrt(module, workdir / f"{name}.ep", batch=None, precision=precision,
                                     device=device, opt_batch=min(256, max_batch), max_batch=max_batch)
@@ -180,10 +180,11 @@ def measure(run, images: torch.Tensor, labels: torch.Tensor, batch: int, clock: 
 def main(argv=None) -> int:
     args = parse_args(argv)
     sys.path.insert(0, str(REPO))
-    from fastgraph.cli_common import git_commit, resolve_device
+    from fastgraph.core.devices import resolve_device
+    from fastgraph.core.errors import UserError
+    from fastgraph.core.outputs import git_commit
     from fastgraph.data import load_cifar10, normalize
-    from fastgraph.errors import UserError
-    from fastgraph.export import HalfPrecision, inference_graph, load_trained_graph, spread_indices
+    from fastgraph.deploy.pipeline import HalfPrecision, inference_graph, load_trained_graph, spread_indices
 
     try:
         device = resolve_device(args.device)

@@ -130,7 +130,7 @@ def _measure_copy_bandwidth(ctx: Context) -> float:
 def _profile_bandwidth(device_name: str):
     """(profile name, display name, bytes/s) of the hardware profile matching the GPU, else None."""
     try:
-        from fastgraph.roofline import list_profiles, load_profile
+        from fastgraph.perf.roofline import list_profiles, load_profile
     except ImportError:
         return None
     lowered = device_name.lower()

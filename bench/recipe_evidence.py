@@ -119,7 +119,7 @@ SUBSET, TEST_SUBSET = 2560, 2000  # class-balanced training / test images
 
 def recipe_for(variant: Variant):
     """The shipped recipe of ``variant`` with its changes applied (a validated Recipe)."""
-    from fastgraph.recipes import RECIPE_FOLDER, validate
+    from fastgraph.training.recipes import RECIPE_FOLDER, validate
 
     path = REPO / "profiles" / RECIPE_FOLDER / f"{variant.recipe}.toml"
     data = tomllib.loads(path.read_text())
@@ -153,7 +153,7 @@ def welch(a: list[float], b: list[float]) -> dict:
 
 def run_variant(variant: Variant, runs: int, data: str | None, folder: Path) -> dict:
     """Train ``variant`` ``runs`` times (seeds 0..runs-1) on the CPU; its record."""
-    from fastgraph.train import TrainOptions, train
+    from fastgraph.training.loop import TrainOptions, train
 
     model = folder / f"{variant.model}.py"
     model.write_text(MODELS[variant.model])
@@ -227,7 +227,7 @@ def parse_args(argv):
 def main(argv=None) -> int:
     import torch
 
-    from fastgraph.cli_common import environment
+    from fastgraph.core.outputs import environment
 
     args = parse_args(argv)
     chosen = [v for v in VARIANTS if args.only is None or v.key in args.only.split(",")]

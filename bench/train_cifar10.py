@@ -24,8 +24,8 @@ resnet20_seed_baseline=E``, which stretches its schedule: then it is no longer H
    recipes that compile. Each variant runs only when a recipe needs it.
 2. Each fastgraph recipe (``fast``, ``fast_muon``, ``page2019``,
    ``resnet20_seed_baseline``) on the model file it names, N runs, evaluated with TTA
-   after every epoch, timed with ``fastgraph.timing.Timer`` (CUDA events; whitening init, training, final TTA
-   evaluation counted; data upload, compile and cuDNN warm-up, progress evaluation not).
+   after every epoch, timed with ``fastgraph.core.timing.Timer`` (CUDA events; whitening init,
+   training, final TTA evaluation counted; data upload, compile and cuDNN warm-up, progress evaluation not).
 3. Per method: mean +/- std TTA accuracy, mean counted time, and the ratio of the time to
    reach the mean TTA accuracy of the airbench94 row compiled or eager as it is (the mean
    over runs of the TTA accuracy per epoch, first epoch at or above it; the time is the
@@ -278,7 +278,7 @@ def run_airbench(dataset, runs: int, workdir: Path, *, compiled: bool = False,
     except ImportError as exc:
         raise BenchError(f"airbench is not importable ({exc}): pip install airbench=={AIRBENCH_VERSION} "
                          "(it also needs torchvision), or pass --no-airbench --target ACC") from None
-    from fastgraph.timing import compiled_graphs
+    from fastgraph.core.timing import compiled_graphs
 
     version = getattr(airbench, "__version__", None)
     order = export_for_airbench(dataset, workdir, seed)
@@ -317,8 +317,8 @@ def run_recipe(name: str, runs: int, target: float, data: str | None, device: st
                subset: int | None = None, test_subset: int | None = None,
                batch_size: int | None = None) -> dict:
     """A fastgraph recipe on its model file, ``runs`` runs, TTA after every epoch."""
-    from fastgraph.recipes import load_recipe
-    from fastgraph.train import Reporter, TrainOptions, train
+    from fastgraph.training.loop import Reporter, TrainOptions, train
+    from fastgraph.training.recipes import load_recipe
 
     class Progress(Reporter):
         def run_end(self, run, record):
@@ -378,10 +378,10 @@ def _main(args) -> int:
         import fastgraph  # noqa: F401
     except ImportError:
         raise BenchError("fastgraph is not installed: pip install -e . in the repository first") from None
-    from fastgraph.cli_common import git_commit
+    from fastgraph.core.errors import UserError
+    from fastgraph.core.outputs import git_commit
     from fastgraph.data import load_cifar10
-    from fastgraph.errors import UserError
-    from fastgraph.recipes import load_recipe
+    from fastgraph.training.recipes import load_recipe
 
     if not args.dry_run and not torch.cuda.is_available():
         raise BenchError("needs a CUDA GPU: this benchmark times GPU training "

@@ -4,4 +4,6 @@ The one object that flows through fastgraph is a ``torch.fx.GraphModule``: passe
 (``fastgraph.passes``), training, export, profiling and the roofline all take one.
 """
 
-__version__ = "0.1.0"
+from fastgraph.core.version import __version__
+
+__all__ = ["__version__"]

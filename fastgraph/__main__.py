@@ -1,5 +1,5 @@
 """``python -m fastgraph``: the ``fastgraph`` command line."""
 
-from fastgraph.cli import main
+from fastgraph.cli.main import main
 
 raise SystemExit(main())

@@ -45,6 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fastgraph.core.modules import GhostBatchSizeError
 from fastgraph.kernels._triton import (
     HAS_TRITON,
     can_launch,
@@ -52,7 +53,6 @@ from fastgraph.kernels._triton import (
     require_launchable,
     target_programs,
 )
-from fastgraph.modules import GhostBatchSizeError
 
 if HAS_TRITON:
     from fastgraph.kernels._triton import tl, triton
@@ -781,7 +781,7 @@ class BatchNormActivation(nn.Module):
         affine: learnable weight and bias (freeze the weight at 1 with ``weight.requires_grad_(False)``).
         ghost_splits: number of ghost batches in training (module docstring).
         ghost_batch_size: instead of ``ghost_splits``, samples per ghost batch S: a batch of N
-            makes N / S ghost batches, the grouping of ``fastgraph.modules.GhostBatchNorm``
+            makes N / S ghost batches, the grouping of ``fastgraph.core.modules.GhostBatchNorm``
             (N not a multiple of S raises ``GhostBatchSizeError``).
     """
 

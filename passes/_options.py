@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from fastgraph.errors import UserError
+from fastgraph.core.errors import UserError
 
 
 class PassOptionError(UserError, ValueError):

@@ -6,7 +6,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from fastgraph.modules import GhostBatchNorm
+from fastgraph.core.modules import GhostBatchNorm
 
 from . import copy_module, finish, register
 from ._fx import call_sites, module_of, only_input, single_user, stock_module

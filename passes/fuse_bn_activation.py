@@ -47,7 +47,7 @@ def _activation_of(gm: fx.GraphModule, node: fx.Node) -> tuple[str, float] | Non
 def _fusable_bn(gm: fx.GraphModule, node: fx.Node) -> tuple[nn.BatchNorm2d, int | None] | None:
     """(the BatchNorm2d ``node`` calls, its ghost batch size or None) if the fused module can
     reproduce it exactly and replace it in place (the module is called from this node only)."""
-    from fastgraph.modules import GhostBatchNorm
+    from fastgraph.core.modules import GhostBatchNorm
 
     bn = module_of(gm, node)
     if type(bn) is nn.BatchNorm2d:
@@ -70,7 +70,7 @@ def fuse_bn_activation(gm: fx.GraphModule) -> fx.GraphModule:
     The pair becomes one :class:`fastgraph.kernels.bn_act.BatchNormActivation`, under the
     BN's qualified name (state_dict keys unchanged), with the BN's parameters, running
     statistics, ``num_batches_tracked``, eps, momentum, affine flag, parameter
-    ``requires_grad``, train/eval mode and, for a ``fastgraph.modules.GhostBatchNorm``, its
+    ``requires_grad``, train/eval mode and, for a ``fastgraph.core.modules.GhostBatchNorm``, its
     ghost batch size (same grouping of samples): the same function, computed by the
     fused Triton kernel (one read of the BN input and one write of the activation instead of
     a write and a read of the BN output in between, and no stored pre-activation).

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch.fx as fx
 from torch import nn
 
-from fastgraph.modules import GhostBatchNorm
+from fastgraph.core.modules import GhostBatchNorm
 
 from . import Identity, copy_module, finish, register
 from ._fx import module_of
@@ -25,7 +25,7 @@ def ghost_batchnorm(gm: fx.GraphModule, *, ghost_batch_size: int = 32) -> fx.Gra
     generalization gap in large batch training of neural networks", 2017; Page, "How to
     Train Your ResNet 8: Bag of Tricks", 2019 (ghost batches of 32: batch 512, 16 splits).
 
-    Each ``nn.BatchNorm2d`` becomes a :class:`~fastgraph.modules.GhostBatchNorm` with the
+    Each ``nn.BatchNorm2d`` becomes a :class:`~fastgraph.core.modules.GhostBatchNorm` with the
     same settings, parameters, buffers and requires_grad flags, under the same qualified
     name. In training it reshapes (N, C, H, W) to (S, (N/S)*C, H, W), so one batch-norm
     call computes per-(ghost batch, channel) statistics (ghost batch k holds samples

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch.fx as fx
 
-from fastgraph import nvtx
+from fastgraph.core import nvtx
 
 from . import copy_module, finish, register
 
@@ -26,15 +26,15 @@ def nvtx_ranges(gm: fx.GraphModule) -> fx.GraphModule:
 
     Source: NVIDIA Tools Extension (NVTX) ranges, read by Nsight Systems
     (``nsys profile -t cuda,nvtx``); the same ranges reach a recording ``torch.profiler``
-    as ``record_function`` events (see :mod:`fastgraph.nvtx`).
+    as ``record_function`` events (see :mod:`fastgraph.core.nvtx`).
 
-    Each ``call_module`` node ``y = m(x, ...)`` becomes ``x' = fastgraph.nvtx.push(x,
-    "m")``, ``y = m(x', ...)``, ``y' = fastgraph.nvtx.pop(y, "m")``, and the node's users
+    Each ``call_module`` node ``y = m(x, ...)`` becomes ``x' = fastgraph.core.nvtx.push(x,
+    "m")``, ``y = m(x', ...)``, ``y' = fastgraph.core.nvtx.pop(y, "m")``, and the node's users
     read ``y'``. ``push``/``pop`` return their input unchanged, so the function, its
     gradients and the parameter names are the same (exact), the graph stays traceable
     (they re-trace as themselves) and compiles without breaks (they do nothing while
     ``torch.compiler.is_compiling()``). Exporters strip them first
-    (:func:`fastgraph.nvtx.strip`).
+    (:func:`fastgraph.core.nvtx.strip`).
 
     The ranges cover the forward pass: the backward of a node runs later, from the
     autograd engine; ``fastgraph profile`` attributes backward ops to nodes through the

@@ -9,7 +9,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from fastgraph.modules import StochasticDepth
+from fastgraph.core.modules import StochasticDepth
 
 from . import Identity, copy_module, finish, register
 from ._fx import module_of, unique_name
@@ -39,7 +39,7 @@ def stochastic_depth(
     side's: that side is the residual branch, the other the shortcut (identity, the
     option-A subsample-and-pad, or a 1x1 projection). Blocks are numbered l = 1..L in
     graph order and the branch's input to the add is multiplied by a
-    :class:`~fastgraph.modules.StochasticDepth` with survival p_l: in training, per sample
+    :class:`~fastgraph.core.modules.StochasticDepth` with survival p_l: in training, per sample
     (``per="sample"``) or once per batch (``per="batch"``), the branch is kept with
     probability p_l and scaled by 1/p_l, so evaluation is the identity. This inverted
     scaling differs from the paper, which scales by p_l at test time instead; the two

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch.fx as fx
 
-from fastgraph.modules import TTAMean, TTAViews
+from fastgraph.core.modules import TTAMean, TTAViews
 
 from . import copy_module, finish, register
 from ._fx import unique_name
@@ -18,9 +18,9 @@ def tta_flip(gm: fx.GraphModule, *, level: int = 1) -> fx.GraphModule:
     Sources: Page, "How to Train Your ResNet 8: Bag of Tricks", 2019 (mirror TTA);
     Jordan, airbench94, 2024 (``tta_level``: 1 = mirror, 2 = mirror + translate).
 
-    The single input x (N, C, H, W) feeds a :class:`~fastgraph.modules.TTAViews` that
+    The single input x (N, C, H, W) feeds a :class:`~fastgraph.core.modules.TTAViews` that
     concatenates the views along the batch axis, the unchanged model runs once on the
-    (V*N, C, H, W) batch, and a :class:`~fastgraph.modules.TTAMean` before the output
+    (V*N, C, H, W) batch, and a :class:`~fastgraph.core.modules.TTAMean` before the output
     averages the V outputs per image, returning (N, ...) as before. Level 1 (V = 2):
     mean of model(x) and model(flip(x)). Level 2 (V = 6, airbench94's scheme):
     1/4 * (model(x) + model(flip(x))) + 1/8 * sum over t in {up-left, down-right 1-pixel

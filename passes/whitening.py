@@ -15,13 +15,13 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fastgraph.modules import PatchWhitening
+from fastgraph.core.modules import PatchWhitening
 
 from . import Identity, copy_module, finish, register
 from ._fx import call_sites, module_of, single_user, unique_name
 from ._options import require
 
-HINTS_KEY = "fastgraph.param_hints"  # parameter hints for the optimiser (see fastgraph.optim)
+HINTS_KEY = "fastgraph.param_hints"  # parameter hints for the optimiser (see fastgraph.training.optim)
 
 # Images per chunk when accumulating the patch second moments: bounds the float64 patch
 # matrix to about 256 * 30 * 30 * 27 * 8 bytes = 50 MB for 3x3 patches of 32x32 images.
@@ -68,7 +68,7 @@ def whitening(
     first ``nn.Conv2d`` in graph order with 3 input channels (square kernel k, stride 1,
     dilation 1, groups 1, zero padding) is rewritten in one of two forms:
 
-    - ``into="pointwise"`` (Page): a :class:`~fastgraph.modules.PatchWhitening` (a
+    - ``into="pointwise"`` (Page): a :class:`~fastgraph.core.modules.PatchWhitening` (a
       buffer, never trained) followed by a learnable 1x1 ``nn.Conv2d`` to the conv's
       width, which takes the conv's qualified name and its bias. The whitening conv
       carries the conv's padding, adjusted when kernel_size != k so the output keeps its

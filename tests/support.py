@@ -120,7 +120,7 @@ def write_recipe(folder: Path, *, epochs=2, batch_size=128, lr=0.4, ema=False, c
 def cli_error(capsys, *argv) -> str:
     """Run the CLI (``capsys`` is pytest's fixture); assert exit 2 and exactly one line on
     stderr; return that line."""
-    from fastgraph.cli import main
+    from fastgraph.cli.main import main
 
     assert main(list(argv)) == 2
     err = capsys.readouterr().err

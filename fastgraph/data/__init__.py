@@ -5,8 +5,10 @@ Sources: the original python-format release (``cifar-10-batches-py/`` or
 (``train/<class>/*.png|jpg``, ``test/<class>/...``) as a folder or a
 ``.tar``/``.tar.gz``/``.tar.xz`` archive. Where: an explicit path, else
 ``$FASTGRAPH_DATA``, else ``~/.cache/fastgraph/cifar10`` (where ``fastgraph data
-download`` puts it). Every problem with the data raises ``fastgraph.errors.DataError``
+download`` puts it). Every problem with the data raises ``fastgraph.core.errors.DataError``
 with one line naming the file and what to do.
+
+May import: ``core`` only.
 """
 
 from __future__ import annotations
@@ -22,8 +24,9 @@ from pathlib import Path
 
 import torch
 
+from fastgraph.core.errors import DataError
+from fastgraph.core.verification import spread_indices  # re-exported: data users pick images with it
 from fastgraph.data import cache, imagefolder, pickled
-from fastgraph.errors import DataError
 
 __all__ = [
     "CIFAR10",
@@ -182,12 +185,3 @@ def normalize(images_uint8: torch.Tensor, mean: tuple[float, ...] = CIFAR10_MEAN
     return ((images_uint8.to(torch.float32) - m) / s).to(dtype)
 
 
-
-def spread_indices(n: int, total: int) -> torch.Tensor:
-    """``min(n, total)`` distinct int64 indices spread evenly over ``range(total)``, first
-    and last included.
-
-    A few images taken this way from a split stored class by class (the ImageFolder layout)
-    hold every class, where the first few would all be airplanes.
-    """
-    return torch.linspace(0, total - 1, min(n, total)).round().long()

@@ -36,9 +36,9 @@ from rich.progress import (
     TransferSpeedColumn,
 )
 
+from fastgraph.core.errors import DataError
 from fastgraph.data.imagefolder import ARCHIVE_ERRORS
 from fastgraph.data.pickled import ARCHIVE_MD5, FOLDER, URL
-from fastgraph.errors import DataError
 
 BLOCK = 1 << 20  # bytes per read: few Python calls, smooth progress
 # Caps on what one archive may extract. The official python-format archive holds 8 files,

@@ -25,9 +25,9 @@ from pathlib import Path, PurePosixPath
 
 import numpy as np
 
+from fastgraph.core.console import progress
+from fastgraph.core.errors import DataError
 from fastgraph.data.cache import Arrays
-from fastgraph.errors import DataError
-from fastgraph.report import progress
 
 SPLITS = ("train", "test")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
@@ -70,7 +70,7 @@ class _Decoder:
         self.meta: list[tuple[str, str, str]] = []  # (split, class, file name) per image
         self.parts: list[Future | np.ndarray | str] = []
         self.pending: list[tuple[str, bytes]] = []
-        self.update = update or (lambda **_: None)  # progress: see fastgraph.report.progress
+        self.update = update or (lambda **_: None)  # progress: see fastgraph.core.console.progress
         self.decoded = 0
         self.pool = None
         if workers > 1 and "fork" in multiprocessing.get_all_start_methods():

@@ -20,10 +20,10 @@ from pathlib import Path, PurePosixPath
 
 import numpy as np
 
+from fastgraph.core.console import progress
+from fastgraph.core.errors import DataError
 from fastgraph.data.cache import Arrays
 from fastgraph.data.imagefolder import ARCHIVE_ERRORS
-from fastgraph.errors import DataError
-from fastgraph.report import progress
 
 FOLDER = "cifar-10-batches-py"
 ARCHIVE = "cifar-10-python.tar.gz"

@@ -11,8 +11,8 @@ import torch
 from cifar_builders import make_tar, write_batches, write_imagefolder
 from PIL import Image
 
+from fastgraph.core.errors import DataError
 from fastgraph.data import cache, load_cifar10
-from fastgraph.errors import DataError
 
 
 def _same(a, b):

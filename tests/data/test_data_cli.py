@@ -8,7 +8,7 @@ import hashlib
 import pytest
 from cifar_builders import make_tar, write_batches, write_imagefolder
 
-from fastgraph.cli import main
+from fastgraph.cli.main import main
 from fastgraph.data import load_cifar10
 
 pytestmark = pytest.mark.usefixtures("isolated_cache")

@@ -8,8 +8,8 @@ import torch
 from cifar_builders import Sample, class_major, make_tar, write_imagefolder
 from PIL import Image
 
+from fastgraph.core.errors import DataError
 from fastgraph.data import CLASSES, load_cifar10
-from fastgraph.errors import DataError
 
 pytestmark = pytest.mark.usefixtures("isolated_cache")
 

@@ -12,8 +12,8 @@ import pytest
 import torch
 from cifar_builders import make_tar, write_batches
 
+from fastgraph.core.errors import DataError
 from fastgraph.data import CLASSES, load_cifar10, pickled
-from fastgraph.errors import DataError
 
 pytestmark = pytest.mark.usefixtures("isolated_cache")
 

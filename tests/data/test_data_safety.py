@@ -140,7 +140,7 @@ def test_download_of_the_official_archive_checks_the_folder_before_the_network(t
 def test_download_into_a_fresh_folder_still_works(tmp_path, server, capsys):
     url, md5 = _serve(server, [_file(f"{TOP}/data_batch_1", 2000), _file("readme.html")])
     dest = tmp_path / "data"
-    from fastgraph.cli import main
+    from fastgraph.cli.main import main
 
     assert main(["data", "download", str(dest), "--url", url, "--md5", md5]) == 0
     assert sorted(p.name for p in dest.iterdir()) == [TOP, "readme.html"]

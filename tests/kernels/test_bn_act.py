@@ -15,9 +15,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.testing import assert_close
 
+from fastgraph.core.modules import GhostBatchNorm, GhostBatchSizeError
 from fastgraph.kernels import bn_act as bn
 from fastgraph.kernels.bn_act import BatchNormActivation, bn_act, bn_act_reference
-from fastgraph.modules import GhostBatchNorm, GhostBatchSizeError
 
 pytestmark = pytest.mark.kernels
 
@@ -218,7 +218,7 @@ def test_module_is_a_drop_in_for_batchnorm2d():
 
 
 def test_module_ghost_batch_size_matches_ghost_batchnorm():
-    """``ghost_batch_size`` groups samples exactly as fastgraph.modules.GhostBatchNorm does."""
+    """``ghost_batch_size`` groups samples exactly as fastgraph.core.modules.GhostBatchNorm does."""
     ghost = GhostBatchNorm(4, ghost_batch_size=3)
     fused = BatchNormActivation(4, activation="celu", alpha=0.3, ghost_batch_size=3)
     x = torch.randn(12, 4, 3, 3, generator=torch.Generator().manual_seed(6))

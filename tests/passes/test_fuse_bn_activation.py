@@ -21,9 +21,9 @@ import torch.nn as nn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch.testing import assert_close  # noqa: E402
 
+from fastgraph.core.modules import GhostBatchNorm  # noqa: E402
+from fastgraph.core.pass_manager import run_passes  # noqa: E402
 from fastgraph.kernels.bn_act import BatchNormActivation  # noqa: E402
-from fastgraph.modules import GhostBatchNorm  # noqa: E402
-from fastgraph.pass_manager import run_passes  # noqa: E402
 from fastgraph.passes import REGISTRY, rewrite_count  # noqa: E402
 from fastgraph.passes.fuse_bn_activation import fuse_bn_activation  # noqa: E402
 from fastgraph.passes.ghost_batchnorm import ghost_batchnorm  # noqa: E402

@@ -10,7 +10,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from fastgraph.modules import GhostBatchNorm
+from fastgraph.core.modules import GhostBatchNorm
 from fastgraph.passes import get, rewrite_count
 from fastgraph.passes._options import PassOptionError
 

@@ -11,8 +11,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
-from fastgraph import nvtx
-from fastgraph.pass_manager import run_passes
+from fastgraph.core import nvtx
+from fastgraph.core.pass_manager import run_passes
 from fastgraph.passes import get, rewrite_count
 
 nvtx_ranges = get("nvtx_ranges").fn

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastgraph import passes as registry
-from fastgraph.pass_manager import run_passes
+from fastgraph.core.pass_manager import run_passes
 from fastgraph.passes import Identity, copy_module, finish, get
 
 

@@ -9,7 +9,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from fastgraph.modules import StochasticDepth
+from fastgraph.core.modules import StochasticDepth
 from fastgraph.passes import get, rewrite_count
 from fastgraph.passes._options import PassOptionError
 

@@ -8,7 +8,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from fastgraph.modules import TTAMean, TTAViews
+from fastgraph.core.modules import TTAMean, TTAViews
 from fastgraph.passes import get, rewrite_count
 from fastgraph.passes._options import PassOptionError
 

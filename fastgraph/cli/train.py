@@ -1,0 +1,103 @@
+"""Train a model file on CIFAR-10 with a recipe and report accuracy (plain and TTA) and time.
+
+``fastgraph train MODEL.py --recipe NAME`` loads the file, traces it, applies the
+recipe's passes and trains on the device-resident dataset; it prints a per-epoch table
+with a progress bar and, over ``--runs``, mean +/- std of the accuracies and of the
+counted time (see ``fastgraph.training.loop`` for what is counted), and writes a JSON record with
+``--json``. Ctrl-C or SIGTERM writes a checkpoint when ``--checkpoint DIR`` is given (exit
+130 for Ctrl-C, 143 = 128 + SIGTERM, as a shell reports a process that SIGTERM ended);
+``--resume`` continues it. The ``--json`` path and the model file are checked before the
+data is looked for.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+
+from fastgraph.cli.common import positive
+from fastgraph.core.errors import UserError
+from fastgraph.core.outputs import check_outputs, environment, write_json
+
+
+def _accuracy(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    value = value / 100 if value > 1 else value  # 94 and 0.94 both mean 94%
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"accuracy must be in (0, 1] or (0, 100]%, got {text}")
+    return value
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the ``fastgraph train`` options to its subparser."""
+    parser.add_argument("model", help="plain PyTorch model file (.py)")
+    parser.add_argument("--recipe", required=True,
+                        help="shipped recipe (fast, fast_muon, page2019, resnet20_seed_baseline) "
+                             "or a .toml file")
+    parser.add_argument("--entry", help="function or class in the model file that builds the model")
+    parser.add_argument("--epochs", type=positive(float), help="override the recipe's epochs "
+                        "(the lr schedule stretches with it)")
+    parser.add_argument("--batch-size", type=positive(int),
+                        help="override the recipe's batch size (a recipe in decoupled units scales "
+                             "its lr with it, as airbench does; one in torch units keeps its lr)")
+    parser.add_argument("--runs", type=positive(int), default=1,
+                        help="independent runs (seeds seed, seed+1, ...)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the first run (default 0)")
+    parser.add_argument("--target", type=_accuracy, metavar="ACC",
+                        help="report the time at which the mean TTA accuracy first reaches ACC "
+                             "(e.g. 0.94 or 94)")
+    parser.add_argument("--subset", type=positive(int), metavar="N",
+                        help="train on N training images (class-balanced, first of each class)")
+    parser.add_argument("--test-subset", type=positive(int), metavar="N",
+                        help="evaluate on N test images (class-balanced; for quick checks only)")
+    parser.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
+    parser.add_argument("--precision", choices=("fp32", "fp16", "bf16"),
+                        help="autocast precision (default: the recipe's on CUDA, fp32 on CPU)")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                        help="torch.compile the training module (default: the recipe's, on CUDA only)")
+    parser.add_argument("--checkpoint", metavar="DIR", help="write a checkpoint there after every epoch")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the training checkpointed in --checkpoint DIR")
+    parser.add_argument("--json", metavar="FILE", help="write the results as JSON")
+    parser.add_argument("--data", metavar="PATH", help="CIFAR-10 (folder, archive; default $FASTGRAPH_DATA)")
+    parser.add_argument("--no-progress-eval", dest="progress_eval", action="store_false",
+                        help="evaluate after the last epoch only (faster; no per-epoch accuracy)")
+    parser.add_argument("--stochastic-depth", action="store_true",
+                        help="train with the stochastic_depth pass (the recipe's [stochastic_depth] options)")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run ``fastgraph train``; returns the exit code (a ``UserError`` is one line, exit 2)."""
+    from fastgraph.training.loop import Interrupted, TrainOptions, train
+    from fastgraph.training.recipes import load_recipe
+    from fastgraph.training.report import RichReporter, print_summary
+
+    if args.resume and not args.checkpoint:
+        raise UserError("--resume needs --checkpoint DIR (the folder holding the checkpoint)")
+    # Before the training, not after it: the results of hours must have somewhere to go.
+    check_outputs({"--json": args.json}, inputs={"model file": args.model, "data": args.data})
+    recipe = load_recipe(args.recipe)
+    opts = TrainOptions(model_path=args.model, recipe=recipe, entry=args.entry, epochs=args.epochs,
+                        batch_size=args.batch_size, runs=args.runs, seed=args.seed, target=args.target,
+                        subset=args.subset, test_subset=args.test_subset, device=args.device,
+                        precision=args.precision, compile=args.compile, checkpoint_dir=args.checkpoint,
+                        resume=args.resume, stochastic_depth=args.stochastic_depth, data=args.data,
+                        progress_eval=args.progress_eval)
+    reporter = RichReporter(recipe)
+    try:
+        with reporter:
+            result = train(opts, reporter)
+    except Interrupted as exc:
+        if exc.signum != signal.SIGTERM:
+            raise  # Ctrl-C: the CLI's KeyboardInterrupt exit, 130
+        print("fastgraph: terminated", file=sys.stderr)
+        return 128 + signal.SIGTERM
+    print_summary(result, reporter.console)
+    if args.json:
+        path = write_json(args.json, {**environment(result.settings["device"]), **result.to_dict()})
+        reporter.console.print(f"results written to {path}")
+    return 0

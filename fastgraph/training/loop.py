@@ -1,0 +1,902 @@
+"""Train a model file on CIFAR-10 with a recipe; evaluate it plain and with TTA.
+
+One ``GraphModule`` flows: the model file is loaded (``fastgraph.core.loading``), traced
+(``fastgraph.core.tracing``), rewritten by the recipe's passes (``fastgraph.core.pass_manager``,
+train mode), trained on the uint8 dataset resident on the device and augmented per epoch
+(``fastgraph.training.augmentation``), and evaluated, the test-time augmentation being the
+``tta_flip`` pass applied to the evaluated module.
+
+Timing (``fastgraph.core.timing.Timer``, CUDA events on a GPU, ``perf_counter`` on CPU), as
+the record holders time it: *not counted* are the data upload, loading and tracing the
+model file, the pass manager's float64 checks of the recipe's passes (once per
+training), cuDNN/``torch.compile`` warm-up, and the per-epoch progress evaluation (plain
+accuracy every epoch, TTA accuracy on epochs before the last); *counted* are the
+recipe's passes (which include the whitening initialisation from data), training, and
+the final TTA evaluation. For ``target`` the time to reach an accuracy at epoch *e* is
+the counted time through epoch *e*'s training plus that epoch's TTA evaluation, as if
+the run had stopped and been evaluated there (earlier epochs' evaluations not counted).
+
+Compilation stays out of the counted time: the warm-up runs the training step exactly as
+the loop does, on real batches from the run's own augmenter (its dtype, layout and
+shape; the augmenter's and torch's random state and the weights restored after), and
+evaluates a full and the last, smaller test batch, plain and with TTA. The timer records
+the graphs ``torch.compile`` compiled in every phase, and one compiled inside a counted
+phase raises :class:`fastgraph.core.timing.CompiledInCountedPhase`, naming the run and epoch.
+
+An optimiser parameter group with ``train_epochs = N`` (a parameter hint, e.g.
+airbench's whitening bias, trained 3 epochs) trains in epochs 0..N-1 and gets lr 0 from
+epoch N on: SGD with lr 0 leaves the parameter exactly as it is and, unlike turning
+``requires_grad`` off, changes nothing a compiled graph's guards look at. With
+``own_schedule`` its lr follows the recipe's schedule over its N epochs.
+
+Reliability: a checkpoint at the end of every epoch (``fastgraph.training.checkpoint``); a
+first Ctrl-C or SIGTERM (what a job scheduler or ``kill`` sends) lets the current step
+finish, writes a checkpoint at that step boundary and raises :class:`Interrupted` (the
+CLI exits 130, or 143 for SIGTERM); a second one stops at once. ``resume`` continues
+bit-exactly on the same device, and a NaN or infinite loss stops the run with
+:class:`TrainingDiverged`. The model file, the checkpoint and the options are checked
+before the data is looked for.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+import signal
+import statistics
+import threading
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+
+from fastgraph.core import nvtx
+from fastgraph.core.devices import resolve_device
+from fastgraph.core.errors import UserError
+from fastgraph.core.pass_manager import VERIFY_IMAGES
+from fastgraph.core.timing import CompiledInCountedPhase, Timer
+from fastgraph.core.tracing import traced_model
+from fastgraph.training import checkpoint as ckpt
+from fastgraph.training.optim import WeightAverage, build_optimizers
+from fastgraph.training.recipes import Recipe, check_passes_registered, lr_factor, torch_hyperparameters
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+TIMING_RULE = ("counted: the recipe's passes (whitening initialisation included), training, the final "
+               "TTA evaluation; not counted: data upload, loading and tracing the model file, the "
+               "passes' float64 checks (once per training), cuDNN/torch.compile warm-up, per-epoch "
+               "progress evaluation")
+
+
+class TrainingDiverged(UserError):
+    """The loss became NaN or infinite; the message names the epoch and step."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """Training stopped by a signal; ``signum`` is ``signal.SIGINT`` (Ctrl-C) or ``signal.SIGTERM``.
+
+    A ``KeyboardInterrupt``, so code that handles Ctrl-C handles SIGTERM alike.
+    """
+
+    def __init__(self, signum: int = signal.SIGINT):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+@dataclass
+class TrainOptions:
+    """What to train and how; ``None`` fields take the recipe's value.
+
+    model_path: the model file; entry: its entry point (see ``fastgraph.core.loading``).
+    epochs, batch_size: override the recipe's. runs: independent runs (seeds
+    ``seed, seed + 1, ...``). target: TTA accuracy (fraction) whose time to reach is reported.
+    subset: train on N class-balanced images taken in order from the start of each class.
+    test_subset: evaluate on N class-balanced test images (quick checks; claims use all).
+    device: "auto", "cpu", "cuda", "cuda:1"... precision: "fp32", "fp16" or "bf16"
+    (autocast; the training batches are made in that dtype). compile: torch.compile
+    the training module. compile_backend: its backend ("inductor"; "aot_eager" compiles
+    in seconds, for checks on a CPU); the mode is the recipe's ``[train] compile_mode``
+    ("default" unless given, e.g. "max-autotune"). checkpoint_dir: write
+    checkpoints there; resume: continue the one there. stochastic_depth: add the
+    stochastic_depth pass with the recipe's [stochastic_depth] options. data: CIFAR-10
+    path (see ``fastgraph.data.load_cifar10``). progress_eval: evaluate after every
+    epoch (else after the last only; ``target`` needs it).
+    """
+
+    model_path: str
+    recipe: Recipe
+    entry: str | None = None
+    epochs: float | None = None
+    batch_size: int | None = None
+    runs: int = 1
+    seed: int = 0
+    target: float | None = None
+    subset: int | None = None
+    test_subset: int | None = None
+    device: str = "auto"
+    precision: str | None = None
+    compile: bool | None = None
+    compile_backend: str = "inductor"
+    checkpoint_dir: str | None = None
+    resume: bool = False
+    stochastic_depth: bool = False
+    data: str | None = None
+    progress_eval: bool = True
+
+
+@dataclass
+class EpochRecord:
+    """One epoch of one run. Accuracies are fractions; seconds are counted seconds.
+
+    epoch: epochs completed (the last may be fractional). step: training steps done.
+    lr: the learning rate of the last step (recipe's base group). train_loss, train_acc:
+    means over the epoch's augmented batches. test_acc: plain. tta_acc: with TTA (both
+    None for an epoch not evaluated).
+    seconds: counted seconds of this epoch's training. elapsed: counted seconds of the
+    run through this epoch's training (passes included). tta_seconds: this epoch's TTA
+    evaluation. time_to_here: elapsed + tta_seconds (the time to this epoch's accuracy).
+    """
+
+    epoch: float
+    step: int
+    lr: float
+    train_loss: float
+    train_acc: float
+    test_acc: float | None
+    tta_acc: float | None
+    seconds: float
+    elapsed: float
+    tta_seconds: float
+
+    @property
+    def time_to_here(self) -> float:
+        """Counted seconds to this epoch's accuracy: ``elapsed + tta_seconds``."""
+        return self.elapsed + self.tta_seconds
+
+
+@dataclass
+class RunRecord:
+    """One run: its epochs, final accuracies (fractions), counted seconds, phases
+    (``Timer.as_dict``) and graphs ``torch.compile`` compiled per phase (``Timer.compiles``:
+    the warm-up's only when the warm-up covered the timed work)."""
+
+    run: int
+    seed: int
+    epochs: list[EpochRecord]
+    test_acc: float
+    tta_acc: float
+    seconds: float
+    phases: dict = field(default_factory=dict)
+    passes: dict = field(default_factory=dict)
+    compiles: dict = field(default_factory=dict)
+
+    @staticmethod
+    def from_dict(d: dict) -> RunRecord:
+        """A RunRecord from its ``dataclasses.asdict`` form (as checkpoints and JSON records hold it)."""
+        return RunRecord(**{**d, "epochs": [EpochRecord(**e) for e in d["epochs"]]})
+
+
+def _stats(values: list[float]) -> dict:
+    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+            "min": min(values), "max": max(values), "n": len(values)}
+
+
+@dataclass
+class TrainResult:
+    """All runs of a training, and what they were run with.
+
+    ``model`` is the evaluated module (the EMA average where the recipe evaluates it) of
+    the last run; it is not part of :meth:`to_dict`.
+    """
+
+    recipe: dict
+    hyperparameters: dict
+    settings: dict
+    runs: list[RunRecord]
+    timing_method: str
+    target: float | None = None
+    setup: dict = field(default_factory=dict)
+    model: nn.Module | None = None
+
+    def target_reached(self) -> dict | None:
+        """First epoch where the TTA accuracy averaged over runs reaches ``target``.
+
+        Returns ``{"target", "reached", "epoch", "mean_tta_acc", "seconds"}`` where seconds
+        is the mean over runs of the counted time to that epoch; None without a target.
+        """
+        if self.target is None or not self.runs:
+            return None
+        n_epochs = min(len(r.epochs) for r in self.runs)
+        for i in range(n_epochs):
+            if any(r.epochs[i].tta_acc is None for r in self.runs):
+                continue
+            mean_acc = statistics.fmean(r.epochs[i].tta_acc for r in self.runs)
+            if mean_acc >= self.target:
+                return {"target": self.target, "reached": True, "epoch": self.runs[0].epochs[i].epoch,
+                        "mean_tta_acc": mean_acc,
+                        "seconds": statistics.fmean(r.epochs[i].time_to_here for r in self.runs)}
+        return {"target": self.target, "reached": False, "epoch": None, "mean_tta_acc": None, "seconds": None}
+
+    def summary(self) -> dict:
+        """Mean, std (n - 1), min, max over runs of TTA and plain accuracy and counted seconds."""
+        if not self.runs:
+            return {}
+        return {"tta_acc": _stats([r.tta_acc for r in self.runs]),
+                "test_acc": _stats([r.test_acc for r in self.runs]),
+                "seconds": _stats([r.seconds for r in self.runs]),
+                "target": self.target_reached()}
+
+    def to_dict(self) -> dict:
+        """JSON-ready record: recipe, hyperparameters, settings, timing method and rule, summary, runs."""
+        return {"recipe": self.recipe, "hyperparameters": self.hyperparameters, "settings": self.settings,
+                "timing_method": self.timing_method, "timing_rule": TIMING_RULE, "setup": self.setup,
+                "summary": self.summary(), "runs": [asdict(r) for r in self.runs]}
+
+
+class Reporter:
+    """Progress callbacks of :func:`train`; the base class reports nothing.
+
+    A callback may raise ``KeyboardInterrupt`` to stop the training as Ctrl-C would (a
+    checkpoint is written first when checkpointing).
+    """
+
+    def run_start(self, run: int, runs: int, seed: int, steps: int, epochs: int) -> None: ...
+    def step(self, run: int, step_in_epoch: int, steps_in_epoch: int) -> None: ...
+    def epoch_end(self, run: int, record: EpochRecord) -> None: ...
+    def run_end(self, run: int, record: RunRecord) -> None: ...
+    def message(self, text: str) -> None: ...
+
+
+# ------------------------------------------------------------------ helpers -------------
+
+
+def balanced_subset(labels: torch.Tensor, n: int, what: str = "training") -> torch.Tensor:
+    """Indices (sorted, int64) of ``n`` images, as equal a number per class as possible,
+    each class's taken in order from its start (the first N images of a class-sorted
+    folder would otherwise all be one class).
+
+    Raises:
+        UserError: ``n`` < 1 or more than there are images.
+    """
+    total = len(labels)
+    if not 1 <= n <= total:
+        raise UserError(f"--subset/--test-subset must be between 1 and {total} {what} images, got {n}")
+    classes = torch.unique(labels)
+    per_class = [torch.nonzero(labels == c).flatten() for c in classes]
+    quota = [n // len(classes) + (1 if i < n % len(classes) else 0) for i in range(len(classes))]
+    taken = [idx[:q] for idx, q in zip(per_class, quota, strict=True)]
+    short = n - sum(len(t) for t in taken)
+    if short:  # a class ran out: fill from the remaining images in order
+        rest = torch.cat([idx[q:] for idx, q in zip(per_class, quota, strict=True)]).sort().values
+        taken.append(rest[:short])
+    return torch.cat(taken).sort().values
+
+
+class _Interrupt:
+    """SIGINT and SIGTERM handler for the duration of training: the first signal sets a
+    flag that the loop checks between steps (so the checkpoint is of a consistent state)
+    and records which signal it was; a second one interrupts at once. Signal handlers can
+    only be set in the main thread; elsewhere the signals keep their handlers."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.requested = False
+        self.signum = signal.SIGINT
+        self._previous: dict = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise Interrupted(signum)
+        self.requested, self.signum = True, signum
+
+    def check(self) -> None:
+        """Raise :class:`Interrupted` if a signal came; call at step boundaries only."""
+        if self.requested:
+            raise Interrupted(self.signum)
+
+    def __exit__(self, *exc):
+        for s, previous in self._previous.items():
+            signal.signal(s, previous)
+        self._previous = {}
+        return False
+
+
+@torch.no_grad()
+def evaluate(module: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, batch_size: int,
+             mean: torch.Tensor, std: torch.Tensor, autocast, channels_last: bool) -> float:
+    """Top-1 accuracy (fraction) of ``module`` in eval mode on uint8 (N, 3, H, W) ``images``.
+
+    ``mean``/``std``: float32 (1, 3, 1, 1) on the images' device, 0..255 units;
+    ``autocast``: a context-manager factory (``torch.autocast`` or a null one).
+    """
+    module.eval()
+    correct = torch.zeros((), dtype=torch.int64, device=images.device)
+    with nvtx.range("evaluation"):
+        for i in range(0, len(images), batch_size):
+            x = (images[i:i + batch_size].float() - mean) / std
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with autocast():
+                logits = module(x)
+            correct += (logits.argmax(1) == labels[i:i + batch_size]).sum()
+    return correct.item() / len(images)
+
+
+# ------------------------------------------------------------------ trainer -------------
+
+
+@dataclass
+class _Run:
+    """One run while it trains: its objects, where it is (updated at every step boundary,
+    which is what a checkpoint saves), and what a resume carried over."""
+
+    index: int
+    seed: int
+    device: torch.device
+    timer: Timer
+    module: fx.GraphModule  # whose parameters train
+    call: nn.Module  # what the step calls: ``module`` or its torch.compile wrapper
+    optimizers: list
+    ema: WeightAverage | None
+    evaluated: nn.Module  # ``module`` or the EMA average
+    augmenter: object  # fastgraph.training.augmentation.DeviceAugmenter
+    scaler: torch.amp.GradScaler | None
+    passes: dict
+    completed: list[RunRecord]
+    total_steps: int
+    steps_per_epoch: int
+    n_epochs: int
+    aug_state: dict  # the augmenter's state at the start of ``epoch``
+    step: int = 0  # steps done in the run
+    epoch: int = 0  # the epoch in progress (0-based)
+    done: int = 0  # steps done in ``epoch``
+    steps: int = 0  # steps of ``epoch`` done since this process started it
+    boundary: bool = True  # between steps: the state is consistent
+    records: list[EpochRecord] = field(default_factory=list)
+    offset: float = 0.0  # counted seconds before a resume
+    carry: float = 0.0  # counted seconds of the resumed epoch before the resume
+    partial: dict = field(default_factory=lambda: {"loss": 0.0, "correct": 0, "seen": 0})
+    before: float = 0.0  # timer total when ``epoch`` started in this process
+    loss_sum: torch.Tensor | None = None  # on the device: summed without synchronising
+    correct: torch.Tensor | None = None
+
+    def new_epoch(self, epoch: int, done: int, aug_state: dict, before: float) -> None:
+        """Enter ``epoch`` with ``done`` of its steps behind (a resume keeps their statistics)."""
+        if done == 0:
+            self.partial = {"loss": 0.0, "correct": 0, "seen": 0}
+        self.epoch, self.done, self.aug_state, self.before, self.steps = epoch, done, aug_state, before, 0
+        self.loss_sum = torch.zeros((), device=self.device)
+        self.correct = torch.zeros((), dtype=torch.int64, device=self.device)
+
+
+class Trainer:
+    """Runs :func:`train`; one instance per call (holds the data and compiled module)."""
+
+    def __init__(self, opts: TrainOptions, reporter: Reporter | None = None):
+        self.opts = opts
+        self.recipe = recipe = opts.recipe
+        self.reporter = reporter or Reporter()
+        check_passes_registered(recipe)
+        if opts.runs < 1:
+            raise UserError(f"--runs must be >= 1, got {opts.runs}")
+        self.device = resolve_device(opts.device)
+        train_cfg = recipe["train"]
+        self.epochs = float(opts.epochs if opts.epochs is not None else train_cfg["epochs"])
+        self.batch_size = int(opts.batch_size if opts.batch_size is not None else train_cfg["batch_size"])
+        if not (self.epochs > 0 and math.isfinite(self.epochs)):  # an infinite schedule never ends
+            raise UserError(f"--epochs must be a finite number > 0, got {self.epochs}")
+        if self.batch_size < 1:
+            raise UserError(f"--batch-size must be >= 1, got {self.batch_size}")
+        cuda = self.device.type == "cuda"
+        self.precision = opts.precision or (recipe["train"]["precision"] if cuda else "fp32")
+        if self.precision not in DTYPES:
+            raise UserError(f"--precision must be fp32, fp16 or bf16, got {self.precision!r}")
+        self.compile = opts.compile if opts.compile is not None else (recipe["train"]["compile"] and cuda)
+        self.compile_mode = recipe["train"].get("compile_mode", "default")
+        if self.compile:
+            from torch._dynamo import list_backends  # deferred: importing Dynamo takes seconds
+
+            backends = list_backends(exclude_tags=())
+            if opts.compile_backend not in backends:
+                raise UserError(f"compile backend must be one of {', '.join(sorted(backends))}, "
+                                f"got {opts.compile_backend!r}")
+        self.channels_last = cuda
+        self.hyper = torch_hyperparameters(recipe, self.batch_size)
+        if opts.target is not None and not 0 < opts.target <= 1:
+            raise UserError(f"--target must be an accuracy in (0, 1] or a percentage, got {opts.target}")
+        if opts.target is not None and not opts.progress_eval:
+            raise UserError("--target needs the TTA accuracy of every epoch: drop --no-progress-eval")
+        if self.precision == "fp16" and recipe["muon"]["enabled"]:
+            raise UserError("fp16 with loss scaling does not combine with Muon here; use --precision bf16")
+        self.tta_level = recipe["eval"]["tta_level"]
+        self.interrupt = _Interrupt()
+        self._compiled: tuple[fx.GraphModule, nn.Module] | None = None
+        self._tta_cache: tuple[nn.Module, nn.Module] | None = None
+        self._passes_checked = False
+
+    # -- settings ---------------------------------------------------------------------
+
+    def settings(self) -> dict:
+        """What this training was run with (JSON-ready; checked on ``resume``)."""
+        o = self.opts
+        return {"model": str(Path(o.model_path).expanduser().resolve()), "entry": o.entry,
+                "recipe": self.recipe.name, "epochs": self.epochs, "batch_size": self.batch_size,
+                "runs": o.runs, "seed": o.seed, "subset": o.subset, "test_subset": o.test_subset,
+                "device": str(self.device), "precision": self.precision, "compile": bool(self.compile),
+                "compile_backend": o.compile_backend, "compile_mode": self.compile_mode,
+                "stochastic_depth": o.stochastic_depth, "target": o.target}
+
+    def _autocast(self):
+        if self.precision == "fp32":
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=DTYPES[self.precision])
+
+    # -- data -------------------------------------------------------------------------
+
+    def _load_data(self, timer: Timer) -> None:
+        from fastgraph.data import CIFAR10_MEAN, CIFAR10_STD, load_cifar10
+
+        ds = load_cifar10(self.opts.data)
+        train_idx = (balanced_subset(ds.train_labels, self.opts.subset) if self.opts.subset
+                     else torch.arange(len(ds.train_labels)))
+        test_idx = (balanced_subset(ds.test_labels, self.opts.test_subset, "test") if self.opts.test_subset
+                    else torch.arange(len(ds.test_labels)))
+        if len(train_idx) < self.batch_size:
+            raise UserError(f"{len(train_idx)} training images are fewer than one batch of "
+                            f"{self.batch_size}: raise --subset or lower --batch-size")
+        with timer.phase("data upload", counted=False):
+            self.train_images = ds.train_images[train_idx].to(self.device)
+            self.train_labels = ds.train_labels[train_idx].to(self.device)
+            self.test_images = ds.test_images[test_idx].to(self.device)
+            self.test_labels = ds.test_labels[test_idx].to(self.device)
+        self.mean_t = torch.tensor(CIFAR10_MEAN, device=self.device).view(1, 3, 1, 1)
+        self.std_t = torch.tensor(CIFAR10_STD, device=self.device).view(1, 3, 1, 1)
+        self.mean, self.std = CIFAR10_MEAN, CIFAR10_STD
+
+    def _pass_images(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Training images for the recipe's data passes and the exact-pass check: float32
+        normalised (N, 3, 32, 32) on the device and their labels, as many as the largest
+        ``images`` option asks for, the first of each class (an ImageFolder copy of
+        CIFAR-10 is sorted by class: the first 5,000 images would be airplanes only)."""
+        wanted = [p.options["images"] for p in self.recipe.passes
+                  if isinstance(p.options.get("images"), int) and not isinstance(p.options["images"], bool)]
+        n = min(max([VERIFY_IMAGES, *wanted]), len(self.train_labels))
+        rows = balanced_subset(self.train_labels.cpu(), n).to(self.device)
+        return (self.train_images[rows].float() - self.mean_t) / self.std_t, self.train_labels[rows]
+
+    # -- model ------------------------------------------------------------------------
+
+    def _build(self, timer: Timer) -> tuple[fx.GraphModule, dict]:
+        """Load, trace and rewrite the model file: (train-mode GraphModule on the device, pass report)."""
+        from fastgraph.core.loading import load_model
+        from fastgraph.core.pass_manager import verification_batch
+        from fastgraph.core.tracing import check_runs, check_trace, trace
+        from fastgraph.training.trained import training_graph
+
+        with timer.phase("model build", counted=False):
+            model = load_model(self.opts.model_path, self.opts.entry).to(self.device)
+            gm = trace(model, source=self.opts.model_path, mode="train")
+            images, labels = self._pass_images()
+            check_runs(gm, images[:2])
+        if not self._passes_checked:
+            # The float64 checks (exact passes; training-time passes in their identity
+            # configurations) depend on the graph, not on the run's seed: once, not counted,
+            # with the random state put back so the counted build below is the same.
+            with timer.phase("pass checks", counted=False), torch.random.fork_rng(
+                    devices=[self.device] if self.device.type == "cuda" else []):
+                # the user's eager model is the reference of every check
+                check_trace(model, gm, "train", verification_batch(images, labels))
+                training_graph(gm, self.recipe.to_dict(), images=images, labels=labels,
+                               stochastic_depth=self.opts.stochastic_depth)
+            self._passes_checked = True
+        with timer.phase("passes"):  # counted: holds the whitening initialisation from data
+            gm, report = training_graph(gm, self.recipe.to_dict(), images=images, labels=labels,
+                                        stochastic_depth=self.opts.stochastic_depth, checks=False)
+        if self.channels_last:
+            gm = gm.to(memory_format=torch.channels_last)
+        gm.train()
+        return gm, report
+
+    def _training_module(self, gm: fx.GraphModule) -> tuple[fx.GraphModule, nn.Module]:
+        """(module whose parameters train, module to call).
+
+        With compile, the first run's compiled module is reused by later runs: their
+        freshly built weights are loaded into it, so compilation happens once.
+        """
+        if not self.compile:
+            return gm, gm
+        if self._compiled is not None:
+            module, compiled = self._compiled
+            if module.state_dict().keys() == gm.state_dict().keys():
+                module.load_state_dict(gm.state_dict())
+                for p, q in zip(module.parameters(), gm.parameters(), strict=True):
+                    p.requires_grad_(q.requires_grad)
+                module.meta.update(gm.meta)
+                return module, compiled
+        # mode passed only when the recipe names one: "default" is torch.compile's own
+        mode = {} if self.compile_mode == "default" else {"mode": self.compile_mode}
+        compiled = torch.compile(gm, backend=self.opts.compile_backend, **mode)
+        self._compiled = (gm, compiled)
+        return gm, compiled
+
+    def _evaluate(self, module: nn.Module, tta: bool) -> float:
+        """Accuracy of ``module`` on the test images, with the recipe's TTA when ``tta``."""
+        return evaluate(self._tta(module) if tta else module, self.test_images, self.test_labels,
+                        batch_size=self.recipe["eval"]["batch_size"], mean=self.mean_t, std=self.std_t,
+                        autocast=self._autocast, channels_last=self.channels_last)
+
+    def _tta(self, module: nn.Module) -> nn.Module:
+        """``module`` with the tta_flip pass applied, holding ``module``'s current weights.
+
+        The pass copies the module; the copy is kept and refreshed with ``load_state_dict``
+        (a device copy) on later calls for the same module, instead of rebuilt every time.
+        """
+        from fastgraph import passes
+
+        cached = self._tta_cache
+        if cached is not None and cached[0] is module:
+            state = module.state_dict()
+            if cached[1].state_dict().keys() == state.keys():
+                cached[1].load_state_dict(state)
+                return cached[1]
+        tta = passes.get("tta_flip").fn(module, level=self.tta_level)
+        self._tta_cache = (module, tta)
+        return tta
+
+    def _step(self, r: _Run, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Forward and backward of one training step of run ``r`` on batch ``x`` (the
+        augmenter's dtype and layout, (B, 3, H, W)) with int64 labels ``y`` (B,): autocast,
+        fp32 logits, cross-entropy with the recipe's label smoothing, the gradients set
+        (scaled with fp16). Returns (logits (B, classes) in the compute dtype, loss (fp32
+        scalar)). The loop and the warm-up both call this, so what the warm-up compiles
+        is what the loop runs."""
+        label_smoothing = self.recipe["train"]["label_smoothing"]
+        # NVTX ranges per phase for Nsight Systems; free when no profiler listens.
+        with nvtx.range("forward"), self._autocast():
+            out = r.call(x)
+            loss = F.cross_entropy(out.float(), y, label_smoothing=label_smoothing)
+        for opt in r.optimizers:
+            opt.zero_grad(set_to_none=True)
+        with nvtx.range("backward"):
+            (r.scaler.scale(loss) if r.scaler is not None else loss).backward()
+        return out, loss
+
+    def _warm_up_batches(self, augmenter, steps: int = 3) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The first ``steps`` batches of an epoch of ``augmenter`` (real images in the
+        training batches' dtype, layout and shape), its generator left as it was."""
+        state = augmenter.state_dict()
+        try:
+            return list(augmenter.epoch(0, steps=steps))
+        finally:
+            augmenter.load_state_dict(state)
+
+    def _warm_up(self, r: _Run) -> None:
+        """Compile and autotune outside the timer: three training steps as the loop runs
+        them (no optimizer step) on real batches of the run's augmenter, then evaluation,
+        plain and with TTA, on a full test batch and the last, smaller one. The weights,
+        buffers, gradients and the augmenter's and torch's random state are as before.
+
+        A graph compiled for other input than the timed phase's (the fp32 random input of
+        a bf16 run) compiles again inside the timed phase; cuDNN autotunes per shape.
+        """
+        saved = copy.deepcopy(r.module.state_dict())  # BN running statistics move in train mode
+        rng = self._rng_state()  # stochastic depth and dropout draw from torch's generator
+        r.module.train()
+        for x, y in self._warm_up_batches(r.augmenter):
+            self._step(r, x, y)
+        r.module.zero_grad(set_to_none=True)
+        eval_bs = self.recipe["eval"]["batch_size"]
+        n = len(self.test_images)
+        # one full batch and the remainder batch: every shape the counted evaluation sees
+        k = n if n <= eval_bs else eval_bs + n % eval_bs
+        images, labels = self.test_images[:k], self.test_labels[:k]
+        modules = [r.evaluated, self._tta(r.evaluated)] if self.tta_level else [r.evaluated]
+        for m in modules:
+            evaluate(m, images, labels, batch_size=eval_bs, mean=self.mean_t, std=self.std_t,
+                     autocast=self._autocast, channels_last=self.channels_last)
+        r.module.load_state_dict(saved)
+        r.module.train()
+        self._set_rng_state(rng)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    # -- one run ----------------------------------------------------------------------
+
+    def _rng_state(self) -> dict:
+        state = {"torch": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            state["cuda"] = torch.cuda.get_rng_state(self.device)
+        return state
+
+    def _set_rng_state(self, state: dict) -> None:
+        torch.set_rng_state(state["torch"])
+        if "cuda" in state and self.device.type == "cuda":
+            torch.cuda.set_rng_state(state["cuda"], self.device)
+
+    def _start_run(self, run: int, completed: list[RunRecord], saved: dict | None) -> _Run:
+        """Build run ``run``'s module, optimisers, EMA and augmenter; warm up; load ``saved``."""
+        from fastgraph.training.augmentation import DeviceAugmenter
+
+        recipe, seed = self.recipe, self.opts.seed + run
+        timer = Timer(self.device)
+        torch.manual_seed(seed)  # the model file's initialisation
+        gm, pass_report = self._build(timer)
+        module, call = self._training_module(gm)
+        optimizers = build_optimizers(module, recipe, self.hyper)
+        cfg = recipe["ema"]
+        ema = (WeightAverage(module, decay=cfg["decay"], every=cfg["every"], warmup_power=cfg["warmup_power"],
+                             lookahead=cfg["lookahead"]) if cfg["enabled"] else None)
+        evaluated = ema.averaged.module if ema is not None and recipe["eval"]["model"] == "ema" else module
+        aug = recipe["augment"]
+        augmenter = DeviceAugmenter(
+            self.train_images, self.train_labels, batch_size=self.batch_size, pad=aug["pad"],
+            pad_mode=aug["pad_mode"], flip=aug["flip"], cutout=aug["cutout"], mean=self.mean, std=self.std,
+            seed=seed, out_dtype=DTYPES[self.precision], channels_last=self.channels_last)
+        scaler = torch.amp.GradScaler(self.device.type) if self.precision == "fp16" else None
+        total = max(1, math.ceil(augmenter.steps_per_epoch * self.epochs))
+        r = _Run(index=run, seed=seed, device=self.device, timer=timer, module=module, call=call,
+                 optimizers=optimizers, ema=ema, evaluated=evaluated, augmenter=augmenter, scaler=scaler,
+                 passes=pass_report, completed=completed, total_steps=total,
+                 steps_per_epoch=augmenter.steps_per_epoch,
+                 n_epochs=math.ceil(total / augmenter.steps_per_epoch), aug_state=augmenter.state_dict())
+        if self.compile or self.device.type == "cuda":  # every run: a reused compiled module too
+            with timer.phase("warm-up", counted=False):
+                self._warm_up(r)
+        if saved is not None:  # resume inside this run, at a step boundary
+            from fastgraph.training.trained import check_state_matches
+
+            # The model file may have changed since: name the first weight that differs.
+            check_state_matches(module, saved["model"], ckpt.checkpoint_path(self.opts.checkpoint_dir))
+            module.load_state_dict(saved["model"])
+            for opt, state in zip(optimizers, saved["optimizers"], strict=True):
+                opt.load_state_dict(state)
+            if ema is not None:
+                ema.load_state_dict(saved["ema"])
+            if scaler is not None and saved.get("scaler"):
+                scaler.load_state_dict(saved["scaler"])
+            augmenter.load_state_dict(saved["augment"])  # the state at the start of saved["epoch"]
+            self._set_rng_state(saved["rng"])
+            r.epoch, r.done, r.step = saved["epoch"], saved["step_in_epoch"], saved["step"]
+            r.offset, r.carry, r.partial = saved["counted_seconds"], saved["epoch_seconds"], saved["partial"]
+            r.records = [EpochRecord(**e) for e in saved["epochs"]]
+        r.new_epoch(r.epoch, r.done, augmenter.state_dict(), timer.total())
+        return r
+
+    def _snapshot(self, r: _Run, finished_run: bool = False) -> dict:
+        """The checkpoint of run ``r`` at its current step boundary."""
+        mid_epoch = r.done > 0 and not finished_run
+        partial = {"loss": r.partial["loss"] + r.loss_sum.item(),
+                   "correct": r.partial["correct"] + int(r.correct),
+                   "seen": r.partial["seen"] + r.steps * self.batch_size}
+        return {"settings": self.settings(), "recipe": self.recipe.to_dict(), "run": r.index,
+                "completed": [asdict(c) for c in r.completed], "epoch": r.epoch, "step_in_epoch": r.done,
+                "step": r.step, "finished_run": finished_run, "model": r.module.state_dict(),
+                "optimizers": [o.state_dict() for o in r.optimizers],
+                "ema": r.ema.state_dict() if r.ema is not None else None,
+                "scaler": r.scaler.state_dict() if r.scaler is not None else None,
+                "augment": r.aug_state, "rng": self._rng_state(),
+                "counted_seconds": r.offset + r.timer.total(),
+                "epoch_seconds": r.timer.total() - r.before + r.carry if mid_epoch else 0.0,
+                "partial": partial if mid_epoch else {"loss": 0.0, "correct": 0, "seen": 0},
+                "epochs": [asdict(e) for e in r.records]}
+
+    def _group_lr(self, group: dict, r: _Run, epoch: int, factor: float) -> float:
+        """The lr of an optimiser group at run ``r``'s current step of ``epoch``.
+
+        ``peak_lr`` times the schedule's ``factor``. A group trained for its first
+        ``train_epochs`` epochs only gets 0 from then on, which keeps it exactly as it is
+        without a recompile (see the module docstring); with ``own_schedule`` its
+        schedule runs over those epochs instead of the whole run (airbench94_muon's
+        whitening bias: ``1 - step / whiten_bias_train_steps``).
+        """
+        epochs = group.get("train_epochs")
+        if epochs is None:
+            return group["peak_lr"] * factor
+        if epoch >= epochs:
+            return 0.0
+        if group.get("own_schedule"):
+            span = max(1, math.ceil(epochs * r.steps_per_epoch))
+            return group["peak_lr"] * lr_factor(self.recipe, min(1.0, r.step / span))
+        return group["peak_lr"] * factor
+
+    def _train_epoch(self, r: _Run, epoch: int, skip: int) -> None:
+        """Train epoch ``epoch`` from its step ``skip``; raise on a non-finite loss, Ctrl-C or SIGTERM."""
+        recipe = self.recipe
+        steps_here = min(r.steps_per_epoch, r.total_steps - epoch * r.steps_per_epoch)
+        r.new_epoch(epoch, skip, r.augmenter.state_dict(), r.timer.total())
+        losses, interrupted = [], False
+        r.module.train()
+        with r.timer.phase("train"):
+            batches = nvtx.iterate(r.augmenter.epoch(epoch, skip, steps_here), "data")
+            for i, (x, y) in enumerate(batches, start=skip):
+                if self.interrupt.requested:
+                    interrupted = True
+                    break
+                r.boundary = False
+                factor = lr_factor(recipe, r.step / r.total_steps)
+                for opt in r.optimizers:
+                    for group in opt.param_groups:
+                        group["lr"] = self._group_lr(group, r, epoch, factor)
+                out, loss = self._step(r, x, y)
+                with nvtx.range("optimizer"):
+                    for opt in r.optimizers:
+                        if r.scaler is not None:
+                            r.scaler.step(opt)
+                        else:
+                            opt.step()
+                    if r.scaler is not None:
+                        r.scaler.update()
+                    r.step += 1
+                    if r.ema is not None:
+                        r.ema.maybe_update(r.module, r.step, r.total_steps)
+                        if r.ema.lookahead and r.step == r.total_steps:
+                            r.ema.copy_back(r.module)  # airbench's final update (decay 1)
+                loss = loss.detach()
+                losses.append(loss)
+                r.loss_sum += loss
+                r.correct += (out.detach().argmax(1) == y).sum()
+                r.steps, r.done, r.boundary = r.steps + 1, i + 1, True
+                self.reporter.step(r.index, i + 1, steps_here)
+                if self.device.type == "cpu" and not torch.isfinite(loss):
+                    break  # on a CPU the check costs nothing: stop at once
+        if losses:  # on a GPU checked once per epoch: a per-step check would synchronise every step
+            bad = (~torch.isfinite(torch.stack(losses))).nonzero()
+            if len(bad):
+                k = int(bad[0])
+                raise TrainingDiverged(
+                    f"training diverged: loss is {losses[k].item()} at epoch {epoch + 1} step "
+                    f"{skip + k + 1} (step {r.step - len(losses) + k + 1} of the run); recipe "
+                    f"{recipe.name} with peak lr {self.hyper.lr:g} is unstable for this model")
+        if interrupted:
+            self.interrupt.check()
+
+    def _end_epoch(self, r: _Run, epoch: int, resumed_inside: bool) -> EpochRecord:
+        """Evaluate (see the module docstring for what is counted) and record epoch ``epoch``."""
+        timer = r.timer
+        seconds = timer.total() - r.before + (r.carry if resumed_inside else 0.0)
+        elapsed = r.offset + timer.total()
+        final = epoch == r.n_epochs - 1
+        test_acc = tta_acc = None
+        tta_before = timer.total(counted_only=False)
+        if final or self.opts.progress_eval:
+            if self.tta_level:  # plain accuracy is progress information: not counted
+                with timer.phase("eval", counted=False):
+                    test_acc = self._evaluate(r.evaluated, tta=False)
+            tta_before = timer.total(counted_only=False)
+            with timer.phase("tta eval" if final else "progress tta eval", counted=final):
+                tta_acc = self._evaluate(r.evaluated, tta=bool(self.tta_level))
+            test_acc = tta_acc if test_acc is None else test_acc
+        steps = r.partial["seen"] // self.batch_size + r.steps
+        return EpochRecord(
+            epoch=min(r.step / r.steps_per_epoch, self.epochs), step=r.step,
+            lr=self.hyper.lr * lr_factor(self.recipe, (r.step - 1) / r.total_steps),
+            train_loss=(r.partial["loss"] + r.loss_sum.item()) / max(1, steps),
+            train_acc=(r.partial["correct"] + int(r.correct)) / max(1, steps * self.batch_size),
+            test_acc=test_acc, tta_acc=tta_acc, seconds=seconds, elapsed=elapsed,
+            tta_seconds=timer.total(counted_only=False) - tta_before)
+
+    def _run(self, run: int, completed: list[RunRecord], saved: dict | None) -> RunRecord:
+        """Run ``run`` from its start, or from ``saved`` (a checkpoint inside it)."""
+        r = self._start_run(run, completed, saved)
+        self.reporter.run_start(run, self.opts.runs, r.seed, r.total_steps, r.n_epochs)
+        directory = self.opts.checkpoint_dir
+        try:
+            skip = r.done
+            for epoch in range(r.epoch, r.n_epochs):
+                try:
+                    self._train_epoch(r, epoch, skip)
+                    record = self._end_epoch(r, epoch, resumed_inside=skip > 0)
+                except CompiledInCountedPhase as exc:
+                    raise CompiledInCountedPhase(f"run {run + 1} epoch {epoch + 1}: {exc}") from None
+                skip = 0
+                r.records.append(record)
+                r.new_epoch(epoch + 1, 0, r.augmenter.state_dict(), r.timer.total())
+                if directory:
+                    ckpt.save_checkpoint(directory, self._snapshot(r))
+                self.reporter.epoch_end(run, record)
+        except KeyboardInterrupt:
+            self._on_interrupt(self._snapshot(r) if r.boundary else None)
+            raise
+        result = RunRecord(run=run, seed=r.seed, epochs=r.records, test_acc=r.records[-1].test_acc,
+                           tta_acc=r.records[-1].tta_acc, seconds=r.offset + r.timer.total(),
+                           phases=r.timer.as_dict(), passes=r.passes, compiles=r.timer.compiles())
+        self.last_model = r.evaluated
+        if directory:
+            ckpt.save_checkpoint(directory, {**self._snapshot(r, finished_run=True),
+                                             "completed": [asdict(c) for c in completed + [result]]})
+        self.reporter.run_end(run, result)
+        return result
+
+    def _on_interrupt(self, state: dict | None) -> None:
+        """Write ``state`` (the run at the step boundary where it stopped) as the checkpoint."""
+        directory = self.opts.checkpoint_dir
+        how = "interrupted" + (f" ({signal.Signals(self.interrupt.signum).name})" if self.interrupt.requested
+                               else "")
+        if not directory:
+            self.reporter.message(f"{how}; no --checkpoint folder was given, nothing saved")
+        elif state is not None:
+            path = ckpt.save_checkpoint(directory, state)
+            self.reporter.message(f"{how} at run {state['run'] + 1} epoch {state['epoch'] + 1} "
+                                  f"after step {state['step_in_epoch']}; checkpoint written to {path}; "
+                                  "continue with --resume")
+        else:
+            self.reporter.message(f"{how} mid-step; the checkpoint in {directory} is of the last "
+                                  "finished epoch; continue with --resume")
+
+    # -- all runs ---------------------------------------------------------------------
+
+    def _check_resume(self, saved: dict) -> None:
+        mine, theirs = self.settings(), saved["settings"]
+        keys = [k for k in mine if k not in ("runs", "target") and mine[k] != theirs.get(k)]
+        if saved["recipe"] != self.recipe.to_dict():
+            keys.insert(0, "recipe contents")
+        if keys:
+            raise UserError(f"checkpoint in {self.opts.checkpoint_dir} is of a different training "
+                            f"({', '.join(f'{k}: {theirs.get(k)!r} there' for k in keys)}); "
+                            "resume with the same options or use another --checkpoint folder")
+
+    def train(self) -> TrainResult:
+        """All runs (resuming the checkpointed one with ``resume``); see :func:`train`."""
+        opts = self.opts
+        saved = None
+        if opts.resume and not opts.checkpoint_dir:
+            raise UserError("--resume needs --checkpoint DIR (the folder holding the checkpoint)")
+        # The model file and the checkpoint are checked before the data is looked for: it may
+        # be absent, or take seconds to decode.
+        traced_model(opts.model_path, opts.entry)
+        if opts.checkpoint_dir:
+            exists = ckpt.checkpoint_path(opts.checkpoint_dir).exists()
+            if opts.resume:
+                saved = ckpt.load_checkpoint(opts.checkpoint_dir)
+                self._check_resume(saved)
+            elif exists:
+                raise UserError(f"{ckpt.checkpoint_path(opts.checkpoint_dir)} exists: pass --resume to "
+                                "continue that training, or choose an empty --checkpoint folder")
+            ckpt.check_writable(opts.checkpoint_dir)
+        setup = Timer(self.device)
+        self._load_data(setup)
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True
+        completed = [RunRecord.from_dict(r) for r in saved["completed"]] if saved else []
+        first = len(completed)
+        in_run = saved if saved is not None and not saved["finished_run"] else None
+        if in_run is not None:
+            first = saved["run"]
+        self.last_model = None
+        with self.interrupt:
+            for run in range(first, opts.runs):
+                if self.interrupt.requested:  # between runs: the finished run's checkpoint is written
+                    how = f"interrupted ({signal.Signals(self.interrupt.signum).name}) before run {run + 1}"
+                    self.reporter.message(f"{how}; continue with --resume" if opts.checkpoint_dir
+                                          else f"{how}; no --checkpoint folder was given")
+                    self.interrupt.check()
+                completed.append(self._run(run, list(completed), in_run if run == first else None))
+        return TrainResult(recipe=self.recipe.to_dict(), hyperparameters=asdict(self.hyper),
+                           settings=self.settings(), runs=completed, timing_method=setup.method,
+                           target=opts.target, setup=setup.as_dict(), model=self.last_model)
+
+
+def train(opts: TrainOptions, reporter: Reporter | None = None) -> TrainResult:
+    """Train ``opts.model_path`` with ``opts.recipe`` for ``opts.runs`` runs (see the module docstring).
+
+    Returns:
+        :class:`TrainResult` with every run's per-epoch records, final plain and TTA
+        accuracy (fractions) and counted seconds.
+
+    Raises:
+        UserError: bad options, model file, data, recipe passes, or checkpoint.
+        TrainingDiverged: a NaN or infinite loss (names the epoch and step).
+        Interrupted: Ctrl-C or SIGTERM (``signum`` says which), after writing a checkpoint
+            when ``opts.checkpoint_dir`` is set.
+        KeyboardInterrupt: a reporter callback raised it (a checkpoint is written alike).
+    """
+    return Trainer(opts, reporter).train()
