@@ -108,3 +108,15 @@ def test_the_checker_sees_an_upward_import(tmp_path):
     assert room_of_module(modules[0]) == "cli" and "cli" not in MAY_IMPORT["core"]
     tree = ast.parse("from . import register\nfrom ..core import errors\n")
     assert [m for _, m in imported(tree, "fastgraph.passes")] == ["fastgraph.passes", "fastgraph.core"]
+
+
+def test_every_subpackage_is_installed():
+    """pyproject lists packages by hand (passes/, kernels/, profiles/ install under other
+    names): a subpackage missing from the list would work in a checkout and be absent
+    from a wheel."""
+    import tomllib
+
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {".".join(p.parent.relative_to(ROOT).parts) for p in (ROOT / "fastgraph").rglob("__init__.py")}
+    found |= {f"fastgraph.{room}" for room in FOLDERS}
+    assert found == listed, f"not installed: {sorted(found - listed)}; absent: {sorted(listed - found)}"
