@@ -1,16 +1,18 @@
-"""Train a model file on CIFAR-10 with a recipe; evaluate it plain and with TTA.
+"""Train a model on CIFAR-10 with a recipe: runs, epochs, steps, the learning rate per
+optimiser group, the compile warm-up, checkpoints and resume, interrupts.
 
-One ``GraphModule`` flows: the model file is loaded (``fastgraph.core.loading``), traced
-(``fastgraph.core.tracing``), rewritten by the recipe's passes (``fastgraph.core.pass_manager``,
-train mode), trained on the uint8 dataset resident on the device and augmented per epoch
-(``fastgraph.training.augmentation``), and evaluated, the test-time augmentation being the
-``tta_flip`` pass applied to the evaluated module.
+One ``GraphModule`` flows: the user's model (a model file, or a function that builds it)
+is built, traced and rewritten by the recipe's passes (``fastgraph.training.build``),
+trained on the uint8 dataset resident on the device (``fastgraph.training.batches``) and
+augmented per epoch (``fastgraph.training.augmentation``), and evaluated plain and with
+test-time augmentation (``fastgraph.training.evaluation``). What is asked, what is
+reported and how signals stop a run: ``options``, ``records``, ``signals``.
 
 Timing (``fastgraph.core.timing.Timer``, CUDA events on a GPU, ``perf_counter`` on CPU), as
-the record holders time it: *not counted* are the data upload, loading and tracing the
-model file, the pass manager's float64 checks of the recipe's passes (once per
-training), cuDNN/``torch.compile`` warm-up, and the per-epoch progress evaluation (plain
-accuracy every epoch, TTA accuracy on epochs before the last); *counted* are the
+the record holders time it: *not counted* are the data upload, building (from the file
+or function) and tracing the model, the pass manager's float64 checks of the recipe's
+passes (once per training), cuDNN/``torch.compile`` warm-up, and the per-epoch progress
+evaluation (plain accuracy every epoch, TTA accuracy on epochs before the last); *counted* are the
 recipe's passes (which include the whitening initialisation from data), training, and
 the final TTA evaluation. For ``target`` the time to reach an accuracy at epoch *e* is
 the counted time through epoch *e*'s training plus that epoch's TTA evaluation, as if
@@ -30,24 +32,18 @@ epoch N on: SGD with lr 0 leaves the parameter exactly as it is and, unlike turn
 ``own_schedule`` its lr follows the recipe's schedule over its N epochs.
 
 Reliability: a checkpoint at the end of every epoch (``fastgraph.training.checkpoint``); a
-first Ctrl-C or SIGTERM (what a job scheduler or ``kill`` sends) lets the current step
-finish, writes a checkpoint at that step boundary and raises :class:`Interrupted` (the
-CLI exits 130, or 143 for SIGTERM); a second one stops at once. ``resume`` continues
-bit-exactly on the same device, and a NaN or infinite loss stops the run with
-:class:`TrainingDiverged`. The model file, the checkpoint and the options are checked
-before the data is looked for.
+first Ctrl-C or SIGTERM lets the current step finish and writes a checkpoint at that step
+boundary before :class:`Interrupted` is raised (``fastgraph.training.signals``).
+``resume`` continues bit-exactly on the same device, and a NaN or infinite loss stops the
+run with :class:`~fastgraph.training.options.TrainingDiverged`. The model, the checkpoint
+and the options are checked before the data is looked for.
 """
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import math
-import signal
-import statistics
-import threading
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 import torch
 import torch.fx as fx
@@ -57,281 +53,20 @@ from torch import nn
 from fastgraph.core import nvtx
 from fastgraph.core.devices import resolve_device
 from fastgraph.core.errors import UserError
-from fastgraph.core.pass_manager import VERIFY_IMAGES
 from fastgraph.core.timing import CompiledInCountedPhase, Timer
-from fastgraph.core.tracing import traced_model
 from fastgraph.training import checkpoint as ckpt
+from fastgraph.training.batches import load_device_data, warm_up_batches
+from fastgraph.training.build import ModelBuilder, check_model, model_name
+from fastgraph.training.evaluation import Evaluator
 from fastgraph.training.optim import WeightAverage, build_optimizers
-from fastgraph.training.recipes import Recipe, check_passes_registered, lr_factor, torch_hyperparameters
+from fastgraph.training.options import DTYPES, TrainingDiverged, TrainOptions, autocast_for
+from fastgraph.training.recipes import check_passes_registered, lr_factor, torch_hyperparameters
+from fastgraph.training.records import EpochRecord, Reporter, RunRecord, TrainResult
+from fastgraph.training.signals import Interrupted, InterruptGuard
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-TIMING_RULE = ("counted: the recipe's passes (whitening initialisation included), training, the final "
-               "TTA evaluation; not counted: data upload, loading and tracing the model file, the "
-               "passes' float64 checks (once per training), cuDNN/torch.compile warm-up, per-epoch "
-               "progress evaluation")
-
-
-class TrainingDiverged(UserError):
-    """The loss became NaN or infinite; the message names the epoch and step."""
-
-
-class Interrupted(KeyboardInterrupt):
-    """Training stopped by a signal; ``signum`` is ``signal.SIGINT`` (Ctrl-C) or ``signal.SIGTERM``.
-
-    A ``KeyboardInterrupt``, so code that handles Ctrl-C handles SIGTERM alike.
-    """
-
-    def __init__(self, signum: int = signal.SIGINT):
-        super().__init__(signal.Signals(signum).name)
-        self.signum = signum
-
-
-@dataclass
-class TrainOptions:
-    """What to train and how; ``None`` fields take the recipe's value.
-
-    model_path: the model file; entry: its entry point (see ``fastgraph.core.loading``).
-    epochs, batch_size: override the recipe's. runs: independent runs (seeds
-    ``seed, seed + 1, ...``). target: TTA accuracy (fraction) whose time to reach is reported.
-    subset: train on N class-balanced images taken in order from the start of each class.
-    test_subset: evaluate on N class-balanced test images (quick checks; claims use all).
-    device: "auto", "cpu", "cuda", "cuda:1"... precision: "fp32", "fp16" or "bf16"
-    (autocast; the training batches are made in that dtype). compile: torch.compile
-    the training module. compile_backend: its backend ("inductor"; "aot_eager" compiles
-    in seconds, for checks on a CPU); the mode is the recipe's ``[train] compile_mode``
-    ("default" unless given, e.g. "max-autotune"). checkpoint_dir: write
-    checkpoints there; resume: continue the one there. stochastic_depth: add the
-    stochastic_depth pass with the recipe's [stochastic_depth] options. data: CIFAR-10
-    path (see ``fastgraph.data.load_cifar10``). progress_eval: evaluate after every
-    epoch (else after the last only; ``target`` needs it).
-    """
-
-    model_path: str
-    recipe: Recipe
-    entry: str | None = None
-    epochs: float | None = None
-    batch_size: int | None = None
-    runs: int = 1
-    seed: int = 0
-    target: float | None = None
-    subset: int | None = None
-    test_subset: int | None = None
-    device: str = "auto"
-    precision: str | None = None
-    compile: bool | None = None
-    compile_backend: str = "inductor"
-    checkpoint_dir: str | None = None
-    resume: bool = False
-    stochastic_depth: bool = False
-    data: str | None = None
-    progress_eval: bool = True
-
-
-@dataclass
-class EpochRecord:
-    """One epoch of one run. Accuracies are fractions; seconds are counted seconds.
-
-    epoch: epochs completed (the last may be fractional). step: training steps done.
-    lr: the learning rate of the last step (recipe's base group). train_loss, train_acc:
-    means over the epoch's augmented batches. test_acc: plain. tta_acc: with TTA (both
-    None for an epoch not evaluated).
-    seconds: counted seconds of this epoch's training. elapsed: counted seconds of the
-    run through this epoch's training (passes included). tta_seconds: this epoch's TTA
-    evaluation. time_to_here: elapsed + tta_seconds (the time to this epoch's accuracy).
-    """
-
-    epoch: float
-    step: int
-    lr: float
-    train_loss: float
-    train_acc: float
-    test_acc: float | None
-    tta_acc: float | None
-    seconds: float
-    elapsed: float
-    tta_seconds: float
-
-    @property
-    def time_to_here(self) -> float:
-        """Counted seconds to this epoch's accuracy: ``elapsed + tta_seconds``."""
-        return self.elapsed + self.tta_seconds
-
-
-@dataclass
-class RunRecord:
-    """One run: its epochs, final accuracies (fractions), counted seconds, phases
-    (``Timer.as_dict``) and graphs ``torch.compile`` compiled per phase (``Timer.compiles``:
-    the warm-up's only when the warm-up covered the timed work)."""
-
-    run: int
-    seed: int
-    epochs: list[EpochRecord]
-    test_acc: float
-    tta_acc: float
-    seconds: float
-    phases: dict = field(default_factory=dict)
-    passes: dict = field(default_factory=dict)
-    compiles: dict = field(default_factory=dict)
-
-    @staticmethod
-    def from_dict(d: dict) -> RunRecord:
-        """A RunRecord from its ``dataclasses.asdict`` form (as checkpoints and JSON records hold it)."""
-        return RunRecord(**{**d, "epochs": [EpochRecord(**e) for e in d["epochs"]]})
-
-
-def _stats(values: list[float]) -> dict:
-    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
-            "min": min(values), "max": max(values), "n": len(values)}
-
-
-@dataclass
-class TrainResult:
-    """All runs of a training, and what they were run with.
-
-    ``model`` is the evaluated module (the EMA average where the recipe evaluates it) of
-    the last run; it is not part of :meth:`to_dict`.
-    """
-
-    recipe: dict
-    hyperparameters: dict
-    settings: dict
-    runs: list[RunRecord]
-    timing_method: str
-    target: float | None = None
-    setup: dict = field(default_factory=dict)
-    model: nn.Module | None = None
-
-    def target_reached(self) -> dict | None:
-        """First epoch where the TTA accuracy averaged over runs reaches ``target``.
-
-        Returns ``{"target", "reached", "epoch", "mean_tta_acc", "seconds"}`` where seconds
-        is the mean over runs of the counted time to that epoch; None without a target.
-        """
-        if self.target is None or not self.runs:
-            return None
-        n_epochs = min(len(r.epochs) for r in self.runs)
-        for i in range(n_epochs):
-            if any(r.epochs[i].tta_acc is None for r in self.runs):
-                continue
-            mean_acc = statistics.fmean(r.epochs[i].tta_acc for r in self.runs)
-            if mean_acc >= self.target:
-                return {"target": self.target, "reached": True, "epoch": self.runs[0].epochs[i].epoch,
-                        "mean_tta_acc": mean_acc,
-                        "seconds": statistics.fmean(r.epochs[i].time_to_here for r in self.runs)}
-        return {"target": self.target, "reached": False, "epoch": None, "mean_tta_acc": None, "seconds": None}
-
-    def summary(self) -> dict:
-        """Mean, std (n - 1), min, max over runs of TTA and plain accuracy and counted seconds."""
-        if not self.runs:
-            return {}
-        return {"tta_acc": _stats([r.tta_acc for r in self.runs]),
-                "test_acc": _stats([r.test_acc for r in self.runs]),
-                "seconds": _stats([r.seconds for r in self.runs]),
-                "target": self.target_reached()}
-
-    def to_dict(self) -> dict:
-        """JSON-ready record: recipe, hyperparameters, settings, timing method and rule, summary, runs."""
-        return {"recipe": self.recipe, "hyperparameters": self.hyperparameters, "settings": self.settings,
-                "timing_method": self.timing_method, "timing_rule": TIMING_RULE, "setup": self.setup,
-                "summary": self.summary(), "runs": [asdict(r) for r in self.runs]}
-
-
-class Reporter:
-    """Progress callbacks of :func:`train`; the base class reports nothing.
-
-    A callback may raise ``KeyboardInterrupt`` to stop the training as Ctrl-C would (a
-    checkpoint is written first when checkpointing).
-    """
-
-    def run_start(self, run: int, runs: int, seed: int, steps: int, epochs: int) -> None: ...
-    def step(self, run: int, step_in_epoch: int, steps_in_epoch: int) -> None: ...
-    def epoch_end(self, run: int, record: EpochRecord) -> None: ...
-    def run_end(self, run: int, record: RunRecord) -> None: ...
-    def message(self, text: str) -> None: ...
-
-
-# ------------------------------------------------------------------ helpers -------------
-
-
-def balanced_subset(labels: torch.Tensor, n: int, what: str = "training") -> torch.Tensor:
-    """Indices (sorted, int64) of ``n`` images, as equal a number per class as possible,
-    each class's taken in order from its start (the first N images of a class-sorted
-    folder would otherwise all be one class).
-
-    Raises:
-        UserError: ``n`` < 1 or more than there are images.
-    """
-    total = len(labels)
-    if not 1 <= n <= total:
-        raise UserError(f"--subset/--test-subset must be between 1 and {total} {what} images, got {n}")
-    classes = torch.unique(labels)
-    per_class = [torch.nonzero(labels == c).flatten() for c in classes]
-    quota = [n // len(classes) + (1 if i < n % len(classes) else 0) for i in range(len(classes))]
-    taken = [idx[:q] for idx, q in zip(per_class, quota, strict=True)]
-    short = n - sum(len(t) for t in taken)
-    if short:  # a class ran out: fill from the remaining images in order
-        rest = torch.cat([idx[q:] for idx, q in zip(per_class, quota, strict=True)]).sort().values
-        taken.append(rest[:short])
-    return torch.cat(taken).sort().values
-
-
-class _Interrupt:
-    """SIGINT and SIGTERM handler for the duration of training: the first signal sets a
-    flag that the loop checks between steps (so the checkpoint is of a consistent state)
-    and records which signal it was; a second one interrupts at once. Signal handlers can
-    only be set in the main thread; elsewhere the signals keep their handlers."""
-
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-    def __init__(self):
-        self.requested = False
-        self.signum = signal.SIGINT
-        self._previous: dict = {}
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
-        return self
-
-    def _handle(self, signum, frame):
-        if self.requested:
-            raise Interrupted(signum)
-        self.requested, self.signum = True, signum
-
-    def check(self) -> None:
-        """Raise :class:`Interrupted` if a signal came; call at step boundaries only."""
-        if self.requested:
-            raise Interrupted(self.signum)
-
-    def __exit__(self, *exc):
-        for s, previous in self._previous.items():
-            signal.signal(s, previous)
-        self._previous = {}
-        return False
-
-
-@torch.no_grad()
-def evaluate(module: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, batch_size: int,
-             mean: torch.Tensor, std: torch.Tensor, autocast, channels_last: bool) -> float:
-    """Top-1 accuracy (fraction) of ``module`` in eval mode on uint8 (N, 3, H, W) ``images``.
-
-    ``mean``/``std``: float32 (1, 3, 1, 1) on the images' device, 0..255 units;
-    ``autocast``: a context-manager factory (``torch.autocast`` or a null one).
-    """
-    module.eval()
-    correct = torch.zeros((), dtype=torch.int64, device=images.device)
-    with nvtx.range("evaluation"):
-        for i in range(0, len(images), batch_size):
-            x = (images[i:i + batch_size].float() - mean) / std
-            if channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            with autocast():
-                logits = module(x)
-            correct += (logits.argmax(1) == labels[i:i + batch_size]).sum()
-    return correct.item() / len(images)
-
-
-# ------------------------------------------------------------------ trainer -------------
+# The public API imports these from here.
+__all__ = ["EpochRecord", "Interrupted", "Reporter", "RunRecord", "TrainOptions", "TrainResult", "Trainer",
+           "train"]
 
 
 @dataclass
@@ -379,7 +114,7 @@ class _Run:
 
 
 class Trainer:
-    """Runs :func:`train`; one instance per call (holds the data and compiled module)."""
+    """Runs :func:`train`; one instance per call (holds the data, the evaluator and the model builder)."""
 
     def __init__(self, opts: TrainOptions, reporter: Reporter | None = None):
         self.opts = opts
@@ -418,139 +153,33 @@ class Trainer:
         if self.precision == "fp16" and recipe["muon"]["enabled"]:
             raise UserError("fp16 with loss scaling does not combine with Muon here; use --precision bf16")
         self.tta_level = recipe["eval"]["tta_level"]
-        self.interrupt = _Interrupt()
-        self._compiled: tuple[fx.GraphModule, nn.Module] | None = None
-        self._tta_cache: tuple[nn.Module, nn.Module] | None = None
-        self._passes_checked = False
+        self.autocast = autocast_for(self.device, self.precision)
+        self.interrupt = InterruptGuard()
+        self.builder = ModelBuilder(opts, self.device, channels_last=self.channels_last, compile=self.compile,
+                                    compile_mode=self.compile_mode)
+        self.data = None  # DeviceData, and the evaluator over its test images, once loaded
+        self.evaluator: Evaluator | None = None
 
-    # -- settings ---------------------------------------------------------------------
+    # -- settings and data ------------------------------------------------------------
 
     def settings(self) -> dict:
         """What this training was run with (JSON-ready; checked on ``resume``)."""
         o = self.opts
-        return {"model": str(Path(o.model_path).expanduser().resolve()), "entry": o.entry,
-                "recipe": self.recipe.name, "epochs": self.epochs, "batch_size": self.batch_size,
+        return {"model": model_name(o), "entry": o.entry, "recipe": self.recipe.name, "epochs": self.epochs,
+                "batch_size": self.batch_size,
                 "runs": o.runs, "seed": o.seed, "subset": o.subset, "test_subset": o.test_subset,
                 "device": str(self.device), "precision": self.precision, "compile": bool(self.compile),
                 "compile_backend": o.compile_backend, "compile_mode": self.compile_mode,
                 "stochastic_depth": o.stochastic_depth, "target": o.target}
 
-    def _autocast(self):
-        if self.precision == "fp32":
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=DTYPES[self.precision])
-
-    # -- data -------------------------------------------------------------------------
-
     def _load_data(self, timer: Timer) -> None:
-        from fastgraph.data import CIFAR10_MEAN, CIFAR10_STD, load_cifar10
-
-        ds = load_cifar10(self.opts.data)
-        train_idx = (balanced_subset(ds.train_labels, self.opts.subset) if self.opts.subset
-                     else torch.arange(len(ds.train_labels)))
-        test_idx = (balanced_subset(ds.test_labels, self.opts.test_subset, "test") if self.opts.test_subset
-                    else torch.arange(len(ds.test_labels)))
-        if len(train_idx) < self.batch_size:
-            raise UserError(f"{len(train_idx)} training images are fewer than one batch of "
-                            f"{self.batch_size}: raise --subset or lower --batch-size")
-        with timer.phase("data upload", counted=False):
-            self.train_images = ds.train_images[train_idx].to(self.device)
-            self.train_labels = ds.train_labels[train_idx].to(self.device)
-            self.test_images = ds.test_images[test_idx].to(self.device)
-            self.test_labels = ds.test_labels[test_idx].to(self.device)
-        self.mean_t = torch.tensor(CIFAR10_MEAN, device=self.device).view(1, 3, 1, 1)
-        self.std_t = torch.tensor(CIFAR10_STD, device=self.device).view(1, 3, 1, 1)
-        self.mean, self.std = CIFAR10_MEAN, CIFAR10_STD
-
-    def _pass_images(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Training images for the recipe's data passes and the exact-pass check: float32
-        normalised (N, 3, 32, 32) on the device and their labels, as many as the largest
-        ``images`` option asks for, the first of each class (an ImageFolder copy of
-        CIFAR-10 is sorted by class: the first 5,000 images would be airplanes only)."""
-        wanted = [p.options["images"] for p in self.recipe.passes
-                  if isinstance(p.options.get("images"), int) and not isinstance(p.options["images"], bool)]
-        n = min(max([VERIFY_IMAGES, *wanted]), len(self.train_labels))
-        rows = balanced_subset(self.train_labels.cpu(), n).to(self.device)
-        return (self.train_images[rows].float() - self.mean_t) / self.std_t, self.train_labels[rows]
-
-    # -- model ------------------------------------------------------------------------
-
-    def _build(self, timer: Timer) -> tuple[fx.GraphModule, dict]:
-        """Load, trace and rewrite the model file: (train-mode GraphModule on the device, pass report)."""
-        from fastgraph.core.loading import load_model
-        from fastgraph.core.pass_manager import verification_batch
-        from fastgraph.core.tracing import check_runs, check_trace, trace
-        from fastgraph.training.trained import training_graph
-
-        with timer.phase("model build", counted=False):
-            model = load_model(self.opts.model_path, self.opts.entry).to(self.device)
-            gm = trace(model, source=self.opts.model_path, mode="train")
-            images, labels = self._pass_images()
-            check_runs(gm, images[:2])
-        if not self._passes_checked:
-            # The float64 checks (exact passes; training-time passes in their identity
-            # configurations) depend on the graph, not on the run's seed: once, not counted,
-            # with the random state put back so the counted build below is the same.
-            with timer.phase("pass checks", counted=False), torch.random.fork_rng(
-                    devices=[self.device] if self.device.type == "cuda" else []):
-                # the user's eager model is the reference of every check
-                check_trace(model, gm, "train", verification_batch(images, labels))
-                training_graph(gm, self.recipe.to_dict(), images=images, labels=labels,
-                               stochastic_depth=self.opts.stochastic_depth)
-            self._passes_checked = True
-        with timer.phase("passes"):  # counted: holds the whitening initialisation from data
-            gm, report = training_graph(gm, self.recipe.to_dict(), images=images, labels=labels,
-                                        stochastic_depth=self.opts.stochastic_depth, checks=False)
-        if self.channels_last:
-            gm = gm.to(memory_format=torch.channels_last)
-        gm.train()
-        return gm, report
-
-    def _training_module(self, gm: fx.GraphModule) -> tuple[fx.GraphModule, nn.Module]:
-        """(module whose parameters train, module to call).
-
-        With compile, the first run's compiled module is reused by later runs: their
-        freshly built weights are loaded into it, so compilation happens once.
-        """
-        if not self.compile:
-            return gm, gm
-        if self._compiled is not None:
-            module, compiled = self._compiled
-            if module.state_dict().keys() == gm.state_dict().keys():
-                module.load_state_dict(gm.state_dict())
-                for p, q in zip(module.parameters(), gm.parameters(), strict=True):
-                    p.requires_grad_(q.requires_grad)
-                module.meta.update(gm.meta)
-                return module, compiled
-        # mode passed only when the recipe names one: "default" is torch.compile's own
-        mode = {} if self.compile_mode == "default" else {"mode": self.compile_mode}
-        compiled = torch.compile(gm, backend=self.opts.compile_backend, **mode)
-        self._compiled = (gm, compiled)
-        return gm, compiled
-
-    def _evaluate(self, module: nn.Module, tta: bool) -> float:
-        """Accuracy of ``module`` on the test images, with the recipe's TTA when ``tta``."""
-        return evaluate(self._tta(module) if tta else module, self.test_images, self.test_labels,
-                        batch_size=self.recipe["eval"]["batch_size"], mean=self.mean_t, std=self.std_t,
-                        autocast=self._autocast, channels_last=self.channels_last)
-
-    def _tta(self, module: nn.Module) -> nn.Module:
-        """``module`` with the tta_flip pass applied, holding ``module``'s current weights.
-
-        The pass copies the module; the copy is kept and refreshed with ``load_state_dict``
-        (a device copy) on later calls for the same module, instead of rebuilt every time.
-        """
-        from fastgraph import passes
-
-        cached = self._tta_cache
-        if cached is not None and cached[0] is module:
-            state = module.state_dict()
-            if cached[1].state_dict().keys() == state.keys():
-                cached[1].load_state_dict(state)
-                return cached[1]
-        tta = passes.get("tta_flip").fn(module, level=self.tta_level)
-        self._tta_cache = (module, tta)
-        return tta
+        """Put the (subset of the) data on the device; build the evaluator over its test images."""
+        o = self.opts
+        self.data = data = load_device_data(o.data, self.device, timer, batch_size=self.batch_size,
+                                            subset=o.subset, test_subset=o.test_subset)
+        self.evaluator = Evaluator(data.test_images, data.test_labels, mean=data.mean, std=data.std,
+                                   batch_size=self.recipe["eval"]["batch_size"], tta_level=self.tta_level,
+                                   autocast=self.autocast, channels_last=self.channels_last)
 
     def _step(self, r: _Run, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Forward and backward of one training step of run ``r`` on batch ``x`` (the
@@ -561,7 +190,7 @@ class Trainer:
         is what the loop runs."""
         label_smoothing = self.recipe["train"]["label_smoothing"]
         # NVTX ranges per phase for Nsight Systems; free when no profiler listens.
-        with nvtx.range("forward"), self._autocast():
+        with nvtx.range("forward"), self.autocast():
             out = r.call(x)
             loss = F.cross_entropy(out.float(), y, label_smoothing=label_smoothing)
         for opt in r.optimizers:
@@ -571,13 +200,8 @@ class Trainer:
         return out, loss
 
     def _warm_up_batches(self, augmenter, steps: int = 3) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """The first ``steps`` batches of an epoch of ``augmenter`` (real images in the
-        training batches' dtype, layout and shape), its generator left as it was."""
-        state = augmenter.state_dict()
-        try:
-            return list(augmenter.epoch(0, steps=steps))
-        finally:
-            augmenter.load_state_dict(state)
+        """The batches the warm-up trains on: see :func:`fastgraph.training.batches.warm_up_batches`."""
+        return warm_up_batches(augmenter, steps)
 
     def _warm_up(self, r: _Run) -> None:
         """Compile and autotune outside the timer: three training steps as the loop runs
@@ -594,15 +218,7 @@ class Trainer:
         for x, y in self._warm_up_batches(r.augmenter):
             self._step(r, x, y)
         r.module.zero_grad(set_to_none=True)
-        eval_bs = self.recipe["eval"]["batch_size"]
-        n = len(self.test_images)
-        # one full batch and the remainder batch: every shape the counted evaluation sees
-        k = n if n <= eval_bs else eval_bs + n % eval_bs
-        images, labels = self.test_images[:k], self.test_labels[:k]
-        modules = [r.evaluated, self._tta(r.evaluated)] if self.tta_level else [r.evaluated]
-        for m in modules:
-            evaluate(m, images, labels, batch_size=eval_bs, mean=self.mean_t, std=self.std_t,
-                     autocast=self._autocast, channels_last=self.channels_last)
+        self.evaluator.warm_up(r.evaluated)
         r.module.load_state_dict(saved)
         r.module.train()
         self._set_rng_state(rng)
@@ -628,9 +244,9 @@ class Trainer:
 
         recipe, seed = self.recipe, self.opts.seed + run
         timer = Timer(self.device)
-        torch.manual_seed(seed)  # the model file's initialisation
-        gm, pass_report = self._build(timer)
-        module, call = self._training_module(gm)
+        torch.manual_seed(seed)  # the model's initialisation (file or factory)
+        gm, pass_report = self.builder.build(timer, self.data)
+        module, call = self.builder.training_module(gm)
         optimizers = build_optimizers(module, recipe, self.hyper)
         cfg = recipe["ema"]
         ema = (WeightAverage(module, decay=cfg["decay"], every=cfg["every"], warmup_power=cfg["warmup_power"],
@@ -638,9 +254,10 @@ class Trainer:
         evaluated = ema.averaged.module if ema is not None and recipe["eval"]["model"] == "ema" else module
         aug = recipe["augment"]
         augmenter = DeviceAugmenter(
-            self.train_images, self.train_labels, batch_size=self.batch_size, pad=aug["pad"],
-            pad_mode=aug["pad_mode"], flip=aug["flip"], cutout=aug["cutout"], mean=self.mean, std=self.std,
-            seed=seed, out_dtype=DTYPES[self.precision], channels_last=self.channels_last)
+            self.data.train_images, self.data.train_labels, batch_size=self.batch_size, pad=aug["pad"],
+            pad_mode=aug["pad_mode"], flip=aug["flip"], cutout=aug["cutout"], mean=self.data.channel_mean,
+            std=self.data.channel_std, seed=seed, out_dtype=DTYPES[self.precision],
+            channels_last=self.channels_last)
         scaler = torch.amp.GradScaler(self.device.type) if self.precision == "fp16" else None
         total = max(1, math.ceil(augmenter.steps_per_epoch * self.epochs))
         r = _Run(index=run, seed=seed, device=self.device, timer=timer, module=module, call=call,
@@ -770,10 +387,10 @@ class Trainer:
         if final or self.opts.progress_eval:
             if self.tta_level:  # plain accuracy is progress information: not counted
                 with timer.phase("eval", counted=False):
-                    test_acc = self._evaluate(r.evaluated, tta=False)
+                    test_acc = self.evaluator.accuracy(r.evaluated, tta=False)
             tta_before = timer.total(counted_only=False)
             with timer.phase("tta eval" if final else "progress tta eval", counted=final):
-                tta_acc = self._evaluate(r.evaluated, tta=bool(self.tta_level))
+                tta_acc = self.evaluator.accuracy(r.evaluated, tta=bool(self.tta_level))
             test_acc = tta_acc if test_acc is None else test_acc
         steps = r.partial["seen"] // self.batch_size + r.steps
         return EpochRecord(
@@ -819,7 +436,7 @@ class Trainer:
     def _on_interrupt(self, state: dict | None) -> None:
         """Write ``state`` (the run at the step boundary where it stopped) as the checkpoint."""
         directory = self.opts.checkpoint_dir
-        how = "interrupted" + (f" ({signal.Signals(self.interrupt.signum).name})" if self.interrupt.requested
+        how = "interrupted" + (f" ({self.interrupt.name})" if self.interrupt.requested
                                else "")
         if not directory:
             self.reporter.message(f"{how}; no --checkpoint folder was given, nothing saved")
@@ -850,9 +467,9 @@ class Trainer:
         saved = None
         if opts.resume and not opts.checkpoint_dir:
             raise UserError("--resume needs --checkpoint DIR (the folder holding the checkpoint)")
-        # The model file and the checkpoint are checked before the data is looked for: it may
+        # The model and the checkpoint are checked before the data is looked for: it may
         # be absent, or take seconds to decode.
-        traced_model(opts.model_path, opts.entry)
+        check_model(opts)
         if opts.checkpoint_dir:
             exists = ckpt.checkpoint_path(opts.checkpoint_dir).exists()
             if opts.resume:
@@ -875,7 +492,7 @@ class Trainer:
         with self.interrupt:
             for run in range(first, opts.runs):
                 if self.interrupt.requested:  # between runs: the finished run's checkpoint is written
-                    how = f"interrupted ({signal.Signals(self.interrupt.signum).name}) before run {run + 1}"
+                    how = f"interrupted ({self.interrupt.name}) before run {run + 1}"
                     self.reporter.message(f"{how}; continue with --resume" if opts.checkpoint_dir
                                           else f"{how}; no --checkpoint folder was given")
                     self.interrupt.check()
@@ -886,14 +503,16 @@ class Trainer:
 
 
 def train(opts: TrainOptions, reporter: Reporter | None = None) -> TrainResult:
-    """Train ``opts.model_path`` with ``opts.recipe`` for ``opts.runs`` runs (see the module docstring).
+    """Train ``opts.model_path`` (or what ``opts.model()`` builds) with ``opts.recipe`` for
+    ``opts.runs`` runs (see the module docstring).
 
     Returns:
         :class:`TrainResult` with every run's per-epoch records, final plain and TTA
         accuracy (fractions) and counted seconds.
 
     Raises:
-        UserError: bad options, model file, data, recipe passes, or checkpoint.
+        UserError: bad options (neither or both of ``model_path`` and ``model``...), model
+            file or factory, data, recipe passes, or checkpoint.
         TrainingDiverged: a NaN or infinite loss (names the epoch and step).
         Interrupted: Ctrl-C or SIGTERM (``signum`` says which), after writing a checkpoint
             when ``opts.checkpoint_dir`` is set.

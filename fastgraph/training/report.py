@@ -15,8 +15,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from fastgraph.core.console import claim_terminal
-from fastgraph.training.loop import EpochRecord, Reporter, RunRecord, TrainResult
 from fastgraph.training.recipes import Recipe
+from fastgraph.training.records import EpochRecord, Reporter, RunRecord, TrainResult
 
 COLUMNS = ("epoch", "lr", "train loss", "train acc", "test acc", "TTA acc", "epoch s", "run s")
 WIDTHS = (6, 9, 10, 9, 8, 8, 8, 8)

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from fastgraph.core.errors import UserError
-from fastgraph.training.loop import TrainOptions, balanced_subset, train
+from fastgraph.training.batches import balanced_subset
+from fastgraph.training.loop import TrainOptions, train
 from fastgraph.training.recipes import load_recipe
 from support import real_data_path, write_model, write_recipe
 

@@ -15,7 +15,8 @@ import torch
 
 from fastgraph.core.errors import UserError
 from fastgraph.training import checkpoint as ckpt
-from fastgraph.training.loop import Reporter, TrainingDiverged, TrainOptions, train
+from fastgraph.training.loop import Reporter, TrainOptions, train
+from fastgraph.training.options import TrainingDiverged
 from fastgraph.training.recipes import load_recipe
 from support import cli_error, real_data_path, write_model, write_recipe
 

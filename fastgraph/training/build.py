@@ -1,0 +1,164 @@
+"""The module a run trains: the user's model built (from its file, or from a factory
+function), traced in train mode, rewritten by the recipe's passes, and compiled.
+
+Timing (see ``fastgraph.training.loop``): building, loading and tracing the model are not
+counted; nor are the pass manager's float64 checks of the recipe's passes (exact passes;
+training-time passes in their identity configurations), which depend on the graph and
+not on the run's seed, so they run once per training. The passes themselves are counted:
+they hold the whitening initialisation from data. With compile, the first run's compiled
+module serves the later runs (their fresh weights are loaded into it), so compilation
+happens once.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from fastgraph.core.errors import ModelError, UserError
+from fastgraph.core.timing import Timer
+from fastgraph.training.batches import DeviceData, pass_images
+from fastgraph.training.options import TrainOptions
+
+
+def _factory_name(factory) -> str:
+    """``module.qualname`` of a model factory (a function, a class, or a callable object's class)."""
+    named = factory if hasattr(factory, "__qualname__") else type(factory)
+    return f"{getattr(named, '__module__', None) or '?'}.{named.__qualname__}"
+
+
+def model_name(opts: TrainOptions) -> str:
+    """What the settings record as "model": the model file's resolved path, or the
+    qualified name (``module.qualname``) of the ``opts.model`` factory."""
+    if opts.model is not None:
+        return _factory_name(opts.model)
+    return str(Path(opts.model_path).expanduser().resolve())
+
+
+def check_model_source(opts: TrainOptions) -> None:
+    """Raise ``UserError`` unless exactly one of ``opts.model_path`` and ``opts.model``
+    (a callable; no ``entry`` with it) says what to train."""
+    if (opts.model_path is None) == (opts.model is None):
+        given = "both" if opts.model is not None else "neither"
+        raise UserError("give the model to train as a file (model_path) or as a function that builds "
+                        f"it (model), exactly one of them; got {given}")
+    if opts.model is not None:
+        if not callable(opts.model):
+            raise UserError("model must be a function returning an nn.Module, got "
+                            f"{type(opts.model).__name__}")
+        if opts.entry is not None:
+            raise UserError("entry names the entry point of a model file; with a model function "
+                            "there is no file: drop entry")
+
+
+def user_model(opts: TrainOptions) -> nn.Module:
+    """A freshly built ``nn.Module``: the model file's (see ``fastgraph.core.loading``)
+    or what ``opts.model()`` returns, initialised from torch's current random state.
+
+    Raises:
+        ModelError: the file cannot be loaded or built, or the factory returns something
+            other than an ``nn.Module`` (an exception the factory raises propagates as is).
+    """
+    if opts.model is None:
+        from fastgraph.core.loading import load_model
+
+        return load_model(opts.model_path, opts.entry)
+    model = opts.model()
+    if not isinstance(model, nn.Module):
+        raise ModelError(f"{_factory_name(opts.model)}() returned {type(model).__name__}, not an nn.Module")
+    return model
+
+
+def check_model(opts: TrainOptions) -> None:
+    """Build and trace the model once, so that a wrong model file or factory is the error
+    reported before the data is looked for (it may be absent, or take seconds to decode).
+
+    Raises:
+        ModelError: see :func:`user_model` and :func:`fastgraph.core.tracing.trace`.
+    """
+    from fastgraph.core.tracing import trace
+
+    trace(user_model(opts), opts.model_path)
+
+
+class ModelBuilder:
+    """Builds each run's training module; holds what runs share: the compiled module and
+    whether the passes were checked.
+
+    Args:
+        opts: the training's options (model source, entry, stochastic depth, compile backend).
+        device: where the module lives.
+        channels_last: convert the module to the channels-last memory format.
+        compile: ``torch.compile`` the module, with ``opts.compile_backend`` and
+            ``compile_mode`` ("default" is torch.compile's own).
+
+    Raises:
+        UserError: see :func:`check_model_source`.
+    """
+
+    def __init__(self, opts: TrainOptions, device: torch.device, *, channels_last: bool, compile: bool,
+                 compile_mode: str = "default"):
+        check_model_source(opts)
+        self.opts, self.recipe, self.device = opts, opts.recipe, device
+        self.channels_last, self.compile, self.compile_mode = channels_last, compile, compile_mode
+        self._compiled: tuple[fx.GraphModule, nn.Module] | None = None
+        self._passes_checked = False
+
+    def build(self, timer: Timer, data: DeviceData) -> tuple[fx.GraphModule, dict]:
+        """Build, trace and rewrite the model from torch's current random state (the run's
+        seed): (train-mode GraphModule on the device, the pass report), timed in ``timer``'s
+        phases "model build", "pass checks" (the first build only) and "passes".
+
+        Raises:
+            ModelError: the model cannot be built or traced, runs on no CIFAR-10 batch,
+                or its trace computes something else than the model.
+            UserError: a recipe pass refuses the graph.
+        """
+        from fastgraph.core.pass_manager import verification_batch
+        from fastgraph.core.tracing import check_runs, check_trace, trace
+        from fastgraph.training.trained import training_graph
+
+        with timer.phase("model build", counted=False):
+            model = user_model(self.opts).to(self.device)
+            gm = trace(model, source=self.opts.model_path, mode="train")
+            images, labels = pass_images(data, (p.options for p in self.recipe.passes))
+            check_runs(gm, images[:2])
+        if not self._passes_checked:
+            # With the random state put back, so the counted build below is the same.
+            with timer.phase("pass checks", counted=False), torch.random.fork_rng(
+                    devices=[self.device] if self.device.type == "cuda" else []):
+                # the user's eager model is the reference of every check
+                check_trace(model, gm, "train", verification_batch(images, labels))
+                training_graph(gm, self.recipe.to_dict(), images=images, labels=labels,
+                               stochastic_depth=self.opts.stochastic_depth)
+            self._passes_checked = True
+        with timer.phase("passes"):  # counted: holds the whitening initialisation from data
+            gm, report = training_graph(gm, self.recipe.to_dict(), images=images, labels=labels,
+                                        stochastic_depth=self.opts.stochastic_depth, checks=False)
+        if self.channels_last:
+            gm = gm.to(memory_format=torch.channels_last)
+        gm.train()
+        return gm, report
+
+    def training_module(self, gm: fx.GraphModule) -> tuple[fx.GraphModule, nn.Module]:
+        """(module whose parameters train, module to call): ``gm`` itself, or with compile
+        ``gm`` and its ``torch.compile`` wrapper; a later run with the same state keys
+        gets the first run's compiled pair with ``gm``'s weights, ``requires_grad`` flags
+        and meta loaded into it."""
+        if not self.compile:
+            return gm, gm
+        if self._compiled is not None:
+            module, compiled = self._compiled
+            if module.state_dict().keys() == gm.state_dict().keys():
+                module.load_state_dict(gm.state_dict())
+                for p, q in zip(module.parameters(), gm.parameters(), strict=True):
+                    p.requires_grad_(q.requires_grad)
+                module.meta.update(gm.meta)
+                return module, compiled
+        mode = {} if self.compile_mode == "default" else {"mode": self.compile_mode}
+        compiled = torch.compile(gm, backend=self.opts.compile_backend, **mode)
+        self._compiled = (gm, compiled)
+        return gm, compiled
