@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import operator
+from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
@@ -248,7 +249,8 @@ def has_side_effect(gm: fx.GraphModule, node: fx.Node) -> bool:
     (``out.add_(x)``, ``x.relu_()``, ``torch.relu_``), ``out=`` or ``inplace=True``
     arguments, in-place operators (``x += y``, ``x[i] = v``), ATen ops with a mutable
     schema, and modules that work in place or hold buffers (a training-mode BatchNorm
-    updates its running statistics even when its output is unused). Dead-code
+    updates its running statistics even when its output is unused), as do training-mode
+    ``F.batch_norm`` / ``torch.batch_norm`` calls given running statistics. Dead-code
     elimination must keep all of them (DESIGN.md, "Known traps").
     """
     if node.is_impure():
@@ -259,6 +261,8 @@ def has_side_effect(gm: fx.GraphModule, node: fx.Node) -> bool:
     if node.op not in ("call_method", "call_function"):
         return False
     if "out" in node.kwargs or node.kwargs.get("inplace") is True or is_inplace(gm, node):
+        return True
+    if _writes_running_statistics(node):
         return True
     if node.op == "call_method":
         name = str(node.target)
@@ -305,3 +309,134 @@ def aliases(node: fx.Node) -> set[fx.Node]:
                 group.add(user)
                 stack.append(user)
     return group
+
+
+# Matching one operation in either of the forms fastgraph meets it in. torch.fx.symbolic_trace
+# keeps module calls (``call_module`` to an ``nn.Conv2d``, ``nn.BatchNorm2d``) whose tensors are
+# module attributes; torch.compile's Dynamo inlines every module into function calls
+# (``torch.conv2d``, ``F.batch_norm``) whose parameters and buffers are graph inputs
+# (placeholders), as are those of functional code traced by fx (``get_attr`` nodes). A pass
+# asks for the operation and gets one description of either form; it then rewrites a module
+# call by replacing the module, a function call by rewiring graph nodes.
+
+# Positional order of each batch-norm function's arguments.
+_BATCH_NORM_SIGNATURES = {
+    F.batch_norm: ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps"),
+    torch.batch_norm: ("input", "weight", "bias", "running_mean", "running_var", "training", "momentum",
+                       "eps", "cudnn_enabled"),
+}
+_BATCH_NORM_DEFAULTS = {"weight": None, "bias": None, "training": False, "momentum": 0.1, "eps": 1e-5}
+_REQUIRED = object()
+
+
+@dataclass(frozen=True)
+class ConvCall:
+    """A 2-D convolution in a graph.
+
+    Module form (``module`` is the stock ``nn.Conv2d`` called, with one argument): its
+    weight and bias are the module's. Function form (``torch.conv2d``, which is
+    ``F.conv2d``): ``weight`` (C_out, C_in / groups, kH, kW) and ``bias`` (C_out,) or None
+    are graph nodes; stride, padding, dilation and groups stay in ``node``'s arguments.
+    """
+
+    node: fx.Node
+    input: fx.Node
+    module: nn.Conv2d | None = None
+    weight: fx.Node | None = None
+    bias: fx.Node | None = None
+
+
+@dataclass(frozen=True)
+class BatchNormCall:
+    """A batch norm in a graph, normalising ``input`` (N, C, ...) per channel C.
+
+    Module form (``module``: a stock ``nn.BatchNorm2d``, or a ``GhostBatchNorm`` in eval
+    mode, where it never splits): its tensors are the module's. Function form
+    (``F.batch_norm`` or ``torch.batch_norm``): ``running_mean``, ``running_var`` (C,),
+    ``weight``, ``bias`` (C,) are graph nodes or None, ``eps`` a number or a graph node
+    (Dynamo passes it as one under dynamic shapes).
+
+    ``training`` is the call's own flag; ``batch_statistics`` says whether it normalises
+    by the batch's statistics (training, or no running statistics to use), i.e. whether
+    it is *not* an affine map of its input.
+    """
+
+    node: fx.Node
+    input: fx.Node
+    training: bool
+    batch_statistics: bool
+    module: nn.Module | None = None
+    running_mean: fx.Node | None = None
+    running_var: fx.Node | None = None
+    weight: fx.Node | None = None
+    bias: fx.Node | None = None
+    eps: float | fx.Node = 1e-5
+
+
+def conv2d_call(gm: fx.GraphModule, node: fx.Node) -> ConvCall | None:
+    """``node`` as a :class:`ConvCall`, or None when it is not a 2-D convolution of a known form.
+
+    Module form: a stock ``nn.Conv2d`` (its ``forward`` and ``_conv_forward`` PyTorch's own)
+    called with its input alone. Function form: ``torch.conv2d(x, weight, bias, ...)`` with
+    the input and weight graph nodes and the bias a graph node or None.
+    """
+    if node.op == "call_module":
+        conv = stock_module(gm, node, nn.Conv2d)
+        if conv is None or type(conv)._conv_forward is not nn.Conv2d._conv_forward:
+            return None
+        if len(node.args) != 1 or node.kwargs or only_input(node) is None:
+            return None
+        return ConvCall(node, node.args[0], module=conv)
+    if node.op != "call_function" or node.target is not torch.conv2d or only_input(node) is None:
+        return None
+    weight, bias = _arg(node, 1, "weight", None), _arg(node, 2, "bias", None)
+    if not isinstance(weight, fx.Node) or not (bias is None or isinstance(bias, fx.Node)):
+        return None
+    return ConvCall(node, node.args[0], weight=weight, bias=bias)
+
+
+def batch_norm_call(gm: fx.GraphModule, node: fx.Node) -> BatchNormCall | None:
+    """``node`` as a :class:`BatchNormCall`, or None when it is not a batch norm of a known form.
+
+    Module form: a stock ``nn.BatchNorm2d``, or a ``GhostBatchNorm`` in eval mode, called
+    with its input alone. Function form: ``F.batch_norm`` or ``torch.batch_norm`` whose
+    ``training`` flag is known at trace time and whose tensors are graph nodes or None.
+    """
+    if node.op == "call_module":
+        from fastgraph.core.modules import GhostBatchNorm
+
+        bn = stock_module(gm, node, nn.BatchNorm2d)
+        if bn is None and type(module_of(gm, node)) is GhostBatchNorm and not module_of(gm, node).training:
+            bn = module_of(gm, node)  # in eval mode it is exactly BatchNorm2d (never splits)
+        if bn is None or len(node.args) != 1 or node.kwargs or only_input(node) is None:
+            return None
+        no_stats = not bn.track_running_stats or bn.running_mean is None or bn.running_var is None
+        return BatchNormCall(node, node.args[0], bn.training, bn.training or no_stats, module=bn, eps=bn.eps)
+    names = _BATCH_NORM_SIGNATURES.get(node.target) if node.op == "call_function" else None
+    if names is None:
+        return None
+    values = {name: _arg(node, i, name, _BATCH_NORM_DEFAULTS.get(name, _REQUIRED))
+              for i, name in enumerate(names)}
+    tensors = ("input", "running_mean", "running_var", "weight", "bias")
+    if any(v is _REQUIRED for v in values.values()) or not isinstance(values["input"], fx.Node):
+        return None
+    if not all(values[k] is None or isinstance(values[k], fx.Node) for k in tensors):
+        return None
+    training = values["training"]
+    if not isinstance(training, bool):
+        return None  # computed at run time: neither form of the function can be assumed
+    no_stats = values["running_mean"] is None or values["running_var"] is None
+    return BatchNormCall(node, values["input"], training, training or no_stats,
+                         running_mean=values["running_mean"], running_var=values["running_var"],
+                         weight=values["weight"], bias=values["bias"], eps=values["eps"])
+
+
+def _writes_running_statistics(node: fx.Node) -> bool:
+    """Whether ``node`` is a batch-norm function call that may update running statistics
+    in place (training flag not known to be False, and a running mean given)."""
+    names = _BATCH_NORM_SIGNATURES.get(node.target) if node.op == "call_function" else None
+    if names is None:
+        return False
+    training = _arg(node, names.index("training"), "training", False)
+    running_mean = _arg(node, names.index("running_mean"), "running_mean", None)
+    return training is not False and running_mean is not None
