@@ -24,6 +24,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "export": ("fastgraph.cli.export", "export the inference graph (with TTA) to ONNX or TensorRT"),
     "profile": ("fastgraph.cli.profile", "profile training steps per graph node (torch.profiler, NVTX)"),
     "roofline": ("fastgraph.cli.roofline", "roofline table and plot of a model on a hardware profile"),
+    "advise": ("fastgraph.cli.advise", "which tricks apply to a model, where, and their predicted gain"),
     "data": ("fastgraph.cli.data", "download or inspect CIFAR-10"),
 }
 
