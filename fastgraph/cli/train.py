@@ -6,13 +6,17 @@ with a progress bar and, over ``--runs``, mean +/- std of the accuracies and of 
 counted time (see ``fastgraph.training.loop`` for what is counted), and writes a JSON record with
 ``--json``. Ctrl-C or SIGTERM writes a checkpoint when ``--checkpoint DIR`` is given (exit
 130 for Ctrl-C, 143 = 128 + SIGTERM, as a shell reports a process that SIGTERM ended);
-``--resume`` continues it. The ``--json`` path and the model file are checked before the
-data is looked for.
+``--resume`` continues it. ``--plot FILE`` draws the plain and TTA accuracy of every epoch
+against counted seconds and against epochs (``fastgraph.training.curves``);
+``--tensorboard DIR`` logs every run's per-epoch scalars and hyperparameters for
+TensorBoard (``fastgraph.training.tensorboard``, extra ``tensorboard``). The output paths,
+the tensorboard package and the model file are checked before the data is looked for.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import signal
 import sys
 
@@ -63,6 +67,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resume", action="store_true",
                         help="continue the training checkpointed in --checkpoint DIR")
     parser.add_argument("--json", metavar="FILE", help="write the results as JSON")
+    parser.add_argument("--plot", metavar="FILE",
+                        help="draw test and TTA accuracy against counted seconds and epochs (PNG; "
+                             "needs the per-epoch evaluation)")
+    parser.add_argument("--tensorboard", metavar="DIR",
+                        help="log per-epoch scalars and hyperparameters of every run for TensorBoard "
+                             "(DIR/run-1, ...; pip install 'fastgraph[tensorboard]')")
     parser.add_argument("--data", metavar="PATH", help="CIFAR-10 (folder, archive; default $FASTGRAPH_DATA)")
     parser.add_argument("--no-progress-eval", dest="progress_eval", action="store_false",
                         help="evaluate after the last epoch only (faster; no per-epoch accuracy)")
@@ -78,8 +88,20 @@ def run(args: argparse.Namespace) -> int:
 
     if args.resume and not args.checkpoint:
         raise UserError("--resume needs --checkpoint DIR (the folder holding the checkpoint)")
+    if args.plot and not args.progress_eval:
+        raise UserError("--plot draws the accuracy of every epoch: drop --no-progress-eval")
     # Before the training, not after it: the results of hours must have somewhere to go.
-    check_outputs({"--json": args.json}, inputs={"model file": args.model, "data": args.data})
+    check_outputs({"--json": args.json, "--plot": args.plot, "--tensorboard": args.tensorboard},
+                  inputs={"model file": args.model, "data": args.data}, folders=("--tensorboard",))
+    if args.plot:
+        from fastgraph.training.curves import check_figure_path
+
+        check_figure_path(args.plot, "--plot")
+    tensorboard = None
+    if args.tensorboard:
+        from fastgraph.training.tensorboard import Reporters, TensorBoardReporter
+
+        tensorboard = TensorBoardReporter(args.tensorboard, resume=args.resume)
     recipe = load_recipe(args.recipe)
     opts = TrainOptions(model_path=args.model, recipe=recipe, entry=args.entry, epochs=args.epochs,
                         batch_size=args.batch_size, runs=args.runs, seed=args.seed, target=args.target,
@@ -89,15 +111,26 @@ def run(args: argparse.Namespace) -> int:
                         progress_eval=args.progress_eval)
     reporter = RichReporter(recipe)
     try:
-        with reporter:
-            result = train(opts, reporter)
+        with reporter, tensorboard or contextlib.nullcontext():
+            result = train(opts, reporter if tensorboard is None else Reporters(reporter, tensorboard))
+            if tensorboard is not None:
+                tensorboard.finish(result)
     except Interrupted as exc:
         if exc.signum != signal.SIGTERM:
             raise  # Ctrl-C: the CLI's KeyboardInterrupt exit, 130
         print("fastgraph: terminated", file=sys.stderr)
         return 128 + signal.SIGTERM
     print_summary(result, reporter.console)
+    env = environment(result.settings["device"])
     if args.json:
-        path = write_json(args.json, {**environment(result.settings["device"]), **result.to_dict()})
+        path = write_json(args.json, {**env, **result.to_dict()})
         reporter.console.print(f"results written to {path}")
+    if args.plot:
+        from fastgraph.training.curves import plot_curves
+
+        path = plot_curves(result, args.plot, device=env["device"])
+        reporter.console.print(f"accuracy curves drawn in {path}")
+    if tensorboard is not None:
+        reporter.console.print(f"TensorBoard logs written to {tensorboard.log_dir}: "
+                               f"tensorboard --logdir {tensorboard.log_dir}")
     return 0
