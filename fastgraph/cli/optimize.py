@@ -1,30 +1,21 @@
-"""``fastgraph optimize``: its options, and the run that prints the report and writes the files."""
+"""``fastgraph optimize``: its options, and the run that prints the report and writes the files.
+
+A thin layer over :func:`fastgraph.optimize` (``fastgraph.compiler.optimize``): the options
+are checked and the outputs found writable before any slow work, then the report is
+printed and written as JSON.
+"""
 
 from __future__ import annotations
 
 import argparse
-import statistics
 from pathlib import Path
 
-import torch
-
-from fastgraph.compiler.optimize import (
-    CIFAR_SHAPE,
-    DATA_PASS_IMAGES,
-    DEFAULT_PASSES,
-    SYNTHETIC_INPUT,
-    measure_alternating,
-    parse_input_shape,
-    readable_code,
-    resized,
-    step_fn,
-    synthetic_batch,
-)
-from fastgraph.core.devices import device_name, resolve_device
+from fastgraph.compiler.optimize import DEFAULT_PASSES, parse_input_shape
+from fastgraph.core.devices import resolve_device
 from fastgraph.core.errors import UserError
-from fastgraph.core.outputs import check_outputs, output_file, write_json
-from fastgraph.core.timing import compare_step_times
-from fastgraph.perf.roofline import DEFAULT_PROFILE, per_image_costs
+from fastgraph.core.figures import check_figure_path
+from fastgraph.core.outputs import check_outputs, write_json
+from fastgraph.perf.roofline import DEFAULT_PROFILE, load_profile
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -56,117 +47,38 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", help="where to save the optimised GraphModule (default <model>.optimized.pt)")
     p.add_argument("--emit-code", metavar="FILE.py", help="write the rewritten graph as readable Python")
     p.add_argument("--json", metavar="FILE", help="write the whole report as JSON")
+    p.add_argument("--plot", metavar="FILE.png", help="draw the predicted roofline time per pass as a "
+                   "waterfall, beside the measured step times and their spread")
 
 
 def run(args: argparse.Namespace) -> int:
     """Run ``fastgraph optimize``; returns the exit code (a ``UserError`` is one line, exit 2)."""
-    from fastgraph import passes as registry
-    from fastgraph.compiler import report as report_view
-    from fastgraph.core.loading import load_model
-    from fastgraph.core.pass_manager import VERIFY_IMAGES, run_passes, verification_batch
-    from fastgraph.core.tracing import check_runs, check_trace, trace
-    from fastgraph.data import load_cifar10, normalize, spread_indices
-    from fastgraph.perf import roofline
-    from fastgraph.training.trained import spread_training_images
+    from rich.console import Console
+
+    from fastgraph import optimize
 
     if args.epochs <= 0 or args.steps <= 0 or (args.batch_size is not None and args.batch_size <= 1):
         raise UserError("--epochs and --steps must be positive and --batch-size at least 2")
     shape = parse_input_shape(args.input_shape)
-    profile = roofline.load_profile(args.profile)
+    profile = load_profile(args.profile)
     profile.peak(args.precision)  # raises a one-line error for a precision the profile lacks
     device = resolve_device(args.device)
+    if args.plot:
+        check_figure_path(args.plot, "--plot")
     # Unwritable outputs fail here, before the slow work.
-    out = check_outputs({"--out": args.out or Path.cwd() / f"{Path(args.model).stem}.optimized.pt",
-                         "--emit-code": args.emit_code, "--json": args.json},
-                        inputs={"model file": args.model, "data": args.data})["--out"]
-
-    model = load_model(args.model, args.entry)
-    gm = trace(model, args.model, mode=args.mode)  # self.training branches as they will run
-    batch_size = args.batch_size or (512 if device.type == "cuda" else 32)
-    names = DEFAULT_PASSES[args.mode]
-    if args.passes:
-        names = [n.strip() for n in args.passes.split(",") if n.strip()]
-    needs_data = [name for name in names if name in registry.REGISTRY and registry.get(name).needs_data]
-    if shape[0] == CIFAR_SHAPE[0]:
-        data = load_cifar10(args.data)
-        if batch_size > len(data.test_images):
-            raise UserError(f"--batch-size {batch_size} is more than the {len(data.test_images)} test images")
-        # Test images of every class: an ImageFolder test split is stored class by class.
-        index = spread_indices(max(batch_size, VERIFY_IMAGES), len(data.test_images))
-        x, y = resized(normalize(data.test_images[index]), shape[1:]), data.test_labels[index]
-        source = "real CIFAR-10 test images" + ("" if shape == CIFAR_SHAPE else
-                                                 f", resized bilinearly to {shape[1]}x{shape[2]}")
-    else:
-        if needs_data:  # whitening's patch statistics of noise would whiten nothing
-            raise UserError(f"pass {needs_data[0]} needs real images, and --input-shape "
-                            f"{args.input_shape} has {shape[0]} channels, not CIFAR-10's 3")
-        data = None
-        x, y = synthetic_batch(max(batch_size, VERIFY_IMAGES), shape)
-        source = SYNTHETIC_INPUT
-    # Two images, not one: in train mode BatchNorm raises on one value per channel, which
-    # ImageNet-style ResNets reach on their 1x1 maps; every count is divided by the batch.
-    example = x[:2]
-    check_runs(gm, example)  # a model sized for other images fails here, in one line
-    if args.mode == "infer":
-        gm.eval()  # inference passes such as fold_bn act on eval-mode BatchNorm
-        model.eval()
-    # Passes that need data (whitening) get training images of every class.
-    options = {}
-    if needs_data:
-        # As many patches as DATA_PASS_IMAGES images hold at 32x32 (fewer images when
-        # larger), and at least ten images per class.
-        count = max(DATA_PASS_IMAGES * CIFAR_SHAPE[1] * CIFAR_SHAPE[2] // (shape[1] * shape[2]), 100)
-        images, _ = spread_training_images(data, min(count, DATA_PASS_IMAGES))
-        options = {name: {"images": resized(images, shape[1:])} for name in needs_data}
-
-    # The user's eager model is the reference: a trace that lost part of it (a no_grad
-    # block, a train() override...) is refused here, naming the construct, before any pass.
-    check_trace(model, gm, args.mode, verification_batch(x, y))
-    optimized, pass_report = run_passes(gm, names, mode=args.mode, batch=verification_batch(x, y),
-                                        options=options, costs=per_image_costs(example, batch_size))
-
-    rows = []
-    graphs = {"before": gm, "after": optimized}
-    measured = measure_alternating(
-        {label: step_fn(module, args.mode, x[:batch_size], y[:batch_size], device, args.precision)
-         for label, module in graphs.items()}, device, args.steps)
-    for label, module in graphs.items():
-        est = roofline.estimate(module, example, profile, args.precision, mode=args.mode,
-                                epochs=args.epochs, batch_size=args.batch_size or 512)
-        samples, method = measured[label]
-        seconds = statistics.median(samples)
-        images_per_second = batch_size / seconds
-        rows.append({"graph": label, **est, "measured_step_seconds": seconds,
-                     "measured_step_samples": samples,
-                     "measured_images_per_second": images_per_second,
-                     "measured_flops_per_second": est["step_flops_per_image"] * images_per_second,
-                     "timing_method": method})
-
-    with output_file(out, "--out"):
-        torch.save(optimized, out)
-    result = {
-        "model": str(Path(args.model).resolve()),
-        "device": device_name(device),
-        "torch": torch.__version__,
-        "batch_size": batch_size,
-        "input": {"shape": list(shape), "data": source},
-        "verify_images": VERIFY_IMAGES,
-        "profile": profile.name,
-        "precision": args.precision,
-        "epochs": args.epochs,
-        **pass_report.to_dict(),
-        "roofline": rows,
-        # before vs after with their spread: "within noise" when the ranges overlap
-        "measured_step": compare_step_times(measured["before"][0], measured["after"][0]),
-        "optimized_module": str(out.resolve()),
-    }
-    if args.emit_code:
-        with output_file(args.emit_code, "--emit-code") as code:
-            code.write_text(readable_code(optimized, pass_report.applied, args.model))
-        result["emitted_code"] = str(code.resolve())
+    outputs = check_outputs({"--out": args.out or Path.cwd() / f"{Path(args.model).stem}.optimized.pt",
+                             "--emit-code": args.emit_code, "--json": args.json, "--plot": args.plot},
+                            inputs={"model file": args.model, "data": args.data})
+    _, report = optimize(args.model, mode=args.mode, passes=args.passes, data=args.data, profile=profile,
+                         precision=args.precision, batch_size=args.batch_size, input_shape=shape,
+                         measure_steps=args.steps, epochs=args.epochs, device=device, entry=args.entry,
+                         out=outputs["--out"], emit_code=outputs.get("--emit-code"))
     if args.json:
-        write_json(args.json, result)
-    # Said before the tables: checks on synthetic data say nothing about real images.
-    print(f"Input {'x'.join(map(str, shape))}: {source}")
-    report_view.print_optimize_report(result)
+        write_json(args.json, report.to_dict())
+    Console().print(report, crop=False)
+    if args.plot:
+        from fastgraph.compiler.waterfall import plot_waterfall
+
+        plot = plot_waterfall(report.to_dict(), args.plot, profile=profile)
+        Console().print(f"Waterfall plot written to {plot}", soft_wrap=True)
     return 0

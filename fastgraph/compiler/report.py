@@ -1,21 +1,24 @@
-"""The optimize report for people, from the same dict that is written as JSON for
-machines: the pass table, the roofline table and where the module went.
+"""The optimize report: :class:`OptimizeReport` for Python, the dict it writes as JSON for
+machines, and the tables people read (passes, roofline, where the module went).
 """
 
 from __future__ import annotations
 
-from rich.console import Console
+from dataclasses import asdict, dataclass, field
+
+from rich.console import Console, Group
 from rich.table import Table
+from rich.text import Text
 
 from fastgraph.core.console import fitting_table, seconds, si
+from fastgraph.core.outputs import report_header
+from fastgraph.perf.record import report_text
 
 
 def _arrow(before, after, fmt) -> str:
     if before == after:
         return fmt(before)
     return f"{fmt(before)} → {fmt(after)}"
-
-
 
 
 def pass_table(passes: list[dict], mode: str) -> Table:
@@ -34,7 +37,8 @@ def pass_table(passes: list[dict], mode: str) -> Table:
         if p["max_output_diff"] is not None:
             diff = f"{max(p['max_output_diff'], p['max_grad_diff'] or 0.0):.2g}"
             tol = f"{p['tolerance']:.1g}"
-        rows.append([p["name"], p["exactness"], f"[{styles.get(p['status'], '')}]{p['status']}",
+        # Styled text rather than markup, whose tags would count in the column's minimum width.
+        rows.append([p["name"], p["exactness"], Text(p["status"], style=styles.get(p["status"], "")),
                      str(p["rewrites"]), diff, *([] if one_tol else [tol]),
                      _arrow(p["flops_before"], p["flops_after"], si),
                      _arrow(p["bytes_before"], p["bytes_after"], lambda v: si(v, "B"))])
@@ -63,25 +67,109 @@ def roofline_table(result: dict) -> Table:
     return fitting_table(title, columns, cells)
 
 
-def print_optimize_report(result: dict, console: Console | None = None) -> None:
-    """Print the optimize report (pass table, roofline table, where the module went).
+def unbroken(text: str) -> Text:
+    """A line never wrapped nor folded (print it with ``crop=False``): a path, or an error
+    message quoted to be searched for, stays whole so it can be copied."""
+    return Text(text, no_wrap=True, overflow="ignore")
 
-    ``console`` defaults to stdout at the terminal's width (80 columns when not a terminal).
+
+def optimize_view(result: dict) -> Group:
+    """The optimize report of a JSON-ready ``result`` (:meth:`OptimizeReport.to_dict`, or
+    a ``--json`` file read back) as one rich renderable: the input line, the pass table,
+    each pass's message, the roofline table, the measured speed-up and where the files went.
+
+    Print it with ``console.print(view, crop=False)`` so that paths are never cut.
     """
-    console = console or Console()
-    console.print(pass_table(result["passes"], result["mode"]))
-    for p in result["passes"]:
-        if p["message"] and p["status"] != "no-op":
-            # Unbroken: a message may quote a path or an error to search for.
-            console.print(f"  {p['name']}: {p['message']}", soft_wrap=True)
-    console.print(roofline_table(result))
+    parts = []
+    if result.get("input"):  # said before the tables: checks on synthetic data say nothing about real images
+        shape = "x".join(map(str, result["input"]["shape"]))
+        parts.append(Text(f"Input {shape}: {result['input']['data']}"))
+    parts.append(pass_table(result["passes"], result["mode"]))
+    parts += [unbroken(f"  {p['name']}: {p['message']}") for p in result["passes"]
+              if p["message"] and p["status"] != "no-op"]
+    parts.append(roofline_table(result))
     if len(result["roofline"]) == 2:
         before, after = result["roofline"]
         timing = result.get("measured_step")
         if timing is None:  # a report written before step times carried their spread
             timing = {"text": f"{before['measured_step_seconds'] / after['measured_step_seconds']:.3f}x"}
-        console.print(f"Measured step: {timing['text']} ({result['roofline'][0]['timing_method']})")
-    # Paths are never broken across lines, so they can be copied.
-    console.print(f"Optimised module written to {result['optimized_module']}", soft_wrap=True)
-    if result.get("emitted_code"):
-        console.print(f"Generated code written to {result['emitted_code']}", soft_wrap=True)
+        parts.append(Text(f"Measured step: {timing['text']} ({result['roofline'][0]['timing_method']})"))
+    written = [("Optimised module", result.get("optimized_module")),
+               ("Generated code", result.get("emitted_code"))]
+    parts += [unbroken(f"{what} written to {path}") for what, path in written if path]
+    return Group(*parts)
+
+
+def print_optimize_report(result: dict, console: Console | None = None) -> None:
+    """Print :func:`optimize_view` of ``result`` (a ``--json`` record or :meth:`OptimizeReport.to_dict`).
+
+    ``console`` defaults to stdout at the terminal's width (80 columns when not a terminal).
+    """
+    (console or Console()).print(optimize_view(result), crop=False)
+
+
+@dataclass
+class OptimizeReport:
+    """What :func:`fastgraph.optimize` did, as ``fastgraph optimize --json`` writes it.
+
+    Attributes:
+        model: the model file's absolute path, or ``"<Class> (nn.Module)"`` for a module.
+        device: where the steps were measured (``"cpu"`` or the GPU's name). torch: its version.
+        batch_size: images per measured step.
+        input: ``{"shape": [C, H, W], "data": what the checks ran on}``.
+        verify_images: real images each exact pass was checked on (float64).
+        profile, precision: the hardware profile and precision of the roofline.
+        epochs: training epochs of 50,000 images in the training roofline.
+        mode: ``"train"`` or ``"infer"``.
+        passes: one dict per pass, in order (``fastgraph.core.pass_manager.PassOutcome``):
+            ``name``, ``status`` (applied, refused, no-op), ``rewrites``, ``exactness``,
+            ``max_output_diff``/``max_grad_diff`` (relative to each tensor's scale) and
+            ``tolerance``, ``flops_before/after`` (forward FLOPs per image),
+            ``bytes_before/after`` (bytes per image), ``message``.
+        roofline: two rows, ``graph`` "before" and "after": the roofline of the run
+            (``fastgraph.perf.roofline.estimate``: FLOPs and bytes per image, seconds) and
+            the step measured on ``device`` (``measured_step_seconds`` median, every
+            sample in ``measured_step_samples``, images/s, FLOP/s, ``timing_method``).
+        measured_step: before against after with their spread
+            (``fastgraph.core.timing.compare_step_times``: speedup, verdict "within noise",
+            "faster" or "slower").
+        optimized_module, emitted_code: absolute paths written (None when not asked for).
+        header: schema, fastgraph and torch versions, commit, date
+            (``fastgraph.core.outputs.report_header``), taken when the report was made.
+    """
+
+    model: str
+    device: str
+    torch: str
+    batch_size: int
+    input: dict
+    verify_images: int
+    profile: str
+    precision: str
+    epochs: float
+    mode: str
+    passes: list[dict]
+    roofline: list[dict]
+    measured_step: dict
+    optimized_module: str | None = None
+    emitted_code: str | None = None
+    header: dict = field(default_factory=report_header, repr=False)
+
+    @property
+    def applied(self) -> list[str]:
+        """Names of the passes applied, in order."""
+        return [p["name"] for p in self.passes if p["status"] == "applied"]
+
+    def to_dict(self) -> dict:
+        """Exactly the JSON ``fastgraph optimize --json`` writes: the header, then every field
+        (``emitted_code`` only when code was written)."""
+        body = {k: v for k, v in asdict(self).items() if k != "header"}
+        if body["emitted_code"] is None:
+            del body["emitted_code"]
+        return {**self.header, **body}
+
+    def __rich__(self) -> Group:
+        """The tables ``fastgraph optimize`` prints (see :func:`optimize_view`)."""
+        return optimize_view(self.to_dict())
+
+    __str__ = report_text

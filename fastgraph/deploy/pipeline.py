@@ -10,18 +10,28 @@ in), ``fold_bn``, ``fuse_whitening`` where a whitening conv is present, then
 engine is written, reloaded and run on real CIFAR-10 test images against PyTorch
 running the same graph in float32: max |logit difference|, top-1 agreement, and the
 accuracy of each, which must agree within 0.05 percentage points (exit 1 otherwise).
+
+:func:`export` is the job, for Python (``fastgraph.export``) and for the command.
 """
 
 from __future__ import annotations
 
 import copy
+import io
+import os
 import sys
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 import torch.fx as fx
+from rich.console import Console
+from rich.table import Table
 from torch import nn
 
 from fastgraph.core.errors import UserError
+from fastgraph.core.outputs import report_header
 
 TTA_LEVELS = {"none": 0, "flip": 1, "flip-translate": 2}
 ACCURACY_TOLERANCE = 0.0005  # 0.05 percentage points of test accuracy
@@ -181,27 +191,265 @@ def compare(reference: torch.Tensor, engine: torch.Tensor, labels: torch.Tensor)
             "tolerance": ACCURACY_TOLERANCE, "passed": diff <= ACCURACY_TOLERANCE + 1e-12}
 
 
-# ---------------------------------------------------------------------- command
+# ---------------------------------------------------------------------- the job
 
 
-def load_trained_graph(model: str, entry: str | None, checkpoint: str | None, data, weights: str = "auto"):
+def load_trained_graph(model: nn.Module | str | os.PathLike, entry: str | None, checkpoint: str | None, data,
+                       weights: str = "auto"):
     """(traced GraphModule with the weights, weights description, real training batch for pass checks).
 
-    ``data`` is a loaded CIFAR-10 (``fastgraph.data.load_cifar10``). Raises ``UserError``
-    for a bad model file or checkpoint (see :func:`fastgraph.training.trained.load_weights`).
+    ``model`` is a model file (built with ``entry``, see
+    :func:`fastgraph.core.loading.load_model`) or an ``nn.Module``, traced as it is (not
+    modified). ``data`` is a loaded CIFAR-10 (``fastgraph.data.load_cifar10``). Raises
+    ``UserError`` for a bad model file or checkpoint (see
+    :func:`fastgraph.training.trained.load_weights`).
     """
     from fastgraph.core.loading import load_model
     from fastgraph.core.pass_manager import verification_batch
     from fastgraph.core.tracing import check_runs, trace
     from fastgraph.training.trained import load_weights, spread_training_images
 
-    gm = trace(load_model(model, entry), model)
+    gm = trace(model) if isinstance(model, nn.Module) else trace(load_model(model, entry), model)
     images, labels = spread_training_images(data)
     check_runs(gm, images[:2])
     if checkpoint:
         gm, info = load_weights(gm, checkpoint, images=images, labels=labels, weights=weights)
+    elif isinstance(model, nn.Module):
+        info = {"kind": "module", "path": None, "weights": "the module's own", "passes": []}
     else:
         info = {"kind": "untrained", "path": None, "weights": "the model file's initialisation", "passes": []}
     return gm.eval(), info, verification_batch(images, labels)
 
 
+FORMATS = ("onnx", "tensorrt")
+
+
+class UntrainedWeightsWarning(UserWarning):
+    """:func:`export` of a model file without a checkpoint: the engine holds the file's initial weights."""
+
+
+def check_export_options(format: str, opset: int, device: str | torch.device | None, *, tta: str = "flip",
+                         precision: str = "fp32", batch: int | None = None, weights: str = "auto"):
+    """The ``torch.device`` to export on, once every option is known to work here.
+
+    Raises:
+        UserError: an unknown format, TTA, precision or weights choice, a batch that is
+            not a positive integer, an ONNX opset below 17, a missing extra (``onnx``,
+            ``onnxscript``, ``onnxruntime``; ``torch_tensorrt``), TensorRT without CUDA, or a
+            device that is not there (see :func:`fastgraph.core.devices.resolve_device`).
+    """
+    from fastgraph.core.devices import resolve_device
+
+    for what, value, known in (("format", format, FORMATS), ("tta", tta, tuple(TTA_LEVELS)),
+                               ("precision", precision, ("fp32", "fp16")),
+                               ("weights", weights, ("auto", "trained", "ema"))):
+        if value not in known:
+            raise UserError(f"--{what} must be one of {', '.join(known)}, not {value!r}")
+    if batch is not None and (isinstance(batch, bool) or not isinstance(batch, int) or batch < 1):
+        raise UserError(f"--batch must be a positive integer or None (dynamic), not {batch!r}")
+    if format == "tensorrt":  # fail before any work when the extra is missing
+        from fastgraph.deploy.tensorrt import require_tensorrt
+
+        require_tensorrt()
+    else:
+        from fastgraph.deploy.onnx import MIN_OPSET, require_package
+
+        if opset < MIN_OPSET:
+            raise UserError(f"--opset must be >= {MIN_OPSET}, got {opset}")
+        for package in ("onnx", "onnxscript", "onnxruntime"):
+            require_package(package)
+    device = resolve_device(device)
+    if format == "tensorrt" and device.type != "cuda":
+        raise UserError("--format tensorrt runs on a CUDA device; drop --device cpu")
+    return device
+
+
+def summary_table(result: dict) -> Table:
+    """The export summary (``ExportReport.to_dict()`` or a ``--json`` file) as a rich table:
+    weights, passes, engine, exporter, operators, batch, runtime and the verification."""
+    from fastgraph.core.console import si
+
+    v, e, w = result["verification"], result["engine"], result["weights"]
+    passes = ", ".join(f"{s['name']} ({s['status']}, {s['rewrites']})" for s in result["passes"])
+    t = Table(title=f"fastgraph export: {Path(result['model']).name} -> {result['format']}",
+              title_justify="left", show_header=False)
+    t.add_column("what", style="bold")
+    t.add_column("value", overflow="fold")  # a path folds rather than ends in an ellipsis
+    weights = w["kind"] + (f" {w['path']}" if w.get("path") else "")
+    if w["kind"] == "training checkpoint":
+        weights += f" ({w['weights']} weights, recipe {w.get('recipe')})"
+    exporter = e.get("exporter", e.get("compiler", ""))
+    if e.get("fallback_reason"):
+        exporter += f"; first exporter failed: {e['fallback_reason']}"
+    rows = [
+        ("weights", weights),
+        ("inference passes", passes or "none"),
+        ("engine", f"{result['out']} ({si(e['bytes'], 'B')})"),
+        ("exporter", exporter),
+        ("opset / operators", f"{e['opset']}: {', '.join(e['operators'])}" if "opset" in e else "-"),
+        ("batch", f"{result['batch']} (dynamic axis: {e['dynamic_batch']})"),
+        ("TTA, precision", f"{result['tta']}, {result['precision']}"),
+        ("runtime", f"{e['provider']} on {result['device']}"),
+        ("verified on", f"{v['images']} real CIFAR-10 test images, batch sizes {v['batch_sizes_run']}"),
+        ("max |logit diff|", f"{v['max_abs_logit_diff']:.3g} "
+                             f"(other batch size: {v['max_abs_logit_diff_other_batch']:.3g})"),
+        ("top-1 agreement", f"{100 * v['top1_agreement']:.2f}%"),
+        ("accuracy PyTorch / engine",
+         f"{100 * v['accuracy_pytorch']:.2f}% / {100 * v['accuracy_engine']:.2f}%"),
+        ("accuracy check", ("[green]passed" if v["passed"] else "[red]FAILED")
+         + f": |diff| {100 * v['accuracy_diff']:.3f} points <= {100 * v['tolerance']:.2f}"),
+    ]
+    for what, value in rows:
+        t.add_row(what, value)
+    return t
+
+
+@dataclass
+class ExportReport:
+    """What :func:`export` wrote and how it verified, as ``fastgraph export --json`` writes it.
+
+    Attributes:
+        model: the model file's absolute path, or ``"<Class> (nn.Module)"``.
+        weights: where the weights came from: ``kind`` ("untrained", "module",
+            "state_dict", "training checkpoint"), ``path``, ``weights`` (trained or EMA)...
+        format, tta, precision: as asked. batch: the fixed batch size, or "dynamic".
+        out: the engine file's absolute path. device: where it ran. torch: its version.
+        passes: the inference graph's steps (``reference_ops``, ``fold_bn``,
+            ``fuse_whitening``, ``tta_flip``): name, exactness, status, rewrites, measured
+            difference, tolerance, message.
+        engine: the exporter's record (exporter or compiler, opset, operators, bytes,
+            dynamic batch, runtime ``provider``).
+        verification: against PyTorch on real test images (:func:`compare`, plus
+            ``batch_sizes_run`` and ``max_abs_logit_diff_other_batch``).
+        header: schema, versions, commit and date (``fastgraph.core.outputs.report_header``).
+    """
+
+    model: str
+    weights: dict
+    format: str
+    tta: str
+    precision: str
+    batch: int | str
+    out: str
+    device: str
+    torch: str
+    passes: list[dict]
+    engine: dict
+    verification: dict
+    header: dict = field(default_factory=report_header, repr=False)
+
+    @property
+    def passed(self) -> bool:
+        """The engine's accuracy agrees with PyTorch's within 0.05 percentage points."""
+        return bool(self.verification["passed"])
+
+    def to_dict(self) -> dict:
+        """Exactly the JSON ``fastgraph export --json`` writes."""
+        body = {k: v for k, v in asdict(self).items() if k != "header"}
+        return {**self.header, **body}
+
+    def __rich__(self) -> Table:
+        """The summary table ``fastgraph export`` prints."""
+        return summary_table(self.to_dict())
+
+    def __str__(self) -> str:
+        """The summary table as plain text at the terminal's width (80 columns when not a terminal)."""
+        text = io.StringIO()
+        Console(file=text).print(self)
+        return text.getvalue()
+
+
+def export(model: nn.Module | str | os.PathLike, path: str | os.PathLike, *, tta: str = "flip",
+           format: str = "onnx", checkpoint: str | os.PathLike | None = None, weights: str = "auto",
+           precision: str = "fp32", batch: int | None = None, opset: int = 18,
+           data: str | os.PathLike | None = None, verify_images: int = 10_000,
+           device: str | torch.device | None = None, entry: str | None = None) -> ExportReport:
+    """Export the inference graph of ``model``, TTA folded in, to ``path``; verify it on CIFAR-10.
+
+    The graph is built by :func:`inference_graph` (reference ops, ``fold_bn``,
+    ``fuse_whitening``, ``tta_flip`` at the asked level, each exact step checked in
+    float64), written as ONNX (``torch.onnx.export``, dynamo exporter, ``onnx.checker``)
+    or a TensorRT program (``torch_tensorrt``), reloaded, and run on ``verify_images``
+    real test images against PyTorch running the same graph in float32.
+
+    Args:
+        model: an ``nn.Module`` with its weights (a ``GraphModule`` from
+            :func:`fastgraph.optimize` included; not modified), or a plain PyTorch model
+            file (``entry``: its entry point, see :func:`fastgraph.core.loading.load_model`).
+        path: the engine file (``.onnx``, or ``.ep`` for TensorRT); checked writable first.
+        tta: ``"none"``, ``"flip"`` (x and its mirror, logits averaged) or
+            ``"flip-translate"`` (airbench94's level 2).
+        format: ``"onnx"`` (extra ``export``) or ``"tensorrt"`` (extra ``gpu``, CUDA).
+        checkpoint: trained weights: a state_dict file, or a ``fastgraph train`` checkpoint
+            (file or folder); weights: of a checkpoint, ``"trained"``, ``"ema"`` or
+            ``"auto"`` (those the recipe evaluates). Default: the model's own weights.
+        precision: ``"fp32"`` or ``"fp16"`` (the engine takes and returns float32).
+        batch: a fixed batch size, or None for a dynamic batch axis.
+        opset: ONNX opset (>= 17).
+        data: CIFAR-10 (default ``$FASTGRAPH_DATA``, then ``~/.cache/fastgraph/cifar10``).
+        verify_images: test images to verify on, spread over all classes (1..10,000).
+        device: where PyTorch and the engine run (default CUDA if present).
+
+    Returns:
+        :class:`ExportReport` (``passed``: ONNX Runtime's or TensorRT's accuracy agrees
+        with PyTorch's within 0.05 points); its ``to_dict()`` is the ``--json`` record.
+
+    Raises:
+        UserError: a bad option or missing extra (see :func:`check_export_options`), an
+            unwritable ``path``, a bad checkpoint or model file, missing data, a rewrite
+            that changed the outputs, or an exporter failure (one line).
+    """
+    from fastgraph.core.devices import device_name
+    from fastgraph.core.outputs import check_outputs
+    from fastgraph.core.tracing import traced_model
+    from fastgraph.data import load_cifar10, normalize
+    from fastgraph.deploy.batches import REFERENCE_CHUNK, pytorch_logits, run_engine
+
+    device = check_export_options(format, opset, device, tta=tta, precision=precision, batch=batch,
+                                  weights=weights)
+    # An unwritable output, a bad checkpoint and a bad model file are named before the data
+    # is looked for (it may be absent, or take seconds to decode).
+    source = None if isinstance(model, nn.Module) else model
+    out = check_outputs({"path": path}, inputs={"model file": source, "checkpoint": checkpoint,
+                                                "data": data})["path"]
+    if checkpoint:
+        from fastgraph.training.trained import read_weights
+
+        read_weights(checkpoint)
+    if source is not None:
+        traced_model(source, entry)
+    cifar = load_cifar10(data)
+    index = spread_indices(verify_images, len(cifar.test_images))
+    test_x, test_y = normalize(cifar.test_images[index]), cifar.test_labels[index]
+    gm, weights_info, check_batch = load_trained_graph(model, entry, checkpoint, cifar, weights)
+    if weights_info["kind"] == "untrained":
+        warnings.warn("no checkpoint: exporting the model file's initial (untrained) weights",
+                      UntrainedWeightsWarning, stacklevel=2)
+    graph, steps = inference_graph(gm, tta=tta, batch=check_batch)
+    module = HalfPrecision(graph) if precision == "fp16" else graph
+
+    reference = pytorch_logits(graph, test_x, device)
+    probe = 1 if batch is None else batch  # a second batch size on a dynamic axis
+    if format == "onnx":
+        from fastgraph.deploy.onnx import export_onnx, run_session, session
+
+        engine_info = export_onnx(copy.deepcopy(module).cpu(), out, batch=batch, opset=opset)
+        sess = session(out, device)
+        engine_info["provider"] = sess.get_providers()[0]
+        logits = run_session(sess, test_x, batch=batch)
+        probe_logits = run_session(sess, test_x[:probe], batch=batch, chunk=probe)
+    else:
+        from fastgraph.deploy.tensorrt import compile_tensorrt
+
+        engine, engine_info = compile_tensorrt(module, out, batch=batch, precision=precision, device=device)
+        engine_info["provider"] = "TensorRT"
+        logits = run_engine(engine, test_x, batch, device)
+        probe_logits = run_engine(engine, test_x[:probe], batch, device, chunk=probe)
+    check = compare(reference, logits, test_y)
+    check["batch_sizes_run"] = sorted({batch or REFERENCE_CHUNK, probe})
+    check["max_abs_logit_diff_other_batch"] = (probe_logits - reference[:probe]).abs().max().item()
+    return ExportReport(
+        model=str(Path(source).resolve()) if source is not None else f"{type(model).__name__} (nn.Module)",
+        weights=weights_info, format=format, tta=tta, precision=precision, batch=batch or "dynamic",
+        out=str(out.resolve()), device=device_name(device), torch=torch.__version__, passes=steps,
+        engine=engine_info, verification=check)

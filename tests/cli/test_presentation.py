@@ -52,10 +52,10 @@ def test_optimize_tables_fit_the_terminal_and_hide_no_number(optimize_report, wi
 
 
 def test_roofline_labels_do_not_collide_and_name_the_costliest(tmp_path):
-    from fastgraph.cli.roofline import roofline_record
     from fastgraph.core.loading import load_model
     from fastgraph.core.tracing import trace
     from fastgraph.perf.plot import LABELLED, plot_roofline, roofline_figure
+    from fastgraph.perf.record import roofline_record
     from fastgraph.perf.roofline import load_profile
 
     model = MODELS / "resnet50.py"

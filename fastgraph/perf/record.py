@@ -1,0 +1,262 @@
+"""The roofline of a model, node by node, as a record: :func:`roofline` (``fastgraph.roofline``),
+the :class:`Roofline` it returns, its table and its plot.
+
+``fastgraph.roofline(model)`` traces the model and places every graph node on a hardware
+profile's roofline (Williams, Waterman and Patterson, CACM 2009): FLOPs and bytes of one
+training step (or one inference batch) from :mod:`fastgraph.perf.nodes`, the arithmetic
+intensity, the attainable FLOP/s and the roofline time, and the whole step as one more
+point. With a measured profile (``fastgraph profile --json``) each node's measured time
+and achieved FLOP/s stand beside the prediction. ``fastgraph roofline`` prints the table,
+draws the plot and writes the record as JSON.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import json
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+from torch import nn
+
+from fastgraph.core.errors import UserError
+from fastgraph.core.figures import check_figure_path
+from fastgraph.core.outputs import report_header
+from fastgraph.perf.roofline import DEFAULT_PROFILE, HardwareProfile
+
+
+def report_text(report) -> str:
+    """What ``print(report)`` shows: the report's rich rendering (its ``__rich__``) as plain
+    text at the terminal's width (80 columns when not a terminal), paths never cut."""
+    buffer = io.StringIO()
+    Console(file=buffer).print(report, crop=False)
+    return buffer.getvalue()
+
+
+def read_measured(path: str | os.PathLike) -> dict:
+    """The ``fastgraph profile --json`` record at ``path``.
+
+    Raises:
+        UserError: missing file, invalid JSON, or not a ``fastgraph profile`` record.
+    """
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise UserError(f"--measured file not found: {file}")
+    try:
+        record = json.loads(file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UserError(f"--measured {file}: not valid JSON ({exc})") from None
+    if not isinstance(record, dict) or not isinstance(record.get("rows"), list) or "batch_size" not in record:
+        raise UserError(f"--measured {file} is not the --json output of `fastgraph profile`")
+    return record
+
+
+def roofline_record(gm, profile: HardwareProfile, precision: str, mode: str, batch_size: int,
+                    measured: dict | None = None) -> dict:
+    """The roofline of ``gm`` as a JSON-ready dict: profile, one entry per node, the step.
+
+    With ``measured`` (a profile record), nodes gain ``measured_seconds`` (per step),
+    ``achieved_flops_per_second`` and ``fraction_of_attainable``, matched by label
+    (module path); the step gains the measured step time.
+
+    Raises:
+        UserError: see :func:`fastgraph.perf.nodes.node_points`; a measured record
+            that matches no node of the graph.
+    """
+    from fastgraph.perf.nodes import node_points, step_point
+
+    points = node_points(gm, profile, precision, mode=mode, batch_size=batch_size)
+    nodes = [p.as_dict() for p in points]
+    step = step_point(points, profile, precision)
+    if measured is not None:
+        rows = {r["node"]: r for r in measured["rows"]}
+        matched = 0
+        for n in nodes:
+            row = rows.get(n["label"])
+            if row is None or not row.get("seconds"):
+                continue
+            matched += 1
+            n["measured_seconds"] = row["seconds"]
+            n["achieved_flops_per_second"] = n["flops"] / row["seconds"]
+            n["fraction_of_attainable"] = (n["achieved_flops_per_second"] / n["attainable_flops_per_second"]
+                                           if n["attainable_flops_per_second"] else None)
+        if not matched:
+            raise UserError("--measured: no row matches a node of this graph (profiled from another model?)")
+        step_seconds = measured.get("step_seconds")
+        if step_seconds:
+            step["measured_seconds"] = step_seconds
+            step["achieved_flops_per_second"] = step["flops"] / step_seconds
+    return {"profile": profile.name, "display_name": profile.display_name, "precision": precision,
+            "mode": mode, "batch_size": batch_size, "peak_flops_per_second": profile.peak(precision),
+            "memory_bandwidth": profile.memory_bandwidth, "ridge_point": profile.ridge_point(precision),
+            "nodes": nodes, "step": step}
+
+
+def roofline_table(record: dict) -> Table:
+    """One row per node and one for the step: FLOPs, bytes, intensity, bound, roofline time, measured."""
+    from fastgraph.core.console import fitting_table, number, si
+
+    measured = any("measured_seconds" in n for n in record["nodes"])
+    title = (f"Roofline per node: {record['mode']} step of {record['batch_size']} images on "
+             f"{record['display_name']} at {record['precision']} "
+             f"(ridge {record['ridge_point']:.3g} FLOPs/B); "
+             "roof: the node's time on the roofline" + ("; meas: measured time, achieved rate and its share "
+                                                          "of the roof's" if measured else ""))
+    # Short headers and units in them, so that 11 columns fit 80 with the node names whole.
+    cols = ["node", "FLOPs", "bytes", "FLOP/B", "bound", "roof µs", "% step"]
+    cols += ["meas µs", "TFLOP/s", "% roof"] if measured else ["attainable TFLOP/s"]
+    rows = []
+    total = record["step"]["roofline_seconds"] or 1.0
+    for n in record["nodes"] + [dict(record["step"], label="step (sum)", bound="-")]:
+        row = [n["label"], si(n["flops"]), si(n["bytes"], "B"), f"{n['arithmetic_intensity']:.3g}",
+               n["bound"], number(n["roofline_seconds"] * 1e6), f"{100 * n['roofline_seconds'] / total:.1f}"]
+        if measured:
+            frac = n.get("fraction_of_attainable")
+            seconds, achieved = n.get("measured_seconds"), n.get("achieved_flops_per_second")
+            row += [number(seconds * 1e6 if seconds is not None else None),
+                    number(achieved / 1e12 if achieved is not None else None),
+                    f"{100 * frac:.1f}" if frac is not None else "-"]
+        else:
+            row.append(number(n["attainable_flops_per_second"] / 1e12))
+        rows.append(row)
+    return fitting_table(title, {c: "left" if c in ("node", "bound") else "right" for c in cols}, rows,
+                         compact=True)
+
+
+@dataclass
+class Roofline:
+    """Every node of a model's graph on a hardware profile's roofline, and the whole step.
+
+    Attributes:
+        profile, display_name: the hardware profile's name and product.
+        precision: whose peak applies and the element size of tensors (fp32/tf32: 4 bytes,
+            fp16/bf16: 2).
+        mode: ``"train"`` (forward, backward and SGD update) or ``"infer"`` (forward).
+        batch_size: images per step.
+        peak_flops_per_second: FLOP/s. memory_bandwidth: bytes/s. ridge_point: FLOPs/byte.
+        nodes: per node that computes or moves data, in graph order
+            (:class:`fastgraph.perf.nodes.NodePoint` fields: ``name``, ``label`` (module
+            path), ``flops`` and ``bytes`` per step, ``arithmetic_intensity``,
+            ``attainable_flops_per_second``, ``roofline_seconds``, ``bound``; measured:
+            ``measured_seconds``, ``achieved_flops_per_second``, ``fraction_of_attainable``).
+        step: the whole step as one point (sums of the nodes; see
+            :func:`fastgraph.perf.nodes.step_point`).
+        model: the model file's absolute path, or ``"<Class> (nn.Module)"``.
+        plot_path: the plot written by :meth:`plot` (None before; ``plot`` in :meth:`to_dict`).
+        hardware: the :class:`~fastgraph.perf.roofline.HardwareProfile` itself, and
+        measured_device: the device the measured profile ran on (neither in :meth:`to_dict`).
+        header: schema, versions, commit and date (``fastgraph.core.outputs.report_header``).
+    """
+
+    profile: str
+    display_name: str
+    precision: str
+    mode: str
+    batch_size: int
+    peak_flops_per_second: float
+    memory_bandwidth: float
+    ridge_point: float
+    nodes: list[dict]
+    step: dict
+    model: str
+    plot_path: str | None = None
+    hardware: HardwareProfile | None = field(default=None, repr=False)
+    measured_device: str | None = field(default=None, repr=False)
+    header: dict = field(default_factory=report_header, repr=False)
+
+    def to_dict(self) -> dict:
+        """Exactly the JSON ``fastgraph roofline --json`` writes (``plot`` is the plot's path, once drawn)."""
+        skip = ("plot_path", "hardware", "measured_device", "header")
+        body = {f.name: copy.deepcopy(getattr(self, f.name)) for f in fields(self) if f.name not in skip}
+        plot = {"plot": self.plot_path} if self.plot_path else {}
+        return {**self.header, "device": "none", **body, **plot}
+
+    def plot(self, path: str | os.PathLike = "roofline.png", title: str | None = None) -> Path:
+        """Draw the roofline plot (matplotlib, 11 x 7 inches at 110 dpi) to ``path``; return it.
+
+        Every node with counted FLOPs is a point at its intensity, the step a star;
+        measured nodes are the labelled points when the record holds them.
+
+        Raises:
+            UserError: a suffix matplotlib cannot write (``.png``, ``.pdf``, ``.svg``...),
+                or the file cannot be written.
+        """
+        from fastgraph.perf.plot import plot_roofline
+        from fastgraph.perf.roofline import load_profile
+
+        hardware = self.hardware or load_profile(self.profile)
+        check_figure_path(path, "the roofline plot")
+        measured = [n for n in self.nodes if "achieved_flops_per_second" in n] or None
+        if title is None:
+            title = (f"{Path(self.model).name}: {self.mode} step of {self.batch_size} images on "
+                     f"{self.display_name}, {self.precision}"
+                     + (f" (measured: {self.measured_device})" if measured else ""))
+        written = plot_roofline(path, profile=hardware, precision=self.precision,
+                                points=self.nodes, step=self.step, title=title, measured=measured)
+        self.plot_path = str(written.resolve())
+        return written
+
+    def __rich__(self) -> Table:
+        """The table ``fastgraph roofline`` prints."""
+        return roofline_table(self.to_dict())
+
+    __str__ = report_text
+
+
+def roofline(model: nn.Module | str | os.PathLike, *, profile: str | HardwareProfile = DEFAULT_PROFILE,
+             precision: str = "bf16", mode: str = "train", batch_size: int = 512,
+             measured: dict | str | os.PathLike | None = None, entry: str | None = None) -> Roofline:
+    """Every graph node of ``model`` on ``profile``'s roofline at ``precision``, and the whole step.
+
+    Counts come from :func:`fastgraph.perf.nodes.node_points` (FLOPs by
+    ``FlopCounterMode``, bytes by the eager byte model of
+    :func:`fastgraph.perf.roofline.node_costs`), per step of ``batch_size`` images.
+
+    Args:
+        model: an ``nn.Module`` (traced; not modified) or a plain PyTorch model file
+            (``entry``: its entry point, see :func:`fastgraph.core.loading.load_model`).
+        profile: hardware profile name (``v100``, ``a100``, ``h100``...), ``.toml`` path or
+            :class:`~fastgraph.perf.roofline.HardwareProfile`.
+        precision: fp32, tf32, fp16 or bf16.
+        mode: ``"train"`` (forward + backward + SGD update) or ``"infer"`` (forward).
+        batch_size: images per step (>= 1).
+        measured: a ``fastgraph profile --json`` record (dict or file): nodes gain their
+            measured seconds per step and achieved FLOP/s; the step's batch size is the
+            profile's (training steps only).
+
+    Returns:
+        :class:`Roofline`; its ``to_dict()`` is the JSON ``fastgraph roofline --json``
+        writes, :meth:`Roofline.plot` draws the PNG.
+
+    Raises:
+        UserError: unknown profile or precision (or one the profile lacks), a bad mode or
+            batch size, a measured record that is not a profile's, is of inference, or
+            matches no node; a model file that cannot be built or traced (``ModelError``).
+    """
+    from fastgraph.core.loading import load_model
+    from fastgraph.core.tracing import trace
+    from fastgraph.perf.roofline import load_profile
+
+    hardware = profile if isinstance(profile, HardwareProfile) else load_profile(profile)
+    hardware.peak(precision)
+    if mode not in ("train", "infer"):
+        raise UserError(f"mode must be 'train' or 'infer', not {mode!r}")
+    if measured is not None and not isinstance(measured, dict):
+        measured = read_measured(measured)
+    if measured is not None:
+        if mode != "train":
+            raise UserError("--measured comes from training steps (`fastgraph profile`): use --mode train")
+        batch_size = int(measured["batch_size"])  # FLOPs per step must be those of the measured steps
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise UserError(f"batch_size must be a positive integer, got {batch_size!r}")
+    if isinstance(model, nn.Module):
+        gm, label = trace(model), f"{type(model).__name__} (nn.Module)"
+    else:
+        gm, label = trace(load_model(model, entry), model), str(Path(model).resolve())
+    record = roofline_record(gm, hardware, precision, mode, batch_size, measured)
+    return Roofline(**record, model=label, hardware=hardware,
+                    measured_device=measured.get("device") if measured else None)
