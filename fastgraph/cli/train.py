@@ -94,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
     check_outputs({"--json": args.json, "--plot": args.plot, "--tensorboard": args.tensorboard},
                   inputs={"model file": args.model, "data": args.data}, folders=("--tensorboard",))
     if args.plot:
-        from fastgraph.training.curves import check_figure_path
+        from fastgraph.core.figures import check_figure_path
 
         check_figure_path(args.plot, "--plot")
     tensorboard = None

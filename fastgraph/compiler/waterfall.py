@@ -25,8 +25,8 @@ import statistics
 from pathlib import Path
 
 from fastgraph.core.errors import UserError
+from fastgraph.core.figures import save_figure
 from fastgraph.perf.roofline import HardwareProfile, load_profile, roofline
-from fastgraph.training.curves import save_figure
 
 SAVES, COSTS, SAME, TOTAL = "tab:green", "tab:red", "0.55", "tab:blue"
 

@@ -8,7 +8,7 @@ pass, returns a report), ``verification`` (the float64 check against the user's 
 module), ``modules`` (GhostBatchNorm, PatchWhitening, StochasticDepth, TTA views),
 ``timing`` (CUDA events or perf_counter, counted phases), ``nvtx``, ``console`` (tables
 that fit the terminal, progress bars), ``outputs`` (checked output paths, the JSON
-header), ``devices``, ``errors``, ``version``.
+header), ``figures`` (image paths and files), ``devices``, ``errors``, ``version``.
 
 May import: ``fastgraph.passes`` and ``fastgraph.kernels`` (the pass manager runs the
 registered passes; passes and kernels use core's modules and errors: the three are one

@@ -3,7 +3,9 @@ GPU's peak rates and bandwidth), its plot, and the per-node profile of measured 
 
 Owns: ``roofline`` (hardware profiles, FLOP counting with torch.utils.flop_counter,
 per-node costs, arithmetic intensity), ``nodes`` (roofline points per node), ``plot``
-(matplotlib roofline), ``profile`` (torch.profiler events attributed to graph nodes).
+(matplotlib roofline), ``record`` (the per-node roofline record, the ``Roofline``
+report and :func:`roofline`), ``profile`` (torch.profiler events attributed to graph
+nodes, the ``ProfileReport`` and :func:`profile`).
 
 May import: ``core``, ``passes``, ``kernels``, ``data``, ``training`` (a profile times
 a recipe's training steps), ``profiles``.

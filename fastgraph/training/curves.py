@@ -26,47 +26,12 @@ import statistics
 from pathlib import Path
 
 from fastgraph.core.errors import UserError
-from fastgraph.training.loop import RunRecord, TrainResult
+from fastgraph.core.figures import save_figure
+from fastgraph.training.records import RunRecord, TrainResult
 
 NO_PROGRESS_EVAL = ("the accuracy curves need the accuracy of every epoch, and this training evaluated "
                     "after its last epoch only: drop --no-progress-eval")
 TTA_COLOR, PLAIN_COLOR, TARGET_COLOR = "tab:blue", "tab:orange", "tab:red"
-
-
-def check_figure_path(path: str | Path, option: str) -> Path:
-    """``path`` for a figure, refused before any slow work when matplotlib cannot write its format.
-
-    The format is the file's suffix (``.png``, ``.pdf``, ``.svg``...); matplotlib would
-    append ``.png`` to a name without one, writing a file other than the one asked for.
-
-    Raises:
-        UserError: no suffix, or a suffix matplotlib has no format for (the message lists them).
-    """
-    from matplotlib.backend_bases import FigureCanvasBase
-
-    path = Path(path)
-    formats = FigureCanvasBase.get_supported_filetypes()
-    if path.suffix.lower().lstrip(".") not in formats:
-        got = f"suffix {path.suffix!r}" if path.suffix else "no suffix"
-        raise UserError(f"{option} {path}: {got}; name the image format with one of "
-                        f"{', '.join('.' + f for f in sorted(formats))}")
-    return path
-
-
-def save_figure(fig, path: str | Path, what: str) -> Path:
-    """Write matplotlib ``fig`` to ``path`` in the format of its suffix; return the path.
-
-    Raises:
-        UserError: naming ``what`` and the path: a suffix matplotlib has no format for
-            (see :func:`check_figure_path`) or the file cannot be written.
-    """
-    path = check_figure_path(path, what)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, format=path.suffix.lower().lstrip("."))
-    except OSError as exc:
-        raise UserError(f"cannot write {what} {path}: {exc.strerror or exc}") from None
-    return path
 
 
 def plot_curves(result: TrainResult | dict, path: str | Path, *, device: str | None = None) -> Path:

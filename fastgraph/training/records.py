@@ -3,6 +3,7 @@ via :meth:`TrainResult.to_dict`), and the :class:`Reporter` callbacks that show 
 
 from __future__ import annotations
 
+import io
 import statistics
 from dataclasses import asdict, dataclass, field
 
@@ -112,6 +113,21 @@ class TrainResult:
                 "test_acc": _stats([r.test_acc for r in self.runs]),
                 "seconds": _stats([r.seconds for r in self.runs]),
                 "target": self.target_reached()}
+
+    def __rich__(self):
+        """The summary ``fastgraph train`` prints (:func:`fastgraph.training.report.summary_lines`)."""
+        from rich.console import Group
+
+        from fastgraph.training.report import summary_lines  # deferred: report imports this module
+
+        return Group(*summary_lines(self))
+
+    def __str__(self) -> str:
+        from rich.console import Console
+
+        console = Console(width=80, record=True, file=io.StringIO())
+        console.print(self)
+        return console.export_text().rstrip()
 
     def to_dict(self) -> dict:
         """JSON-ready record: recipe, hyperparameters, settings, timing method and rule, summary, runs."""

@@ -81,12 +81,12 @@ class RichReporter(Reporter):
         self.console.print(text)
 
 
-def print_summary(result: TrainResult, console: Console | None = None) -> None:
-    """Mean +/- std, min and max over runs of TTA and plain accuracy and counted seconds."""
-    console = console or Console()
+def summary_lines(result: TrainResult) -> list:
+    """What :func:`print_summary` prints, as rich renderables: the table of mean +/- std,
+    min and max over runs, and the line on the target when one was set (empty without runs)."""
     summary = result.summary()
     if not summary:
-        return
+        return []
     table = Table(title=f"{result.recipe['recipe']['name']}: {len(result.runs)} run(s), "
                         f"timing by {result.timing_method}")
     for col in ("metric", "mean", "std", "min", "max"):
@@ -96,12 +96,19 @@ def print_summary(result: TrainResult, console: Console | None = None) -> None:
                                    ("seconds", "counted seconds", 1, ".3f")):
         s = summary[key]
         table.add_row(label, *(format(scale * s[k], fmt) for k in ("mean", "std", "min", "max")))
-    console.print(table)
+    lines = [table]
     target = summary.get("target")
-    if target:
-        if target["reached"]:
-            console.print(f"mean TTA accuracy reached {100 * target['target']:.2f}% at epoch "
-                          f"{target['epoch']:g} ({100 * target['mean_tta_acc']:.2f}%) in "
-                          f"{target['seconds']:.3f} s (mean counted time to that epoch)")
-        else:
-            console.print(f"mean TTA accuracy never reached {100 * target['target']:.2f}%")
+    if target and target["reached"]:
+        lines.append(f"mean TTA accuracy reached {100 * target['target']:.2f}% at epoch "
+                     f"{target['epoch']:g} ({100 * target['mean_tta_acc']:.2f}%) in "
+                     f"{target['seconds']:.3f} s (mean counted time to that epoch)")
+    elif target:
+        lines.append(f"mean TTA accuracy never reached {100 * target['target']:.2f}%")
+    return lines
+
+
+def print_summary(result: TrainResult, console: Console | None = None) -> None:
+    """Mean +/- std, min and max over runs of TTA and plain accuracy and counted seconds."""
+    console = console or Console()
+    for line in summary_lines(result):
+        console.print(line)

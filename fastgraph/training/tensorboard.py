@@ -32,7 +32,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from fastgraph.core.errors import UserError
-from fastgraph.training.loop import EpochRecord, Reporter, RunRecord, TrainResult
+from fastgraph.training.records import EpochRecord, Reporter, RunRecord, TrainResult
 
 EXTRA = "pip install 'fastgraph[tensorboard]'"
 

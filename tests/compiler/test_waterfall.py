@@ -28,7 +28,9 @@ def report(tmp_path_factory, data_path) -> dict:
     js = tmp / "report.json"
     assert main(["optimize", str(model), "--data", data_path, "--mode", "infer", "--batch-size", "8",
                  "--steps", "3", "--profile", "a100", "--precision", "fp16", "--out", str(tmp / "o.pt"),
-                 "--json", str(js)]) == 0
+                 "--json", str(js), "--plot", str(tmp / "cli.png")]) == 0
+    with Image.open(tmp / "cli.png") as image:  # `optimize --plot` draws the same waterfall
+        assert image.format == "PNG" and image.size == (1320, 605)
     return json.loads(js.read_text())
 
 
@@ -77,3 +79,12 @@ def test_png_is_a_real_image_and_a_bad_name_is_one_line(report, tmp_path):
         assert np.asarray(image.convert("L")).std() > 10
     with pytest.raises(UserError, match="suffix '.txt'"):
         plot_waterfall(report, tmp_path / "waterfall.txt")
+
+
+def test_optimize_refuses_a_plot_it_cannot_write_before_any_work(tmp_path, capsys):
+    from support import cli_error
+
+    model = write_model(tmp_path, widths=(8, 16, 16, 32))
+    line = cli_error(capsys, "optimize", str(model), "--plot", str(tmp_path / "plot"), "--data",
+                     str(tmp_path / "no-data"))
+    assert "--plot" in line and "no suffix" in line, line  # before the missing data is looked for

@@ -82,6 +82,7 @@ def test_shipped_recipe_passes_apply_to_its_model_file(name, real_batch):
     from fastgraph.core.loading import load_model
     from fastgraph.core.pass_manager import run_passes
     from fastgraph.core.tracing import trace
+    from fastgraph.core.verification import verification_batch
 
     recipe = load_recipe(name)
     path = REPO / recipe[""]["model"]
@@ -93,7 +94,9 @@ def test_shipped_recipe_passes_apply_to_its_model_file(name, real_batch):
         if isinstance(opts.get("images"), int):
             opts["images"] = x  # 64 real images suffice to check the rewrite applies
         options[step.name] = opts
-    out, report = run_passes(gm, [s.name for s in recipe.passes], mode="train", batch=(x, y), options=options)
+    # Checked on the batch the trainer checks on (32 images, every class), in float64.
+    out, report = run_passes(gm, [s.name for s in recipe.passes], mode="train",
+                             batch=verification_batch(x, y), options=options)
     status = {o["name"]: o["status"] for o in report.to_dict()["passes"]}
     assert set(status) == {s.name for s in recipe.passes}
     for needed in APPLIED[name]:
