@@ -120,3 +120,43 @@ def test_every_subpackage_is_installed():
     found = {".".join(p.parent.relative_to(ROOT).parts) for p in (ROOT / "fastgraph").rglob("__init__.py")}
     found |= {f"fastgraph.{room}" for room in FOLDERS}
     assert found == listed, f"not installed: {sorted(found - listed)}; absent: {sorted(listed - found)}"
+
+
+def module_name(path: Path) -> str:
+    name = package_of(path)
+    return name if path.name == "__init__.py" else f"{name}.{path.stem}"
+
+
+def test_no_import_cycles_between_modules():
+    """No two modules import each other, directly or around a loop, deferred imports inside
+    functions included: such a circle (export <-> export_onnx, each deferring its import of
+    the other) works only as long as nobody moves an import to the top."""
+    paths = {module_name(p): p for p in sources()}
+    edges: dict[str, set[str]] = {}
+    for name, path in paths.items():
+        top = ast.Module(body=[n for n in ast.walk(ast.parse(path.read_text()))
+                               if isinstance(n, ast.Import | ast.ImportFrom)], type_ignores=[])
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        targets = set()
+        for node in top.body:
+            for _, module in imported(ast.Module(body=[node], type_ignores=[]), package):
+                targets.add(module)
+            if isinstance(node, ast.ImportFrom):  # `from pkg import submodule`
+                base = next(m for _, m in imported(ast.Module(body=[node], type_ignores=[]), package))
+                targets |= {f"{base}.{a.name}" for a in node.names if f"{base}.{a.name}" in paths}
+        edges[name] = {t for t in targets if t in paths and t != name}
+
+    def cycle_from(start: str) -> list[str] | None:
+        stack, seen = [(start, [start])], set()
+        while stack:
+            node, trail = stack.pop()
+            for nxt in edges[node]:
+                if nxt == start:
+                    return trail + [start]
+                if nxt not in seen:
+                    seen.add(nxt)
+                    stack.append((nxt, trail + [nxt]))
+        return None
+
+    cycles = [c for c in map(cycle_from, sorted(edges)) if c]
+    assert not cycles, "\n".join(" -> ".join(c) for c in cycles)

@@ -114,13 +114,38 @@ class TrainResult:
                 "seconds": _stats([r.seconds for r in self.runs]),
                 "target": self.target_reached()}
 
+    def summary_lines(self) -> list:
+        """What ``fastgraph train`` prints at the end, as rich renderables: the table of mean +/- std,
+        min and max over runs, and the line on the target when one was set (empty without runs)."""
+        from rich.table import Table
+
+        summary = self.summary()
+        if not summary:
+            return []
+        table = Table(title=f"{self.recipe['recipe']['name']}: {len(self.runs)} run(s), "
+                            f"timing by {self.timing_method}")
+        for col in ("metric", "mean", "std", "min", "max"):
+            table.add_column(col, justify="right" if col != "metric" else "left")
+        for key, label, scale, fmt in (("tta_acc", "TTA accuracy %", 100, ".2f"),
+                                       ("test_acc", "test accuracy %", 100, ".2f"),
+                                       ("seconds", "counted seconds", 1, ".3f")):
+            s = summary[key]
+            table.add_row(label, *(format(scale * s[k], fmt) for k in ("mean", "std", "min", "max")))
+        lines = [table]
+        target = summary.get("target")
+        if target and target["reached"]:
+            lines.append(f"mean TTA accuracy reached {100 * target['target']:.2f}% at epoch "
+                         f"{target['epoch']:g} ({100 * target['mean_tta_acc']:.2f}%) in "
+                         f"{target['seconds']:.3f} s (mean counted time to that epoch)")
+        elif target:
+            lines.append(f"mean TTA accuracy never reached {100 * target['target']:.2f}%")
+        return lines
+
     def __rich__(self):
-        """The summary ``fastgraph train`` prints (:func:`fastgraph.training.report.summary_lines`)."""
+        """The summary ``fastgraph train`` prints (:meth:`summary_lines`)."""
         from rich.console import Group
 
-        from fastgraph.training.report import summary_lines  # deferred: report imports this module
-
-        return Group(*summary_lines(self))
+        return Group(*self.summary_lines())
 
     def __str__(self) -> str:
         from rich.console import Console

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
 
 from fastgraph.core.console import claim_terminal
 from fastgraph.training.recipes import Recipe
@@ -81,34 +80,8 @@ class RichReporter(Reporter):
         self.console.print(text)
 
 
-def summary_lines(result: TrainResult) -> list:
-    """What :func:`print_summary` prints, as rich renderables: the table of mean +/- std,
-    min and max over runs, and the line on the target when one was set (empty without runs)."""
-    summary = result.summary()
-    if not summary:
-        return []
-    table = Table(title=f"{result.recipe['recipe']['name']}: {len(result.runs)} run(s), "
-                        f"timing by {result.timing_method}")
-    for col in ("metric", "mean", "std", "min", "max"):
-        table.add_column(col, justify="right" if col != "metric" else "left")
-    for key, label, scale, fmt in (("tta_acc", "TTA accuracy %", 100, ".2f"),
-                                   ("test_acc", "test accuracy %", 100, ".2f"),
-                                   ("seconds", "counted seconds", 1, ".3f")):
-        s = summary[key]
-        table.add_row(label, *(format(scale * s[k], fmt) for k in ("mean", "std", "min", "max")))
-    lines = [table]
-    target = summary.get("target")
-    if target and target["reached"]:
-        lines.append(f"mean TTA accuracy reached {100 * target['target']:.2f}% at epoch "
-                     f"{target['epoch']:g} ({100 * target['mean_tta_acc']:.2f}%) in "
-                     f"{target['seconds']:.3f} s (mean counted time to that epoch)")
-    elif target:
-        lines.append(f"mean TTA accuracy never reached {100 * target['target']:.2f}%")
-    return lines
-
-
 def print_summary(result: TrainResult, console: Console | None = None) -> None:
     """Mean +/- std, min and max over runs of TTA and plain accuracy and counted seconds."""
     console = console or Console()
-    for line in summary_lines(result):
+    for line in result.summary_lines():
         console.print(line)
