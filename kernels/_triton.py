@@ -33,14 +33,16 @@ except ImportError:  # pragma: no cover - exercised only where triton is not ins
 def can_launch(t: torch.Tensor) -> bool:
     """Whether this process's kernels can take ``t``: CUDA when compiled, CPU when interpreted.
 
+    Never both: under ``TRITON_INTERPRET=1`` a CUDA tensor (real or fake) is not launchable,
+    so the public functions hand it to their PyTorch references, never to the interpreter.
     Fake and functional tensors (torch.compile tracing) count as launchable only on CUDA,
-    where the kernels enter the graph through ``torch.library.wrap_triton``; on the CPU the
-    traced graph holds the reference instead.
+    where the compiled kernels enter the graph through ``torch.library.wrap_triton``; on the
+    CPU the traced graph holds the reference instead.
     """
     if not HAS_TRITON:
         return False
     if t.device.type == "cuda":
-        return not INTERPRET or not torch.compiler.is_compiling()
+        return not INTERPRET
     return t.device.type == "cpu" and INTERPRET and not torch.compiler.is_compiling()
 
 

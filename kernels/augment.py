@@ -60,10 +60,12 @@ if HAS_TRITON:
         hw = H * W
         if IN_IMAGE:
             # BLOCK divides H*W: the block lies inside one image, so its per-image values are
-            # scalars and the pixel offsets are provably contiguous (coalesced stores).
+            # scalars and the pixel offsets are provably contiguous (coalesced stores). Its first
+            # pixel is a multiple of BLOCK: said with a hint, as Triton < 3.9 does not infer the
+            # divisibility of (pid * BLOCK) % (H * W), and without it no NCHW store is vectorised.
             e0 = pid * BLOCK
             b = e0 // hw
-            p = e0 % hw + tl.arange(0, BLOCK)
+            p = tl.multiple_of(e0 % hw, BLOCK) + tl.arange(0, BLOCK)
             mask = p < hw
             n = tl.load(index_ptr + b)
             dy = tl.load(shift_ptr + 2 * b)

@@ -34,13 +34,14 @@ def _kernels_interpreted():
 
 @pytest.fixture
 def run_on_gpu():
-    """``run_on_gpu(code)``: run Python ``code`` in a fresh process with compiled (not
-    interpreted) kernels on CUDA; fails with its output if it exits non-zero."""
+    """``run_on_gpu(code, interpret=False)``: run Python ``code`` in a fresh process on a
+    machine with CUDA, its kernels compiled (or, with ``interpret``, set to Triton's interpreter);
+    fails with its output if it exits non-zero."""
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA device")
 
-    def run(code: str) -> str:
-        env = dict(os.environ, TRITON_INTERPRET="0")
+    def run(code: str, interpret: bool = False) -> str:
+        env = dict(os.environ, TRITON_INTERPRET="1" if interpret else "0")
         done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                               timeout=600)
         assert done.returncode == 0, done.stdout + done.stderr

@@ -243,7 +243,10 @@ def test_kernel_compiles_for_h100(compile_for_gpu):
                       consts, divisible + strides, 4))
     results = compile_for_gpu(specs)
     assert all(r["cubin_bytes"] > 0 for r in results)
-    assert results[1]["vector_stores"] > 0  # NCHW rows of one image are written as vectors
+    import triton
+
+    # NCHW rows of one image are written as vectors (Triton < 3.9 needs the kernel's multiple_of hint)
+    assert results[1]["vector_stores"] > 0, f"Triton {triton.__version__}: {results[1]}"
 
 
 @pytest.mark.gpu

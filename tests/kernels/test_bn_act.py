@@ -8,7 +8,9 @@ from __future__ import annotations
 import copy
 import subprocess
 import sys
+import warnings
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -17,9 +19,32 @@ from torch.testing import assert_close
 
 from fastgraph.core.modules import GhostBatchNorm, GhostBatchSizeError
 from fastgraph.kernels import bn_act as bn
+from fastgraph.kernels._triton import triton
 from fastgraph.kernels.bn_act import BatchNormActivation, bn_act, bn_act_reference
 
 pytestmark = pytest.mark.kernels
+
+
+def _interpreter_loops_fail() -> bool:
+    """Triton < 3.7's interpreter turns a runtime loop bound into a Python int with ``int()`` of a
+    one-element array, which numpy refuses from 2.4 on (Triton 3.7 squeezes it first)."""
+    if triton is None or tuple(int(v) for v in triton.__version__.split(".")[:2]) >= (3, 7):
+        return False
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            int(np.array([1]))
+        except TypeError:
+            return True
+    return False
+
+
+# The statistics kernels loop over a runtime number of row tiles and ghost batches; the
+# compiled kernels are unaffected (test_kernels_compile_for_h100 still runs).
+interpreted_loops = pytest.mark.skipif(
+    _interpreter_loops_fail(),
+    reason=f"Triton {getattr(triton, '__version__', '')}'s interpreter cannot run loops with runtime "
+           f"bounds under numpy {np.__version__} (int() of a one-element array); fixed in Triton 3.7")
 
 
 def _inputs(shape, *, channels_last=False, affine=True, offset=0.5, seed=0):
@@ -70,6 +95,7 @@ CASES = [
 ]
 
 
+@interpreted_loops
 @pytest.mark.parametrize("shape, activation, alpha, splits, channels_last, affine", CASES)
 def test_training_matches_reference(shape, activation, alpha, splits, channels_last, affine):
     x, weight, bias, running, dy = _inputs(shape, channels_last=channels_last, affine=affine)
@@ -82,6 +108,7 @@ def test_training_matches_reference(shape, activation, alpha, splits, channels_l
     _compare(got, want, shape[0] * shape[2] * shape[3])
 
 
+@interpreted_loops
 @pytest.mark.parametrize("shape, activation, channels_last", [
     ((1, 5, 3, 3), "celu", False),  # N = 1 is fine in eval
     ((3, 24, 1, 1), "gelu", True),
@@ -96,6 +123,7 @@ def test_eval_uses_running_statistics(shape, activation, channels_last):
     _compare(got, want, shape[0] * shape[2] * shape[3])
 
 
+@interpreted_loops
 @pytest.mark.parametrize("shape, splits, channels_last, config", [
     ((4, 24, 16, 16), 2, False, None),  # tiles inside one sample, several chunks per ghost batch
     ((4, 24, 16, 16), 2, True, None),
@@ -133,6 +161,7 @@ def test_gpu_tiling_under_the_interpreter(shape, splits, channels_last, config):
     _compare(got, want, n * h * w)
 
 
+@interpreted_loops
 def test_statistics_survive_a_large_mean():
     """Chan's merge keeps the variance of x = 1000 + noise accurate in float32 (E[x^2] - E[x]^2
     would lose it to cancellation)."""
@@ -174,6 +203,7 @@ def test_pytorch_path_backward_gradcheck(activation, training):
     assert torch.autograd.gradcheck(f, (x, w, b))
 
 
+@interpreted_loops
 def test_frozen_weight_gets_no_gradient():
     x, weight, bias, running, dy = _inputs((4, 5, 3, 3))
     weight.requires_grad_(False)
@@ -201,6 +231,7 @@ def test_bad_arguments_raise(kw, match):
 # ----------------------------------------------------------------------------- the module
 
 
+@interpreted_loops
 def test_module_is_a_drop_in_for_batchnorm2d():
     bn2d = nn.BatchNorm2d(5, momentum=0.2, eps=1e-4)
     bn2d.weight.data.uniform_(0.5, 1.5), bn2d.bias.data.normal_()
@@ -217,6 +248,7 @@ def test_module_is_a_drop_in_for_batchnorm2d():
     assert int(fused.num_batches_tracked) == 2
 
 
+@interpreted_loops
 def test_module_ghost_batch_size_matches_ghost_batchnorm():
     """``ghost_batch_size`` groups samples exactly as fastgraph.core.modules.GhostBatchNorm does."""
     ghost = GhostBatchNorm(4, ghost_batch_size=3)
@@ -229,6 +261,7 @@ def test_module_ghost_batch_size_matches_ghost_batchnorm():
         fused(torch.randn(10, 4, 3, 3))
 
 
+@interpreted_loops
 def test_compiled_model_has_no_graph_break_and_matches_eager():
     """torch.compile(fullgraph=True) fails on any graph break; on the CPU the operator's graph
     holds the PyTorch path, eagerly the interpreted Triton kernels run."""
@@ -346,4 +379,5 @@ def test_kernels_compile_for_h100(compile_for_gpu):
     results = {r["kernel"]: r for r in compile_for_gpu(specs)}
     assert all(r["cubin_bytes"] > 0 for r in results.values())
     for name in ("_bn_act_apply", "_bn_act_bwd_dx"):
-        assert results[name]["vector_loads"] > 0 and results[name]["vector_stores"] > 0, results[name]
+        assert results[name]["vector_loads"] > 0 and results[name]["vector_stores"] > 0, (
+            f"Triton {triton.__version__}: {results[name]}")
