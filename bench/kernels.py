@@ -1,23 +1,39 @@
 """Benchmark fastgraph's Triton kernels against eager PyTorch and torch.compile on one CUDA GPU.
 
-    python bench/kernels.py                      # everything, batch 512 and 1024
-    python bench/kernels.py --only bn_act --batch-sizes 512 --no-compile
-    python bench/kernels.py --dry-run            # CPU + Triton interpreter, tiny shapes: checks
-                                                 # the script end to end, writes no file
+    python bench/kernels.py                      # everything
+    python bench/kernels.py --only bn_act --recipes fast --no-compile
+    python bench/kernels.py --dry-run            # CPU + Triton interpreter, tiny shapes (first
+                                                 # bn_act case of each recipe): checks the script
+                                                 # end to end, writes no file
 
-What is timed, for CIFAR-10 shapes (3x32x32 images; batch 512 and 1024):
+What is timed, for CIFAR-10 (3x32x32 images):
 - ``augment``: gather + crop (pad/translate) + flip + optional cutout + normalise + cast +
   channels-last, from a uint8 dataset of 50,000 images resident on the GPU (random pixel
-  values: the kernel's time does not depend on them). Two recipes: Page's (pad 4, flip,
-  cutout 8) and airbench's (pad 2, flip, no cutout); float32 and bfloat16 outputs.
+  values: the kernel's time does not depend on them), batches of 512 and 1024
+  (``--batch-sizes``). Two recipes: Page's (pad 4, flip, cutout 8) and airbench's (pad 2,
+  flip, no cutout); float32 and bfloat16 outputs.
 - ``bn_act``: training-mode BatchNorm + activation, forward and forward+backward (grads of
-  input, weight, bias), bfloat16 channels-last (the training format; ``--dtypes`` adds
-  float32), at the BN shapes of Page's ResNet-9 (64@32x32, 128@16x16, 256@8x8, 512@4x4;
-  CELU alpha 0.075, ghost batches of 32) and airbench94 (64@32x32, 256@16x16, 256@8x8; GELU).
-Each against the same computation in eager PyTorch (the ``*_reference`` functions) and
-compiled by ``torch.compile`` (inductor, default mode). The Triton result is checked against
-the reference before it is timed. The eager bn_act baseline is what a PyTorch model runs
-(``F.batch_norm`` on the storage dtype, then the activation; ghost batches by one reshape).
+  the input, the bias, and the weight where the recipe trains it), bfloat16 channels-last
+  (the training format; ``--dtypes`` adds float32 or float16, the recipes' own autocast
+  precision), at the shapes the recipes' training graphs run. Those are not written here:
+  :func:`derive_bn_cases` builds each recipe's training graph as ``fastgraph train`` does
+  (the model file, traced in train mode, rewritten by the recipe's passes with
+  ``fastgraph.training.trained.training_graph``, then ``fuse_bn_activation``), moves it to
+  the ``meta`` device and propagates a (batch, 3, 32, 32) input through it with
+  ``torch.fx.passes.shape_prop.ShapeProp``; every fused BN + activation module gives its
+  input shape, activation, CELU alpha, ghost batch size, momentum, eps and whether its
+  weight trains. ``fast`` (airbench94, batch 1024: 2x2 stem without padding -> 31x31, then
+  pool before BN) gives 64@15x15, 256@7x7, 256@3x3 with GELU; ``page2019`` (ResNet-9,
+  batch 512, pool before BN) 64@32x32, 128@16x16, 256@8x8, 512@4x4 with CELU alpha 0.3
+  (after ``freeze_bn_scale``) and ghost batches of 32.
+Each against the same computation in eager PyTorch and compiled by ``torch.compile``
+(Inductor, default mode). The eager bn_act baseline, :func:`eager_bn_act`, is what a PyTorch
+model runs (``F.batch_norm`` on the storage dtype, then the activation; ghost batches by one
+reshape); compiled, it is Inductor's own fused kernels for the same BN + activation (Inductor
+decomposes ``F.batch_norm`` and fuses it with the activation). ``bn_act_reference``, which
+upcasts explicitly, computes the same function, but compiled with torch 2.13's ``aot_eager``
+backend its backward fails on channels-last ghost batches, so it is not the compiled baseline;
+it is the reference the Triton result is checked against before it is timed.
 
 Timing: ``triton.testing.do_bench`` (CUDA events; L2 cache flushed before every run;
 warm-up 25 ms, then runs for 100 ms), median and 20th/80th percentiles, milliseconds; the
@@ -30,19 +46,23 @@ copy bandwidth measured in the same run (a 1 GiB ``copy_``, counting read + writ
 against the hardware profile's peak (``profiles/hardware/<gpu>.toml``), when one matches.
 
 Writes ``bench/results/kernels-<device>-<date>.json`` and ``.md`` (device, torch, triton and
-CUDA versions, git commit, date, timing method, every number). Without a CUDA device it
-exits with status 2 and one line: GPU numbers are never taken on a CPU.
+CUDA versions, git commit, date, timing method, every number), with a goal table for bn_act:
+per shape and pass, the fused kernels' time, Inductor's, the ratio (goal: faster than Inductor
+at every shape) and the fraction of the copy bandwidth (goal: at least 70% forward+backward at
+the large shapes, whose input is at least 16 MiB; below that a few microseconds of launch
+latency per kernel dominate). Without a CUDA device it exits with status 2 and one line: GPU
+numbers are never taken on a CPU.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime as dt
+import functools
 import json
 import os
 import platform
 import re
-import statistics
 import subprocess
 import sys
 import time
@@ -55,11 +75,9 @@ TIMING_METHOD = ("triton.testing.do_bench: CUDA events, L2 flushed before each r
                  "rep 100 ms; median and 20th/80th percentiles in ms; torch.compile warm-up excluded")
 DRY_TIMING_METHOD = "dry run: time.perf_counter on the CPU through Triton's interpreter; not a measurement"
 
-# (label, channels, resolution, activation, alpha, samples per ghost batch or None)
-RESNET9_BN = [(f"resnet9 {c}@{r}x{r}", c, r, "celu", 0.075, 32)
-              for c, r in ((64, 32), (128, 16), (256, 8), (512, 4))]
-AIRBENCH94_BN = [(f"airbench94 {c}@{r}x{r}", c, r, "gelu", 1.0, None)
-                 for c, r in ((64, 32), (256, 16), (256, 8))]
+BN_RECIPES = ("fast", "page2019")  # the recipes whose training graphs give the bn_act shapes
+LARGE_BYTES = 16 << 20  # bn_act input size from which the 70%-of-copy-bandwidth goal applies
+COPY_GOAL, INDUCTOR_GOAL = 0.70, 1.0
 # (label, pad, cutout size): Page's and airbench's augmentation
 AUGMENT_RECIPES = [("page: pad 4, flip, cutout 8", 4, 8), ("airbench: pad 2, flip", 2, 0)]
 DTYPES = {"bf16": "bfloat16", "fp32": "float32", "fp16": "float16"}
@@ -82,6 +100,7 @@ class Row:
     frac_copy: float | None = None
     frac_profile: float | None = None
     speedup_vs_eager: float | None = None
+    speedup_vs_compile: float | None = None  # torch.compile's median / this one's
     checked: bool | None = None
     error: str | None = None
 
@@ -102,15 +121,12 @@ class Context:
 
 def _time(ctx: Context, fn) -> tuple[float, float, float]:
     """(median, p20, p80) in ms."""
-    if ctx.dry_run:
+    if ctx.dry_run:  # one warm-up call (compiles) and one timed: the interpreter is slow
         fn()
-        samples = []
-        for _ in range(3):
-            t0 = time.perf_counter()
-            fn()
-            samples.append((time.perf_counter() - t0) * 1e3)
-        samples.sort()
-        return statistics.median(samples), samples[0], samples[-1]
+        t0 = time.perf_counter()
+        fn()
+        ms = (time.perf_counter() - t0) * 1e3
+        return ms, ms, ms
     import triton.testing
 
     p50, p20, p80 = triton.testing.do_bench(fn, warmup=25, rep=100, quantiles=[0.5, 0.2, 0.8])
@@ -165,10 +181,38 @@ def _speedups(rows: list[Row]) -> None:
         return r.kernel, r.case, r.dtype, r.pass_, tuple(r.shape)
 
     eager = {key(r): r.median_ms for r in rows if r.impl == "eager"}
+    compiled = {key(r): r.median_ms for r in rows if r.impl == "compile"}
     for r in rows:
-        base = eager.get(key(r))
+        base, inductor = eager.get(key(r)), compiled.get(key(r))
         if base and r.median_ms:
             r.speedup_vs_eager = base / r.median_ms
+        if inductor and r.median_ms:
+            r.speedup_vs_compile = inductor / r.median_ms
+
+
+def bn_act_goals(rows: list[Row]) -> list[dict]:
+    """The bn_act goal read off the rows: per case, dtype and pass, the fused kernels' (impl
+    "triton") median ms and GB/s, the fraction of the copy bandwidth, Inductor's median ms and
+    the speed-up over it; ``large`` when the input is at least ``LARGE_BYTES``; ``copy_goal``
+    (>= 70% of copy bandwidth, fwd+bwd at large shapes, else None) and ``inductor_goal``
+    (faster than Inductor), each None where a number is missing."""
+    compiled = {(r.case, r.dtype, r.pass_): r for r in rows if r.kernel == "bn_act" and r.impl == "compile"}
+    goals = []
+    for r in rows:
+        if r.kernel != "bn_act" or r.impl != "triton":
+            continue
+        inductor = compiled.get((r.case, r.dtype, r.pass_))
+        large = r.bytes_min // (2 if r.pass_ == "fwd" else 5) >= LARGE_BYTES
+        copy_goal = None
+        if large and r.pass_ == "fwd+bwd" and r.frac_copy is not None:
+            copy_goal = r.frac_copy >= COPY_GOAL
+        goals.append(dict(case=r.case, shape=r.shape, dtype=r.dtype, pass_=r.pass_, large=large,
+                          triton_ms=r.median_ms, gbps=r.gbps, frac_copy=r.frac_copy,
+                          inductor_ms=inductor.median_ms if inductor else None,
+                          speedup_vs_inductor=r.speedup_vs_compile, copy_goal=copy_goal,
+                          inductor_goal=None if r.speedup_vs_compile is None
+                          else r.speedup_vs_compile > INDUCTOR_GOAL))
+    return goals
 
 
 def _compiled(ctx: Context, fn):
@@ -228,7 +272,102 @@ def bench_augment(ctx: Context, batch_sizes, dtypes) -> None:
 # ----------------------------------------------------------------------------- bn_act
 
 
-def eager_bn_act(x, running_mean, running_var, weight, bias, *, training, activation, alpha, ghost_splits):
+@dataclass(frozen=True)
+class BNCase:
+    """One BatchNorm + activation shape of a recipe's training graph (see :func:`derive_bn_cases`).
+
+    ``shape`` is the BN input (N, C, H, W) at the recipe's batch size; ``sites`` the qualified
+    names of the fused modules that run it; ``ghost_batch_size`` samples per ghost batch, or
+    None for plain BatchNorm; ``weight_trained`` whether the BN weight gets a gradient.
+    """
+
+    recipe: str
+    model: str
+    shape: tuple[int, int, int, int]
+    activation: str
+    alpha: float
+    ghost_batch_size: int | None
+    momentum: float
+    eps: float
+    weight_trained: bool
+    sites: tuple[str, ...]
+
+    @property
+    def label(self) -> str:
+        n, c, h, w = self.shape
+        ghost = f", ghost {self.ghost_batch_size}" if self.ghost_batch_size else ""
+        act = f"celu {self.alpha:g}" if self.activation == "celu" else self.activation
+        return f"{self.recipe} {c}x{h}x{w}, {act}{ghost}"
+
+
+def derive_bn_cases(recipes=BN_RECIPES, batch_size: int | None = None) -> list[BNCase]:
+    """The BN + activation shapes each recipe's training graph runs, traced, not written down.
+
+    For each recipe (shipped name or TOML path): its model file (``[""]["model"]``, relative
+    to the repository) is loaded, traced in train mode and rewritten by the recipe's passes
+    exactly as ``fastgraph train`` builds it (``training_graph``; the data passes get 64
+    random images: whitening's filter values do not change any shape), then by
+    ``fuse_bn_activation``; the graph moves to the ``meta`` device and ``ShapeProp``
+    propagates a float32 (batch, 3, 32, 32) input, batch = ``batch_size`` or the recipe's
+    ``[train] batch_size``. No arithmetic runs (a few seconds on a CPU); the traces are cached
+    per (recipes, batch size).
+
+    Returns:
+        One :class:`BNCase` per distinct (shape, activation, alpha, ghost batch size, momentum,
+        eps, weight trained), in graph order, with the sites that share it.
+
+    Raises:
+        UserError: unknown recipe, or a model file that cannot be loaded or traced.
+        RuntimeError: a recipe whose training graph has no fused BN + activation.
+    """
+    return list(_derive_bn_cases(tuple(recipes), batch_size))
+
+
+@functools.cache
+def _derive_bn_cases(recipes: tuple[str, ...], batch_size: int | None) -> tuple[BNCase, ...]:
+    import torch
+    from torch.fx.passes.shape_prop import ShapeProp
+
+    from fastgraph import passes as registry
+    from fastgraph.core.loading import load_model
+    from fastgraph.core.tracing import trace
+    from fastgraph.kernels.bn_act import BatchNormActivation
+    from fastgraph.training.recipes import load_recipe
+    from fastgraph.training.trained import training_graph
+
+    cases: dict[tuple, BNCase] = {}
+    for name in recipes:
+        recipe = load_recipe(name)
+        model_path = str(REPO / recipe[""]["model"])
+        batch = batch_size or int(recipe["train"]["batch_size"])
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            gm = trace(load_model(model_path), source=model_path, mode="train")
+            images, labels = torch.randn(64, 3, 32, 32), torch.randint(0, 10, (64,))
+            gm, _ = training_graph(gm, recipe.to_dict(), images=images, labels=labels, checks=False)
+        gm = registry.get("fuse_bn_activation").fn(gm).to("meta").train()
+        ShapeProp(gm).propagate(torch.empty(batch, 3, 32, 32, device="meta"))
+        found = 0
+        for node in gm.graph.nodes:
+            module = gm.get_submodule(node.target) if node.op == "call_module" else None
+            if not isinstance(module, BatchNormActivation):
+                continue
+            found += 1
+            shape = tuple(int(d) for d in node.args[0].meta["tensor_meta"].shape)
+            weight_trained = module.weight is not None and module.weight.requires_grad
+            key = (recipe.name, shape, module.activation, float(module.alpha), module.ghost_batch_size,
+                   float(module.momentum), float(module.eps), weight_trained)
+            sites = (cases[key].sites if key in cases else ()) + (node.target,)
+            cases[key] = BNCase(recipe.name, recipe[""]["model"], shape, module.activation,
+                                float(module.alpha), module.ghost_batch_size, float(module.momentum),
+                                float(module.eps), weight_trained, sites)
+        if not found:
+            raise RuntimeError(f"recipe {recipe.name}: its training graph has no fused BN + activation")
+    return tuple(cases.values())
+
+
+def eager_bn_act(x, running_mean, running_var, weight, bias, *, training, activation, alpha, ghost_splits,
+                 momentum=0.1, eps=1e-5):
     """What a PyTorch model runs: ``F.batch_norm`` on the storage dtype (cuDNN takes bfloat16
     input with float32 parameters), then the activation; ghost batches as Page's one reshape
     (N, C, H, W) -> (N/S, S*C, H, W) with repeated running statistics, averaged back."""
@@ -236,12 +375,12 @@ def eager_bn_act(x, running_mean, running_var, weight, bias, *, training, activa
 
     n, c, h, w = x.shape
     if ghost_splits == 1:
-        z = F.batch_norm(x, running_mean, running_var, weight, bias, training, 0.1, 1e-5)
+        z = F.batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps)
     else:
         rm, rv = running_mean.repeat(ghost_splits), running_var.repeat(ghost_splits)
         grouped = x.reshape(n // ghost_splits, ghost_splits * c, h, w)
         z = F.batch_norm(grouped, rm, rv, weight.repeat(ghost_splits), bias.repeat(ghost_splits), training,
-                         0.1, 1e-5).reshape(n, c, h, w)
+                         momentum, eps).reshape(n, c, h, w)
         running_mean.copy_(rm.view(ghost_splits, c).mean(0))
         running_var.copy_(rv.view(ghost_splits, c).mean(0))
     if activation == "celu":
@@ -249,59 +388,70 @@ def eager_bn_act(x, running_mean, running_var, weight, bias, *, training, activa
     return F.gelu(z) if activation == "gelu" else F.silu(z)
 
 
-def bench_bn_act(ctx: Context, batch_sizes, dtypes) -> None:
+def _dry_case(case: BNCase) -> BNCase:
+    """The case shrunk for the interpreter: batch 16, C / 32 (at least 3), H and W / 8 (at
+    least 2), ghost batches of 4."""
+    _, c, h, w = case.shape
+    shape = (16, max(3, c // 32), max(2, h // 8), max(2, w // 8))
+    return BNCase(case.recipe, case.model, shape, case.activation, case.alpha,
+                  case.ghost_batch_size and 4, case.momentum, case.eps, case.weight_trained, case.sites)
+
+
+def bench_bn_act(ctx: Context, cases: list[BNCase], dtypes) -> None:
     torch = ctx.torch
     from fastgraph.kernels.bn_act import _forward_triton, bn_act, bn_act_reference
 
-    for batch in batch_sizes:
-        for label, channels, res, activation, alpha, ghost_size in RESNET9_BN + AIRBENCH94_BN:
-            if ctx.dry_run:
-                channels, res = max(3, channels // 32), max(2, res // 8)
-                ghost_size = ghost_size and 4
-            splits = batch // ghost_size if ghost_size else 1
-            case = label + (f", ghost batches of {ghost_size}" if ghost_size else "")
-            for dtype_name in dtypes:
-                dtype = getattr(torch, DTYPES[dtype_name])
-                if ctx.dry_run and dtype != torch.float32:
-                    continue
-                shape = (batch, channels, res, res)
-                x = torch.randn(shape, device=ctx.device).to(dtype)
-                x = x.contiguous(memory_format=torch.channels_last)
-                dy = torch.randn_like(x)
-                weight = torch.rand(channels, device=ctx.device) + 0.5
-                bias = torch.randn(channels, device=ctx.device)
-                running = (torch.zeros(channels, device=ctx.device), torch.ones(channels, device=ctx.device))
-                kw = dict(training=True, activation=activation, alpha=alpha, ghost_splits=splits)
-                numel, size = x.numel(), x.element_size()
+    if ctx.dry_run:  # the first case of each recipe, shrunk: the interpreter is slow
+        cases = [c for i, c in enumerate(cases) if i == 0 or c.recipe != cases[i - 1].recipe]
+    for case in cases:
+        label = case.label
+        if ctx.dry_run:
+            case = _dry_case(case)
+        batch, channels, _, _ = shape = case.shape
+        splits = batch // case.ghost_batch_size if case.ghost_batch_size else 1
+        for dtype_name in dtypes:
+            dtype = getattr(torch, DTYPES[dtype_name])
+            if ctx.dry_run and dtype != torch.float32:
+                continue
+            x = torch.randn(shape, device=ctx.device).to(dtype).contiguous(memory_format=torch.channels_last)
+            dy = torch.randn_like(x)
+            weight = torch.rand(channels, device=ctx.device) + 0.5
+            bias = torch.randn(channels, device=ctx.device)
+            running = (torch.zeros(channels, device=ctx.device), torch.ones(channels, device=ctx.device))
+            kw = dict(training=True, activation=case.activation, alpha=case.alpha, ghost_splits=splits,
+                      momentum=case.momentum, eps=case.eps)
+            numel, size = x.numel(), x.element_size()
+            base = dict(kernel="bn_act", case=label, shape=list(shape), dtype=dtype_name)
 
-                def run(fn, x=x, kw=kw, running=running, weight=weight, bias=bias):
-                    return fn(x, *running, weight, bias, **kw)
+            def run(fn, x=x, kw=kw, running=running, weight=weight, bias=bias):
+                return fn(x, *running, weight, bias, **kw)
 
-                checked = _check_bn_act(torch, x, running, weight, bias, dy, kw, bn_act, bn_act_reference)
-                impls = [("triton", bn_act), ("eager", eager_bn_act)]
-                # The kernels alone, without the operator's dispatch and the running-stat copies:
-                # what the fused op costs under torch.compile, where that overhead is traced away.
-                launch_only = Row(kernel="bn_act", case=case, shape=list(shape), dtype=dtype_name,
-                                  impl="kernels only", pass_="fwd", bytes_min=2 * numel * size,
-                                  bytes_kernel=3 * numel * size)
-                launch_args = (x, *running, weight, bias, True, 0.1, 1e-5, activation, alpha, splits)
-                _record(ctx, launch_only, lambda a=launch_args: _forward_triton(*a))
-                if ctx.compile_:
-                    impls.append(("compile", _compiled(ctx, lambda *a, **k: eager_bn_act(*a, **k))))
-                for impl, fn in impls:
-                    base = dict(kernel="bn_act", case=case, shape=list(shape), dtype=dtype_name, impl=impl,
-                                checked=checked if impl == "triton" else None)
-                    _record(ctx, Row(pass_="fwd", bytes_min=2 * numel * size, bytes_kernel=3 * numel * size,
-                                     **base), lambda fn=fn: run(fn))
-                    xg = x.detach().requires_grad_()
-                    wg, bg = weight.detach().requires_grad_(), bias.detach().requires_grad_()
+            checked = _check_bn_act(torch, x, running, weight, bias, dy, kw, bn_act, bn_act_reference)
+            impls = [("triton", bn_act), ("eager", eager_bn_act)]
+            # The kernels alone, without the operator's dispatch and the running-stat copies:
+            # what the fused op costs under torch.compile, where that overhead is traced away.
+            launch_args = (x, *running, weight, bias, True, case.momentum, case.eps, case.activation,
+                           case.alpha, splits)
+            _record(ctx, Row(impl="kernels only", pass_="fwd", bytes_min=2 * numel * size,
+                             bytes_kernel=3 * numel * size, **base),
+                    lambda a=launch_args: _forward_triton(*a))
+            if ctx.compile_:  # Inductor's own fused kernels for the same BN + activation
+                impls.append(("compile", _compiled(ctx, lambda *a, **k: eager_bn_act(*a, **k))))
+            for impl, fn in impls:
+                row_base = dict(base, impl=impl, checked=checked if impl == "triton" else None)
+                _record(ctx, Row(pass_="fwd", bytes_min=2 * numel * size, bytes_kernel=3 * numel * size,
+                                 **row_base), lambda fn=fn: run(fn))
+                xg = x.detach().requires_grad_()
+                wg = weight.detach().requires_grad_(case.weight_trained)
+                bg = bias.detach().requires_grad_()
+                wrt = (xg, wg, bg) if case.weight_trained else (xg, bg)
 
-                    def step(fn=fn, xg=xg, wg=wg, bg=bg, dy=dy, kw=kw, running=running):
-                        y = fn(xg, *running, wg, bg, **kw)
-                        return torch.autograd.grad(y, (xg, wg, bg), dy)
+                def step(fn=fn, xg=xg, wg=wg, bg=bg, wrt=wrt, dy=dy, kw=kw, running=running):
+                    y = fn(xg, *running, wg, bg, **kw)
+                    return torch.autograd.grad(y, wrt, dy)
 
-                    _record(ctx, Row(pass_="fwd+bwd", bytes_min=5 * numel * size,
-                                     bytes_kernel=8 * numel * size, **base), step)
+                _record(ctx, Row(pass_="fwd+bwd", bytes_min=5 * numel * size, bytes_kernel=8 * numel * size,
+                                 **row_base), step)
 
 
 def _check_bn_act(torch, x, running, weight, bias, dy, kw, fused, reference) -> bool:
@@ -336,7 +486,7 @@ def _fmt(v, spec):
 
 def _table_rows(rows: list[Row]):
     header = ["kernel", "case", "shape", "dtype", "pass", "impl", "median ms", "p20-p80 ms", "GB/s",
-              "% copy BW", "% profile BW", "x eager", "checked"]
+              "% copy BW", "% profile BW", "x eager", "x inductor", "checked"]
     body = []
     for r in rows:
         spread = "-" if r.p20_ms is None else f"{r.p20_ms:.4f}-{r.p80_ms:.4f}"
@@ -345,8 +495,28 @@ def _table_rows(rows: list[Row]):
         pct_profile = _fmt(r.frac_profile and 100 * r.frac_profile, ".0f")
         checked = "-" if r.checked is None else ("yes" if r.checked else "NO")
         body.append([r.kernel, r.case, "x".join(map(str, r.shape)), r.dtype, r.pass_, r.impl, median, spread,
-                     _fmt(r.gbps, ".0f"), pct_copy, pct_profile, _fmt(r.speedup_vs_eager, ".2f"), checked])
+                     _fmt(r.gbps, ".0f"), pct_copy, pct_profile, _fmt(r.speedup_vs_eager, ".2f"),
+                     _fmt(r.speedup_vs_compile, ".2f"), checked])
     return header, body
+
+
+def _yes_no(v):
+    return "-" if v is None else ("yes" if v else "NO")
+
+
+def _goal_table(goals: list[dict]):
+    header = ["bn_act case", "dtype", "pass", "fused ms", "inductor ms", "x inductor", "GB/s", "% copy BW",
+              "faster than inductor", ">= 70% copy BW (fwd+bwd, large)"]
+    body = [[g["case"], g["dtype"], g["pass_"], _fmt(g["triton_ms"], ".4f"), _fmt(g["inductor_ms"], ".4f"),
+             _fmt(g["speedup_vs_inductor"], ".2f"), _fmt(g["gbps"], ".0f"),
+             _fmt(g["frac_copy"] and 100 * g["frac_copy"], ".0f"), _yes_no(g["inductor_goal"]),
+             _yes_no(g["copy_goal"]) if g["large"] and g["pass_"] == "fwd+bwd" else "n/a"] for g in goals]
+    return header, body
+
+
+def _markdown_table(header, body) -> list[str]:
+    return (["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+            + ["| " + " | ".join(str(c) for c in row) + " |" for row in body])
 
 
 def _markdown(meta: dict, rows: list[Row]) -> str:
@@ -364,14 +534,23 @@ def _markdown(meta: dict, rows: list[Row]) -> str:
         lines.append("- hardware profile: none matches this device (column left empty)")
     lines += ["- bn_act GB/s use the minimum bytes (fwd 2, fwd+bwd 5 accesses per element); the kernels "
               "move 3 and 8 (see bytes_kernel in the JSON)", ""]
-    lines.append("| " + " | ".join(header) + " |")
-    lines.append("|" + "---|" * len(header))
-    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in body]
+    goals = bn_act_goals(rows)
+    if goals:
+        lines += [f"## bn_act goals (large: input >= {LARGE_BYTES >> 20} MiB)", ""]
+        lines += _markdown_table(*_goal_table(goals)) + [""]
+        lines += ["## every row", ""]
+    lines += _markdown_table(header, body)
     return "\n".join(lines) + "\n"
 
 
 def _print_table(rows: list[Row], title: str) -> None:
-    header, body = _table_rows(rows)
+    _print_rich(*_table_rows(rows), title)
+    goals = bn_act_goals(rows)
+    if goals:
+        _print_rich(*_goal_table(goals), f"{title}: bn_act goals (large: input >= {LARGE_BYTES >> 20} MiB)")
+
+
+def _print_rich(header, body, title: str) -> None:
     try:
         from rich.console import Console
         from rich.table import Table
@@ -401,7 +580,9 @@ def _slug(name: str) -> str:
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--only", nargs="+", choices=["augment", "bn_act"], default=["augment", "bn_act"])
-    p.add_argument("--batch-sizes", nargs="+", type=int, default=[512, 1024])
+    p.add_argument("--batch-sizes", nargs="+", type=int, default=[512, 1024], help="augment batch sizes")
+    p.add_argument("--recipes", nargs="+", default=list(BN_RECIPES),
+                   help="recipes whose training graphs give the bn_act shapes, at their batch sizes")
     p.add_argument("--dtypes", nargs="+", choices=sorted(DTYPES), default=None,
                    help="bn_act storage dtypes (default bf16); augment output dtypes (default fp32 bf16)")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile baselines")
@@ -425,7 +606,7 @@ def main(argv=None) -> int:
 
     device = torch.device("cpu") if args.dry_run else torch.device("cuda")
     ctx = Context(torch=torch, device=device, dry_run=args.dry_run, compile_=not args.no_compile)
-    batch_sizes = [8, 16] if args.dry_run else args.batch_sizes
+    batch_sizes = [8] if args.dry_run else args.batch_sizes
     if args.dry_run:
         torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
     device_name = (platform.processor() or "cpu") if args.dry_run else torch.cuda.get_device_name(device)
@@ -434,8 +615,15 @@ def main(argv=None) -> int:
     ctx.profile_bw = profile[2] if profile else None
     if "augment" in args.only:
         bench_augment(ctx, batch_sizes, args.dtypes or ["fp32", "bf16"])
-    if "bn_act" in args.only:
-        bench_bn_act(ctx, batch_sizes, args.dtypes or (["fp32"] if args.dry_run else ["bf16"]))
+    from fastgraph.core.errors import UserError
+
+    try:
+        cases = derive_bn_cases(args.recipes) if "bn_act" in args.only else []
+    except UserError as exc:  # an unknown recipe, a model file that does not load
+        print(f"bench/kernels.py: {exc}", file=sys.stderr)
+        return 2
+    if cases:
+        bench_bn_act(ctx, cases, args.dtypes or (["fp32"] if args.dry_run else ["bf16"]))
     _speedups(ctx.rows)
 
     commit, dirty = _git_commit()
@@ -456,6 +644,9 @@ def main(argv=None) -> int:
         "copy_bandwidth_bytes_per_s": ctx.copy_bw,
         "profile": ({"name": profile[0], "display_name": profile[1], "memory_bandwidth": profile[2]}
                     if profile else None),
+        "bn_act_cases": [dict(asdict(c), label=c.label) for c in cases],
+        "goals": {"copy_fraction_fwd_bwd_large": COPY_GOAL, "large_bytes": LARGE_BYTES,
+                  "faster_than_inductor": True},
     }
     title = f"fastgraph kernels, {device_name}, {meta['date']}"
     if args.dry_run:
@@ -469,7 +660,9 @@ def main(argv=None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     stem = args.out / f"kernels-{_slug(device_name)}-{meta['date'][:10]}"
     payload = dict(meta, results=[{("pass" if k == "pass_" else k): v for k, v in asdict(r).items()}
-                                  for r in ctx.rows])
+                                  for r in ctx.rows],
+                   bn_act_goals=[{("pass" if k == "pass_" else k): v for k, v in g.items()}
+                                 for g in bn_act_goals(ctx.rows)])
     stem.with_suffix(".json").write_text(json.dumps(payload, indent=2) + "\n")
     stem.with_suffix(".md").write_text(_markdown(meta, ctx.rows))
     print(f"wrote {stem}.json and {stem}.md")

@@ -1,0 +1,323 @@
+"""Check fastgraph on one CUDA GPU in one command, in under 8 minutes (H100/H200 class).
+
+    python bench/gpu_check.py /path/to/cifar10-jpeg.tar.xz       # run every step
+    python bench/gpu_check.py /path/to/cifar10-jpeg.tar.xz --plan   # print the plan, run nothing
+
+The CIFAR-10 archive (or folder; any form ``--data`` takes) is copied into ``.data/`` of the
+checkout unless it is there already, and every step reads it from there. The steps run one
+after another, each as its own process with a time budget (killed when it runs over):
+
+1. ``data``: ``fastgraph data info``: decode the archive once into fastgraph's cache.
+2. ``kernels``: ``bench/kernels.py --only bn_act``: the fused BN + activation kernels at the
+   shapes of the ``fast`` and ``page2019`` training graphs, forward and forward+backward,
+   against eager PyTorch and Inductor, as fractions of the copy bandwidth measured in the
+   same run (its own JSON and Markdown land in the results folder too).
+3. ``gpu tests``: ``pytest -m gpu tests``: the tests that need a CUDA device.
+4. ``kernel tests``: ``pytest -m "not gpu" tests/kernels``: the kernel tests (the Triton
+   interpreter against the references; the compiled CUDA kernels ran in step 3).
+5. ``optimize``: ``fastgraph optimize examples/resnet9.py --device cuda``: the exact passes,
+   verified, with the measured step before and after.
+6. ``train fused`` and 7. ``train unfused``: the ``fast`` recipe (airbench94's network) for
+   3 epochs, 2 runs, with the fused kernels and with ``--no-fused-kernels``. Both run
+   without ``torch.compile`` (the recipe's ``max-autotune`` compilation alone takes minutes):
+   the comparison is between the kernels, not compilers. Where ``fastgraph train --help``
+   has no ``--no-fused-kernels``, step 7 is recorded as "flag not available in this checkout".
+
+Prints one table and writes ``bench/results/gpu_check-<device>-<date>.json``: device, torch,
+Triton and CUDA versions, commit, date, the timing method, and each step's command, budget,
+status (passed, failed, timeout, skipped), seconds and numbers (kernel goals, test counts,
+measured step speed-up, training accuracy and counted seconds). Without a CUDA device it
+exits with status 2 and one line: GPU numbers are never taken on a CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as dt
+import io
+import json
+import os
+import platform
+import re
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "bench" / "results"
+DATA_DIR = REPO / ".data"
+TOTAL_BUDGET_S = 480  # the whole check: 8 minutes of device time
+TRAIN_ARGS = ["--recipe", "fast", "--epochs", "3", "--runs", "2", "--no-compile", "--no-progress-eval",
+              "--device", "cuda"]
+NO_FLAG = "flag not available in this checkout"
+TIMING_METHOD = ("steps: wall-clock seconds of each step's process (time.perf_counter), killed past its "
+                 "budget; kernels: bench/kernels.py's (triton.testing.do_bench, CUDA events, L2 flushed, "
+                 "median); optimize: fastgraph optimize's measured step (CUDA-synchronised, alternated "
+                 "before/after); training: fastgraph train's counted seconds (its timing_method)")
+
+
+@dataclass(frozen=True)
+class Step:
+    """One step of the check: ``command`` (argv, run in the repository root) killed after
+    ``budget_s`` seconds; ``output`` the JSON file the step writes (None: numbers are parsed
+    from its output); ``skip`` why it does not run (None: it runs)."""
+
+    name: str
+    what: str
+    command: tuple[str, ...]
+    budget_s: int
+    output: str | None = None
+    skip: str | None = None
+
+
+def fused_flag_available() -> bool:
+    """Whether this checkout's ``fastgraph train`` takes ``--no-fused-kernels``: read from the
+    help text ``fastgraph train --help`` prints (the CLI's own parser, built here)."""
+    from fastgraph.cli.main import build_parser
+
+    help_text = io.StringIO()
+    with contextlib.redirect_stdout(help_text), contextlib.suppress(SystemExit):
+        build_parser().parse_args(["train", "--help"])
+    return "--no-fused-kernels" in help_text.getvalue()
+
+
+def plan(data: str | Path, work: str | Path, *, fused_flag: bool,
+         results: str | Path = RESULTS) -> list[Step]:
+    """The steps of the check, in order, with their commands and time budgets (seconds).
+
+    Args:
+        data: the CIFAR-10 location every step reads (``--data``).
+        work: a folder for the steps' JSON files.
+        fused_flag: whether ``fastgraph train`` takes ``--no-fused-kernels``; without it the
+            "train unfused" step is skipped, saying so.
+        results: where ``bench/kernels.py`` writes its JSON and Markdown.
+
+    The budgets add up to at most ``TOTAL_BUDGET_S``.
+    """
+    data, work, py = str(data), Path(work), sys.executable
+    fastgraph = (py, "-m", "fastgraph")
+    train = (*fastgraph, "train", "bench/models/airbench94_net.py", *TRAIN_ARGS, "--data", data)
+    return [
+        Step("data", "decode CIFAR-10 into the cache", (*fastgraph, "data", "info", "--data", data), 45),
+        Step("kernels", "bn_act at the recipes' shapes vs eager, Inductor and copy bandwidth",
+             (py, "bench/kernels.py", "--only", "bn_act", "--out", str(results)), 150),
+        Step("gpu tests", "pytest -m gpu", (py, "-m", "pytest", "-q", "-m", "gpu", "tests"), 60),
+        Step("kernel tests", "pytest tests/kernels (interpreter)",
+             (py, "-m", "pytest", "-q", "-m", "not gpu", "tests/kernels"), 60),
+        Step("optimize", "fastgraph optimize examples/resnet9.py --device cuda",
+             (*fastgraph, "optimize", "examples/resnet9.py", "--device", "cuda", "--data", data,
+              "--out", str(work / "resnet9.optimized.pt"), "--json", str(work / "optimize.json")),
+             45, output=str(work / "optimize.json")),
+        Step("train fused", "fast, 3 epochs, 2 runs, fused kernels",
+             (*train, "--json", str(work / "train-fused.json")), 60, output=str(work / "train-fused.json")),
+        Step("train unfused", "fast, 3 epochs, 2 runs, --no-fused-kernels",
+             (*train, "--no-fused-kernels", "--json", str(work / "train-unfused.json")), 60,
+             output=str(work / "train-unfused.json"), skip=None if fused_flag else NO_FLAG),
+    ]
+
+
+# ----------------------------------------------------------------------------- numbers
+
+
+def _pytest_counts(text: str) -> dict:
+    """Counts of pytest's last summary line ("3 passed, 1 skipped in 2.0s")."""
+    counts = {}
+    for line in reversed(text.strip().splitlines()):
+        found = re.findall(r"(\d+) (passed|failed|skipped|errors?|deselected|xfailed|xpassed)", line)
+        if found:
+            counts = {kind.rstrip("s") if kind.startswith("error") else kind: int(n) for n, kind in found}
+            break
+    return counts
+
+
+def _kernels_numbers(text: str) -> dict:
+    written = re.search(r"wrote (\S+)\.json and", text)
+    if not written:
+        return {}
+    record = json.loads(Path(written.group(1) + ".json").read_text())
+    goals = record.get("bn_act_goals", [])
+    copy_goals = [g["copy_goal"] for g in goals if g["copy_goal"] is not None]
+    inductor_goals = [g["inductor_goal"] for g in goals if g["inductor_goal"] is not None]
+    return {"file": written.group(1) + ".json",
+            "copy_bandwidth_gbps": record["copy_bandwidth_bytes_per_s"] / 1e9,
+            "faster_than_inductor": f"{sum(inductor_goals)}/{len(inductor_goals)}",
+            "copy_goal_met": f"{sum(copy_goals)}/{len(copy_goals)}",
+            "bn_act_goals": goals}
+
+
+def _optimize_numbers(record: dict) -> dict:
+    step = record.get("measured_step", {})
+    return {"applied": [p.get("name") for p in record.get("passes", []) if p.get("status") == "applied"],
+            "speedup": step.get("speedup"), "verdict": step.get("verdict"), "device": record.get("device")}
+
+
+def _train_numbers(record: dict) -> dict:
+    summary = record.get("summary", {})
+    return {"tta_acc_mean": summary.get("tta_acc", {}).get("mean"),
+            "tta_acc_std": summary.get("tta_acc", {}).get("std"),
+            "seconds_mean": summary.get("seconds", {}).get("mean"),
+            "seconds_std": summary.get("seconds", {}).get("std"),
+            "runs": len(record.get("runs", []))}
+
+
+def _numbers(step: Step, text: str) -> dict:
+    if step.name == "kernels":
+        return _kernels_numbers(text)
+    if step.name.endswith("tests"):
+        return _pytest_counts(text)
+    if step.output and Path(step.output).is_file():
+        record = json.loads(Path(step.output).read_text())
+        return _optimize_numbers(record) if step.name == "optimize" else _train_numbers(record)
+    return {}
+
+
+def run_step(step: Step, env: dict) -> dict:
+    """Run one step: its record (status passed / failed (exit N) / timeout / skipped, seconds,
+    numbers, the last 3,000 characters of its output)."""
+    record = {"name": step.name, "what": step.what, "command": list(step.command), "budget_s": step.budget_s}
+    if step.skip:
+        return dict(record, status="skipped", reason=step.skip, seconds=None, numbers={})
+    t0 = time.perf_counter()
+    # Its own process group and a file for its output: at the budget the whole group dies
+    # (Inductor's compile workers and pytest's subprocesses too), and no pipe stays open.
+    with tempfile.TemporaryFile(mode="w+") as log:
+        proc = subprocess.Popen(step.command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                text=True, start_new_session=True)
+        try:
+            code = proc.wait(timeout=step.budget_s)
+            status = "passed" if code == 0 else f"failed (exit {code})"
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            status = "timeout"
+        log.seek(0)
+        text = log.read()
+    seconds = time.perf_counter() - t0
+    try:
+        numbers = _numbers(step, text)
+    except (OSError, ValueError, KeyError) as exc:  # a step's half-written file must not lose the others
+        numbers = {"error": f"{type(exc).__name__}: {exc}"[:300]}
+    return dict(record, status=status, seconds=seconds, numbers=numbers, output_tail=text[-3000:])
+
+
+def _summary(record: dict, fused_seconds: float | None) -> str:
+    n = record["numbers"]
+    if record["status"] == "skipped":
+        return record["reason"]
+    if "error" in n:
+        return n["error"]
+    name = record["name"]
+    if name == "kernels" and n:
+        return (f"copy {n['copy_bandwidth_gbps']:.0f} GB/s; faster than Inductor "
+                f"{n['faster_than_inductor']}; >= 70% copy BW (fwd+bwd, large) {n['copy_goal_met']}")
+    if name.endswith("tests"):
+        return ", ".join(f"{v} {k}" for k, v in n.items()) or "-"
+    if name == "optimize" and n:
+        speedup = "-" if n["speedup"] is None else f"{n['speedup']:.2f}x"
+        return f"applied {', '.join(n['applied']) or 'nothing'}; step {speedup} ({n['verdict']})"
+    if name.startswith("train") and n.get("seconds_mean") is not None:
+        acc = n["tta_acc_mean"]
+        text = f"TTA {100 * acc:.2f}%, {n['seconds_mean']:.2f} s mean of {n['runs']} runs"
+        if name == "train unfused" and fused_seconds:
+            text += f"; fused {n['seconds_mean'] / fused_seconds:.2f}x faster"
+        return text
+    return "-"
+
+
+def _device_slug(name: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+
+
+def _dirty() -> bool | None:
+    """Whether the checkout has uncommitted changes (None: not a git checkout)."""
+    done = subprocess.run(["git", "status", "--porcelain"], cwd=REPO, capture_output=True, text=True)
+    return bool(done.stdout.strip()) if done.returncode == 0 else None
+
+
+def _print(title: str, header: list[str], rows: list[list[str]]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title)
+    for h in header:
+        table.add_column(h)
+    for row in rows:
+        table.add_row(*row)
+    console = Console()
+    if not console.is_terminal:  # a log file: do not squeeze the table into 80 columns
+        console = Console(width=200)
+    console.print(table)
+
+
+def _stage_data(source: Path) -> Path:
+    """``source`` itself when it lies in ``.data/``, else its copy there (made once)."""
+    source = source.resolve()
+    if DATA_DIR.resolve() in source.parents:
+        return source
+    target = DATA_DIR / source.name
+    if not target.exists():
+        DATA_DIR.mkdir(exist_ok=True)
+        (shutil.copytree if source.is_dir() else shutil.copy2)(source, target)
+    return target
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("data", type=Path, help="CIFAR-10 archive (e.g. cifar10-jpeg.tar.xz) or folder")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="results folder (default bench/results)")
+    parser.add_argument("--plan", action="store_true", help="print the steps, commands, budgets; run nothing")
+    args = parser.parse_args(argv)
+    if args.plan:
+        steps = plan(args.data, "<work>", fused_flag=fused_flag_available(), results=args.out)
+        _print("gpu_check plan", ["step", "budget s", "command"],
+               [[s.name, str(s.budget_s), s.skip or shlex.join(s.command)] for s in steps])
+        return 0
+    import torch
+
+    if not torch.cuda.is_available():
+        print("bench/gpu_check.py: no CUDA device; this check runs on a GPU machine only", file=sys.stderr)
+        return 2
+    if not args.data.exists():
+        print(f"bench/gpu_check.py: CIFAR-10 not found at {args.data}", file=sys.stderr)
+        return 2
+    import triton
+
+    data = _stage_data(args.data)
+    env = dict(os.environ, FASTGRAPH_DATA=str(data))
+    env.pop("TRITON_INTERPRET", None)  # compiled kernels; tests/kernels sets the interpreter itself
+    device = torch.cuda.get_device_name(0)
+    date = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+    records = []
+    with tempfile.TemporaryDirectory(prefix="gpu_check-") as work:
+        for step in plan(data, work, fused_flag=fused_flag_available(), results=args.out):
+            print(f"gpu_check: {step.name} (budget {step.budget_s} s) ...", flush=True)
+            records.append(run_step(step, env))
+    fused = next((r["numbers"].get("seconds_mean") for r in records if r["name"] == "train fused"), None)
+    rows = [[r["name"], r["status"], "-" if r["seconds"] is None else f"{r['seconds']:.0f}/{r['budget_s']}",
+             _summary(r, fused)] for r in records]
+    _print(f"fastgraph gpu_check, {device}, {date}", ["step", "status", "s / budget", "numbers"], rows)
+    from fastgraph.core.outputs import git_commit
+
+    props = torch.cuda.get_device_properties(0)
+    payload = {"benchmark": "gpu_check",
+               "device": {"name": device, "capability": list(torch.cuda.get_device_capability(0)),
+                          "memory_bytes": props.total_memory, "sm_count": props.multi_processor_count},
+               "torch": torch.__version__, "triton": triton.__version__, "cuda": torch.version.cuda,
+               "python": platform.python_version(), "git_commit": git_commit(REPO), "git_dirty": _dirty(),
+               "date": date, "timing_method": TIMING_METHOD, "data": str(data), "steps": records}
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / f"gpu_check-{_device_slug(device)}-{date[:10]}.json"
+    path.write_text(json.dumps(payload, indent=2) + "\n")
+    print(f"wrote {path}")
+    return 0 if all(r["status"] in ("passed", "skipped") for r in records) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
