@@ -78,6 +78,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="evaluate after the last epoch only (faster; no per-epoch accuracy)")
     parser.add_argument("--stochastic-depth", action="store_true",
                         help="train with the stochastic_depth pass (the recipe's [stochastic_depth] options)")
+    parser.add_argument("--no-fused-kernels", dest="fused_kernels", action="store_false",
+                        help="drop the recipe's fused-kernel passes (fuse_bn_activation): the same "
+                             "model on unfused PyTorch ops, for A/B timing")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -108,7 +111,7 @@ def run(args: argparse.Namespace) -> int:
                         subset=args.subset, test_subset=args.test_subset, device=args.device,
                         precision=args.precision, compile=args.compile, checkpoint_dir=args.checkpoint,
                         resume=args.resume, stochastic_depth=args.stochastic_depth, data=args.data,
-                        progress_eval=args.progress_eval)
+                        progress_eval=args.progress_eval, fused_kernels=args.fused_kernels)
     reporter = RichReporter(recipe)
     try:
         with reporter, tensorboard or contextlib.nullcontext():

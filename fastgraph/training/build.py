@@ -89,7 +89,8 @@ class ModelBuilder:
     whether the passes were checked.
 
     Args:
-        opts: the training's options (model source, entry, stochastic depth, compile backend).
+        opts: the training's options (model source, entry, stochastic depth, fused kernels,
+            compile backend).
         device: where the module lives.
         channels_last: convert the module to the channels-last memory format.
         compile: ``torch.compile`` the module, with ``opts.compile_backend`` and
@@ -133,11 +134,13 @@ class ModelBuilder:
                 # the user's eager model is the reference of every check
                 check_trace(model, gm, "train", verification_batch(images, labels))
                 training_graph(gm, self.recipe.to_dict(), images=images, labels=labels,
-                               stochastic_depth=self.opts.stochastic_depth)
+                               stochastic_depth=self.opts.stochastic_depth,
+                               fused_kernels=self.opts.fused_kernels)
             self._passes_checked = True
         with timer.phase("passes"):  # counted: holds the whitening initialisation from data
             gm, report = training_graph(gm, self.recipe.to_dict(), images=images, labels=labels,
-                                        stochastic_depth=self.opts.stochastic_depth, checks=False)
+                                        stochastic_depth=self.opts.stochastic_depth, checks=False,
+                                        fused_kernels=self.opts.fused_kernels)
         if self.channels_last:
             gm = gm.to(memory_format=torch.channels_last)
         gm.train()

@@ -170,7 +170,7 @@ class Trainer:
                 "runs": o.runs, "seed": o.seed, "subset": o.subset, "test_subset": o.test_subset,
                 "device": str(self.device), "precision": self.precision, "compile": bool(self.compile),
                 "compile_backend": o.compile_backend, "compile_mode": self.compile_mode,
-                "stochastic_depth": o.stochastic_depth, "target": o.target}
+                "stochastic_depth": o.stochastic_depth, "fused_kernels": o.fused_kernels, "target": o.target}
 
     def _load_data(self, timer: Timer) -> None:
         """Put the (subset of the) data on the device; build the evaluator over its test images."""

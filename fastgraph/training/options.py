@@ -46,7 +46,10 @@ class TrainOptions:
     checkpoints there; resume: continue the one there. stochastic_depth: add the
     stochastic_depth pass with the recipe's [stochastic_depth] options. data: CIFAR-10
     path (see ``fastgraph.data.load_cifar10``). progress_eval: evaluate after every
-    epoch (else after the last only; ``target`` needs it).
+    epoch (else after the last only; ``target`` needs it). fused_kernels: keep the
+    recipe's fused-kernel passes (``fuse_bn_activation``: BatchNorm + activation on one
+    Triton kernel on CUDA, its PyTorch reference elsewhere); False drops them from the
+    recipe's pass list, the same function on unfused PyTorch ops, for A/B timing.
     """
 
     model_path: str | None = None
@@ -69,6 +72,7 @@ class TrainOptions:
     stochastic_depth: bool = False
     data: str | None = None
     progress_eval: bool = True
+    fused_kernels: bool = True
 
 
 def autocast_for(device: torch.device, precision: str) -> Callable[[], contextlib.AbstractContextManager]:

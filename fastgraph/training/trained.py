@@ -21,6 +21,7 @@ first key that differs and both shapes.
 
 from __future__ import annotations
 
+import copy
 import pickle
 from collections.abc import Mapping
 from pathlib import Path
@@ -32,6 +33,10 @@ from torch import nn
 from fastgraph.core.errors import UserError
 
 REBUILD_IMAGES = 256  # training images given to data passes while rebuilding (values then overwritten)
+# Passes that only move work onto fastgraph's fused kernels: exact (the same function), so
+# a run without them (``fused_kernels=False``, ``fastgraph train --no-fused-kernels``)
+# trains the same model on unfused PyTorch ops, the A side of a kernel A/B comparison.
+FUSED_KERNEL_PASSES = frozenset({"fuse_bn_activation"})
 
 
 def _shape(t) -> str:
@@ -130,9 +135,28 @@ def spread_training_images(data, n: int = REBUILD_IMAGES) -> tuple[torch.Tensor,
     return normalize(data.train_images[rows]), data.train_labels[rows]
 
 
+def set_batchnorm(gm: nn.Module, settings: Mapping) -> None:
+    """Set a recipe's ``[batchnorm]`` settings in place on every BatchNorm of ``gm``, the fused
+    ``BatchNormActivation`` included (it keeps BatchNorm's settings under the same names).
+
+    Args:
+        gm: any module; its BatchNorm layers are modified.
+        settings: ``{"momentum": float | None, "eps": float | None}`` (PyTorch's momentum
+            convention, eps added to the variance); ``None`` or absent keeps the module's.
+    """
+    from fastgraph.kernels.bn_act import BatchNormActivation
+
+    for m in gm.modules():
+        if isinstance(m, (nn.modules.batchnorm._BatchNorm, BatchNormActivation)):
+            if settings.get("momentum") is not None:
+                m.momentum = settings["momentum"]
+            if settings.get("eps") is not None:
+                m.eps = settings["eps"]
+
+
 def training_graph(gm: fx.GraphModule, recipe: Mapping, *, stochastic_depth: bool = False,
                    images: torch.Tensor | None = None, labels: torch.Tensor | None = None,
-                   checks: bool = True) -> tuple[fx.GraphModule, dict]:
+                   checks: bool = True, fused_kernels: bool = True) -> tuple[fx.GraphModule, dict]:
     """The graph ``fastgraph train`` trains: ``gm`` rewritten by the recipe's passes.
 
     The trainer builds its model with this function, and export and profile rebuild a
@@ -149,6 +173,8 @@ def training_graph(gm: fx.GraphModule, recipe: Mapping, *, stochastic_depth: boo
             them that verifies exact passes.
         checks: run the pass manager's float64 checks (see ``run_passes``); the trainer
             checks once and then rebuilds without them inside its timed phase.
+        fused_kernels: keep the recipe's :data:`FUSED_KERNEL_PASSES`; False drops them
+            (the same function on unfused PyTorch ops).
 
     Returns:
         (the training-mode GraphModule with the recipe's BatchNorm settings, the pass
@@ -167,6 +193,8 @@ def training_graph(gm: fx.GraphModule, recipe: Mapping, *, stochastic_depth: boo
     names, options = [], {}
     for item in recipe.get("passes", []):
         name, opts = item["name"], {k: v for k, v in item.items() if k != "name"}
+        if not fused_kernels and name in FUSED_KERNEL_PASSES:
+            continue
         if name not in registry.REGISTRY:
             raise UserError(f"the recipe uses pass {name!r}, unknown to this fastgraph")
         if isinstance(opts.get("images"), int) and not isinstance(opts["images"], bool):
@@ -185,18 +213,19 @@ def training_graph(gm: fx.GraphModule, recipe: Mapping, *, stochastic_depth: boo
         if images is None or labels is None:
             raise UserError("the recipe's passes are verified on real images: give --data")
         batch = verification_batch(images, labels)
+    # The recipe's BatchNorm settings before the passes, so their checks verify the function
+    # that trains (airbench's eps 1e-12, not PyTorch's 1e-5); passes that build BatchNorms
+    # (ghost_batchnorm, fuse_bn_activation) copy them.
+    bn = recipe.get("batchnorm", {})
+    if bn.get("momentum") is not None or bn.get("eps") is not None:
+        gm = copy.deepcopy(gm)  # gm is not modified
+        set_batchnorm(gm, bn)
     gm, report = run_passes(gm.train(), names, mode="train", batch=batch, options=options, checks=checks)
     refused = [o for o in report.outcomes if o.status == "refused"]
     if refused:  # the recipe names a network it would not build: say so instead of training another
         raise UserError(f"the recipe's pass {refused[0].name} was refused on this model: "
                         f"{refused[0].message}")
-    bn = recipe.get("batchnorm", {})
-    for m in gm.modules():  # after the passes, so ghost batch norms get the settings too
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            if bn.get("momentum") is not None:
-                m.momentum = bn["momentum"]
-            if bn.get("eps") is not None:
-                m.eps = bn["eps"]
+    set_batchnorm(gm, bn)  # again after the passes: every BatchNorm a pass built has them too
     return gm, report.to_dict()
 
 
@@ -220,8 +249,6 @@ def load_weights(gm: fx.GraphModule, path: str | Path, *, images: torch.Tensor |
         UserError: unreadable file, mismatching keys or shapes (first key, both shapes),
             or EMA weights asked of a checkpoint without them.
     """
-    import copy
-
     state, path = read_weights(path)
     info: dict = {"path": str(path.resolve())}
     if is_training_checkpoint(state):
@@ -238,8 +265,8 @@ def load_weights(gm: fx.GraphModule, path: str | Path, *, images: torch.Tensor |
         else:
             weights_state = state["model"]
         module, _ = training_graph(copy.deepcopy(gm), recipe,
-                                stochastic_depth=bool(settings.get("stochastic_depth")), images=images,
-                                labels=labels)
+                                   stochastic_depth=bool(settings.get("stochastic_depth")), images=images,
+                                   labels=labels, fused_kernels=bool(settings.get("fused_kernels", True)))
         info.update(kind="training checkpoint", recipe=recipe.get("recipe", {}).get("name"),
                     epoch=state.get("epoch"), weights=chosen,
                     passes=[p["name"] for p in recipe.get("passes", [])])
