@@ -27,23 +27,17 @@ def _limits(values: list[float], ridge: float) -> tuple[float, float]:
 
 def plot_roofline(path: str | Path, *, profile: HardwareProfile, precision: str, points: list[dict],
                   step: dict, title: str, measured: list[dict] | None = None) -> Path:
-    """Write the roofline PNG to ``path`` and return it (arguments: :func:`roofline_figure`).
+    """Write the roofline plot to ``path`` (its suffix names the format) and return it
+    (arguments: :func:`roofline_figure`).
 
     Raises:
-        UserError: the file cannot be written.
+        UserError: a suffix matplotlib has no format for, or the file cannot be written.
     """
-    from fastgraph.core.errors import UserError
+    from fastgraph.core.figures import save_figure
 
     fig = roofline_figure(profile=profile, precision=precision, points=points, step=step, title=title,
                           measured=measured)
-    path = Path(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path)
-    except (OSError, ValueError) as exc:  # ValueError: a file suffix matplotlib has no format for
-        reason = getattr(exc, "strerror", None) or exc
-        raise UserError(f"cannot write the roofline plot {path}: {reason}") from None
-    return path
+    return save_figure(fig, path, "the roofline plot")
 
 
 def roofline_figure(*, profile: HardwareProfile, precision: str, points: list[dict], step: dict, title: str,
