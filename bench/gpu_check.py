@@ -17,11 +17,15 @@ after another, each as its own process with a time budget (killed when it runs o
    interpreter against the references; the compiled CUDA kernels ran in step 3).
 5. ``optimize``: ``fastgraph optimize examples/resnet9.py --device cuda``: the exact passes,
    verified, with the measured step before and after.
-6. ``train fused`` and 7. ``train unfused``: the ``fast`` recipe (airbench94's network) for
-   3 epochs, 2 runs, with the fused kernels and with ``--no-fused-kernels``. Both run
-   without ``torch.compile`` (the recipe's ``max-autotune`` compilation alone takes minutes):
-   the comparison is between the kernels, not compilers. Where ``fastgraph train --help``
-   has no ``--no-fused-kernels``, step 7 is recorded as "flag not available in this checkout".
+6. ``train fused`` and 7. ``train unfused``: a recipe (``--recipe``; default ``page2019``,
+   Page's ResNet-9, whose 8 ghost-BN + CELU pairs run on the fused kernel) for 3 epochs,
+   2 runs, with the fused kernels and with ``--no-fused-kernels``. Both run without
+   ``torch.compile`` (the recipes' ``max-autotune`` compilation alone takes minutes): the
+   comparison is between the kernels, not compilers. Where ``fastgraph train --help`` has
+   no ``--no-fused-kernels``, step 7 is recorded as "flag not available in this checkout".
+
+``--skip NAME ...`` leaves steps out (recorded as skipped). The JSON is rewritten after
+every step, so a check stopped from outside keeps the steps it finished.
 
 Prints one table and writes ``bench/results/gpu_check-<device>-<date>.json``: device, torch,
 Triton and CUDA versions, commit, date, the timing method, and each step's command, budget,
@@ -34,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import datetime as dt
 import io
 import json
@@ -54,8 +59,10 @@ REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
 DATA_DIR = REPO / ".data"
 TOTAL_BUDGET_S = 480  # the whole check: 8 minutes of device time
-TRAIN_ARGS = ["--recipe", "fast", "--epochs", "3", "--runs", "2", "--no-compile", "--no-progress-eval",
-              "--device", "cuda"]
+TRAIN_ARGS = ["--epochs", "3", "--runs", "2", "--no-compile", "--no-progress-eval", "--device", "cuda"]
+# the model file each recipe trains (the recipe's own network)
+RECIPE_MODELS = {"fast": "bench/models/airbench94_net.py", "page2019": "examples/resnet9.py"}
+STEP_NAMES = ("data", "kernels", "gpu tests", "kernel tests", "optimize", "train fused", "train unfused")
 NO_FLAG = "flag not available in this checkout"
 TIMING_METHOD = ("steps: wall-clock seconds of each step's process (time.perf_counter), killed past its "
                  "budget; kernels: bench/kernels.py's (triton.testing.do_bench, CUDA events, L2 flushed, "
@@ -88,8 +95,8 @@ def fused_flag_available() -> bool:
     return "--no-fused-kernels" in help_text.getvalue()
 
 
-def plan(data: str | Path, work: str | Path, *, fused_flag: bool,
-         results: str | Path = RESULTS) -> list[Step]:
+def plan(data: str | Path, work: str | Path, *, fused_flag: bool, results: str | Path = RESULTS,
+         recipe: str = "page2019", skip: tuple[str, ...] = ()) -> list[Step]:
     """The steps of the check, in order, with their commands and time budgets (seconds).
 
     Args:
@@ -98,13 +105,23 @@ def plan(data: str | Path, work: str | Path, *, fused_flag: bool,
         fused_flag: whether ``fastgraph train`` takes ``--no-fused-kernels``; without it the
             "train unfused" step is skipped, saying so.
         results: where ``bench/kernels.py`` writes its JSON and Markdown.
+        recipe: the recipe of the two training steps (a key of ``RECIPE_MODELS``).
+        skip: names of steps to leave out (``STEP_NAMES``); they are recorded as skipped.
 
     The budgets add up to at most ``TOTAL_BUDGET_S``.
+
+    Raises:
+        ValueError: an unknown recipe or step name.
     """
+    if recipe not in RECIPE_MODELS:
+        raise ValueError(f"unknown recipe {recipe!r}; choose from {', '.join(RECIPE_MODELS)}")
+    unknown = sorted(set(skip) - set(STEP_NAMES))
+    if unknown:
+        raise ValueError(f"unknown step {unknown[0]!r}; steps are {', '.join(STEP_NAMES)}")
     data, work, py = str(data), Path(work), sys.executable
     fastgraph = (py, "-m", "fastgraph")
-    train = (*fastgraph, "train", "bench/models/airbench94_net.py", *TRAIN_ARGS, "--data", data)
-    return [
+    train = (*fastgraph, "train", RECIPE_MODELS[recipe], "--recipe", recipe, *TRAIN_ARGS, "--data", data)
+    steps = [
         Step("data", "decode CIFAR-10 into the cache", (*fastgraph, "data", "info", "--data", data), 45),
         Step("kernels", "bn_act at the recipes' shapes vs eager, Inductor and copy bandwidth",
              (py, "bench/kernels.py", "--only", "bn_act", "--out", str(results)), 150),
@@ -115,12 +132,13 @@ def plan(data: str | Path, work: str | Path, *, fused_flag: bool,
              (*fastgraph, "optimize", "examples/resnet9.py", "--device", "cuda", "--data", data,
               "--out", str(work / "resnet9.optimized.pt"), "--json", str(work / "optimize.json")),
              45, output=str(work / "optimize.json")),
-        Step("train fused", "fast, 3 epochs, 2 runs, fused kernels",
+        Step("train fused", f"{recipe}, 3 epochs, 2 runs, fused kernels",
              (*train, "--json", str(work / "train-fused.json")), 60, output=str(work / "train-fused.json")),
-        Step("train unfused", "fast, 3 epochs, 2 runs, --no-fused-kernels",
+        Step("train unfused", f"{recipe}, 3 epochs, 2 runs, --no-fused-kernels",
              (*train, "--no-fused-kernels", "--json", str(work / "train-unfused.json")), 60,
              output=str(work / "train-unfused.json"), skip=None if fused_flag else NO_FLAG),
     ]
+    return [dataclasses.replace(s, skip="left out (--skip)") if s.name in skip else s for s in steps]
 
 
 # ----------------------------------------------------------------------------- numbers
@@ -272,10 +290,16 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("data", type=Path, help="CIFAR-10 archive (e.g. cifar10-jpeg.tar.xz) or folder")
     parser.add_argument("--out", type=Path, default=RESULTS, help="results folder (default bench/results)")
+    parser.add_argument("--recipe", choices=sorted(RECIPE_MODELS), default="page2019",
+                        help="recipe of the training steps (default page2019)")
+    parser.add_argument("--skip", nargs="+", choices=STEP_NAMES, default=[], metavar="STEP",
+                        help=f"steps to leave out: {', '.join(STEP_NAMES)}")
     parser.add_argument("--plan", action="store_true", help="print the steps, commands, budgets; run nothing")
     args = parser.parse_args(argv)
+    options = dict(fused_flag=fused_flag_available(), results=args.out, recipe=args.recipe,
+                   skip=tuple(args.skip))
     if args.plan:
-        steps = plan(args.data, "<work>", fused_flag=fused_flag_available(), results=args.out)
+        steps = plan(args.data, "<work>", **options)
         _print("gpu_check plan", ["step", "budget s", "command"],
                [[s.name, str(s.budget_s), s.skip or shlex.join(s.command)] for s in steps])
         return 0
@@ -294,15 +318,6 @@ def main(argv=None) -> int:
     env.pop("TRITON_INTERPRET", None)  # compiled kernels; tests/kernels sets the interpreter itself
     device = torch.cuda.get_device_name(0)
     date = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
-    records = []
-    with tempfile.TemporaryDirectory(prefix="gpu_check-") as work:
-        for step in plan(data, work, fused_flag=fused_flag_available(), results=args.out):
-            print(f"gpu_check: {step.name} (budget {step.budget_s} s) ...", flush=True)
-            records.append(run_step(step, env))
-    fused = next((r["numbers"].get("seconds_mean") for r in records if r["name"] == "train fused"), None)
-    rows = [[r["name"], r["status"], "-" if r["seconds"] is None else f"{r['seconds']:.0f}/{r['budget_s']}",
-             _summary(r, fused)] for r in records]
-    _print(f"fastgraph gpu_check, {device}, {date}", ["step", "status", "s / budget", "numbers"], rows)
     from fastgraph.core.outputs import git_commit
 
     props = torch.cuda.get_device_properties(0)
@@ -311,10 +326,20 @@ def main(argv=None) -> int:
                           "memory_bytes": props.total_memory, "sm_count": props.multi_processor_count},
                "torch": torch.__version__, "triton": triton.__version__, "cuda": torch.version.cuda,
                "python": platform.python_version(), "git_commit": git_commit(REPO), "git_dirty": _dirty(),
-               "date": date, "timing_method": TIMING_METHOD, "data": str(data), "steps": records}
+               "date": date, "timing_method": TIMING_METHOD, "data": str(data), "recipe": args.recipe,
+               "steps": []}
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"gpu_check-{_device_slug(device)}-{date[:10]}.json"
-    path.write_text(json.dumps(payload, indent=2) + "\n")
+    records = payload["steps"]
+    with tempfile.TemporaryDirectory(prefix="gpu_check-") as work:
+        for step in plan(data, work, **options):
+            print(f"gpu_check: {step.name} (budget {step.budget_s} s) ...", flush=True)
+            records.append(run_step(step, env))
+            path.write_text(json.dumps(payload, indent=2) + "\n")  # kept if the check is stopped
+    fused = next((r["numbers"].get("seconds_mean") for r in records if r["name"] == "train fused"), None)
+    rows = [[r["name"], r["status"], "-" if r["seconds"] is None else f"{r['seconds']:.0f}/{r['budget_s']}",
+             _summary(r, fused)] for r in records]
+    _print(f"fastgraph gpu_check, {device}, {date}", ["step", "status", "s / budget", "numbers"], rows)
     print(f"wrote {path}")
     return 0 if all(r["status"] in ("passed", "skipped") for r in records) else 1
 

@@ -74,8 +74,8 @@ def test_plan_lists_every_step_with_its_command_and_budget(gpu_check, tmp_path):
     assert "pytest -q -m gpu tests" in by_name["gpu tests"]
     assert by_name["kernel tests"].endswith("tests/kernels")
     assert "optimize examples/resnet9.py --device cuda" in by_name["optimize"]
-    for name in ("train fused", "train unfused"):
-        assert "--recipe fast" in by_name[name] and "--runs 2" in by_name[name]
+    for name in ("train fused", "train unfused"):  # page2019 by default: its BN + CELU pairs are fused
+        assert "train examples/resnet9.py --recipe page2019" in by_name[name] and "--runs 2" in by_name[name]
         assert f"--data {data}" in by_name[name]
     assert "--no-fused-kernels" in by_name["train unfused"]
     assert "--no-fused-kernels" not in by_name["train fused"]
@@ -93,6 +93,19 @@ def test_plan_without_the_fused_flag_skips_the_unfused_run_saying_why(gpu_check,
     assert skipped[0].skip == "flag not available in this checkout"
     record = gpu_check.run_step(skipped[0], dict(os.environ))
     assert record["status"] == "skipped" and record["reason"] == skipped[0].skip
+
+
+def test_plan_trains_the_chosen_recipe_and_leaves_out_skipped_steps(gpu_check, tmp_path):
+    steps = gpu_check.plan(tmp_path / "d", tmp_path / "w", fused_flag=True, recipe="fast",
+                           skip=("kernel tests", "optimize"))
+    assert [s.name for s in steps] == list(gpu_check.STEP_NAMES)  # skipped steps stay in the record
+    assert [s.name for s in steps if s.skip] == ["kernel tests", "optimize"]
+    train = " ".join(next(s for s in steps if s.name == "train fused").command)
+    assert "train bench/models/airbench94_net.py --recipe fast" in train
+    with pytest.raises(ValueError, match="unknown recipe 'resnet50'"):
+        gpu_check.plan(tmp_path / "d", tmp_path / "w", fused_flag=True, recipe="resnet50")
+    with pytest.raises(ValueError, match="unknown step 'compile'"):
+        gpu_check.plan(tmp_path / "d", tmp_path / "w", fused_flag=True, skip=("compile",))
 
 
 def test_fused_flag_is_read_from_the_train_command(gpu_check):
