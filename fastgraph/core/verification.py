@@ -31,6 +31,12 @@ batch (all outputs, all gradients, all buffers); FLOOR = 1e-4 keeps a tensor tha
 mathematically zero and numerically float64 round-off (the gradient of a conv bias
 that a batch-statistics BatchNorm cancels, ~1e-17) from being compared relative to its
 own noise: it must agree within 1e-9 of its group's scale instead.
+
+Both modules run inside :class:`fastgraph.core.float64_ops.Float64Reference`: CELU with a
+float64-exact gradient, and max pools whose gradient at a tie is shared among the tied
+values instead of going to whichever one rounding made largest, so that two roundings of
+the same function (a GPU's convolution algorithms, a Dirac-initialised network) are not
+read as two functions.
 """
 
 from __future__ import annotations
@@ -41,8 +47,9 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import keystr, tree_flatten_with_path
+
+from fastgraph.core.float64_ops import Float64Reference
 
 RTOL = 1e-5
 FLOOR = 1e-4  # fraction of the group's scale below which a tensor is compared to the group's
@@ -75,38 +82,6 @@ def stress_batch(x: torch.Tensor, y: torch.Tensor | None):
     pre-activations of a freshly initialised network are negative and the images meet
     the batch statistics in another company."""
     return -1.5 * x.flip(0) - 1.0, (None if y is None else y.flip(0))
-
-
-def _celu_float64(x: torch.Tensor, alpha: float) -> torch.Tensor:
-    """CELU (Barron 2017) from elementary ops, whose float64 gradient is exact.
-
-    PyTorch's own CELU backward rounds alpha to float32 before taking its reciprocal
-    (``derivatives.yaml``: ``elu_backward(grad, alpha, 1, 1.0/alpha.toFloat(), ...)``): in
-    float64, every gradient through ``CELU(alpha=0.075)`` or ``CELU(0.3)`` (Page's alphas,
-    not exact in float32) is off by up to 4e-8 relative, which a BatchNorm backward that
-    cancels most of a gradient can lift above the check's tolerance. The exponent's
-    argument is taken at min(x, 0), so no inf (and no NaN gradient) comes from large x;
-    ``x`` is not saved for the backward, so the in-place form may overwrite it.
-    """
-    positive = x > 0
-    negative_part = torch.where(positive, torch.zeros((), dtype=x.dtype, device=x.device), x)
-    return torch.where(positive, x, alpha * torch.expm1(negative_part / alpha))
-
-
-class _ExactFloat64Reference(TorchFunctionMode):
-    """Computes CELU with :func:`_celu_float64` for float64 tensors (modules, ``F.celu``,
-    ``torch.celu`` and their in-place forms), so the check compares two float64 functions
-    and not PyTorch's float32-rounded CELU gradient against a correct one."""
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func in (F.celu, torch.celu, torch.celu_) and args and args[0].dtype == torch.float64:
-            x = args[0]
-            alpha = args[1] if len(args) > 1 else kwargs.get("alpha", 1.0)
-            inplace = func is torch.celu_ or (args[2] if len(args) > 2 else kwargs.get("inplace", False))
-            y = _celu_float64(x, float(alpha))
-            return x.copy_(y) if inplace else y
-        return func(*args, **kwargs)
 
 
 class ModelFailed(RuntimeError):
@@ -160,7 +135,7 @@ def observe(module: nn.Module, mode: str, batches, hold: frozenset[str] = frozen
     frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
     seen: dict[str, torch.Tensor] = {}
     try:
-        with torch.random.fork_rng(devices=[]), _ExactFloat64Reference():
+        with torch.random.fork_rng(devices=[]), Float64Reference():
             torch.manual_seed(SEED)
             for i, (x, y) in enumerate(batches):
                 leaf = x.detach().double().requires_grad_(mode == "train")
