@@ -41,12 +41,13 @@ RTOL_FLOAT64 = 1e-6
 RTOL_FLOAT32 = 1e-4
 
 
-def _narrow_airbench() -> nn.Module:
-    """airbench94's network (bench/models/airbench94_net.py) at widths 16/32/32."""
+def _narrow_airbench(**options) -> nn.Module:
+    """airbench94's network (bench/models/airbench94_net.py) at widths 16/32/32; ``options``
+    as airbench94_muon_net.py gives them for fast_muon's network."""
     spec = importlib.util.spec_from_file_location("airbench94_net", REPO / "bench/models/airbench94_net.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.AirbenchNet(widths=(16, 32, 32))
+    return module.AirbenchNet(widths=(16, 32, 32), **options)
 
 
 def _narrow_resnet9(tmp_path) -> nn.Module:
@@ -55,8 +56,9 @@ def _narrow_resnet9(tmp_path) -> nn.Module:
     return build_example(str(path))
 
 
-MODELS = {"page2019": _narrow_resnet9, "fast": lambda tmp_path: _narrow_airbench()}
-PAIRS = {"page2019": 8, "fast": 6}  # BN -> activation pairs of each network
+MODELS = {"page2019": _narrow_resnet9, "fast": lambda tmp_path: _narrow_airbench(),
+          "fast_muon": lambda tmp_path: _narrow_airbench(logit_divisor=256, zero_stem_bias=False)}
+PAIRS = {"page2019": 8, "fast": 6, "fast_muon": 6}  # BN -> activation pairs of each network
 
 
 def _graph(name: str, tmp_path, cifar10, fused: bool, checks: bool = False):
@@ -66,8 +68,6 @@ def _graph(name: str, tmp_path, cifar10, fused: bool, checks: bool = False):
     images, labels = spread_training_images(cifar10, 512)
     torch.manual_seed(1)  # page2019's whitening draws a fresh 1x1 conv
     recipe = load_recipe(name).to_dict()
-    if name == "fast":  # fast does not list the pass yet (see fast.toml): the graph it would train
-        recipe["passes"].append({"name": "fuse_bn_activation"})
     gm, report = training_graph(gm, recipe, images=images, labels=labels, checks=checks, fused_kernels=fused)
     return gm, report
 
@@ -76,7 +76,7 @@ def _fused(gm) -> list[BatchNormActivation]:
     return [m for m in gm.modules() if isinstance(m, BatchNormActivation)]
 
 
-@pytest.mark.parametrize("name", ["page2019", "fast"])
+@pytest.mark.parametrize("name", ["page2019", "fast", "fast_muon"])
 def test_the_recipe_graph_holds_fused_modules_only_with_the_flag(name, tmp_path, cifar10):
     on, report = _graph(name, tmp_path, cifar10, fused=True)
     off, report_off = _graph(name, tmp_path, cifar10, fused=False)
@@ -95,6 +95,17 @@ def test_the_recipe_graph_holds_fused_modules_only_with_the_flag(name, tmp_path,
         else:
             assert m.activation == "gelu" and m.ghost_batch_size is None
             assert (m.momentum, m.eps) == (bn["momentum"], bn["eps"])  # the recipe's [batchnorm]
+
+
+@pytest.mark.parametrize("name", ["fast", "fast_muon"])
+def test_the_float64_check_accepts_the_fusion_of_airbenchs_network(name, tmp_path, cifar10):
+    """The check ``fastgraph train`` runs before training, now that fast and fast_muon list
+    the fusion: every recipe pass, then the fusion, in float64 on real images and the stress
+    batch, passes with gradients equal to rounding."""
+    _, report = _graph(name, tmp_path, cifar10, fused=True, checks=True)
+    outcome = next(p for p in report["passes"] if p["name"] == "fuse_bn_activation")
+    assert (outcome["status"], outcome["rewrites"]) == ("applied", PAIRS[name])
+    assert outcome["max_grad_diff"] is not None and outcome["max_grad_diff"] < 1e-9
 
 
 def _train(gm, batches, dtype):
