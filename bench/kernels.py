@@ -37,7 +37,14 @@ it is the reference the Triton result is checked against before it is timed.
 
 Timing: ``triton.testing.do_bench`` (CUDA events; L2 cache flushed before every run;
 warm-up 25 ms, then runs for 100 ms), median and 20th/80th percentiles, milliseconds; the
-torch.compile warm-up (compilation) happens before timing. Bandwidth: an explicit byte count
+torch.compile warm-up (compilation) happens before timing. Each implementation is timed two
+ways (the rows' ``timing``): ``call``, the Python call as a training step without CUDA
+graphs makes it (host work, dispatch and launches included: at these sizes a few
+microseconds of launch latency per kernel are a large part of it), and ``graph``, the same
+call captured once in a CUDA graph and replayed (``torch.cuda.CUDAGraph``), which is the GPU
+time of its kernels alone, as under ``torch.compile(mode="reduce-overhead")`` or a captured
+training step. The goals are read off the ``graph`` rows (the kernels' own speed), and off
+the ``call`` rows where no graph could be captured. Bandwidth: an explicit byte count
 divided by the median time. For bn_act the count is the minimum traffic any implementation
 needs (forward: read x, write y; forward+backward adds read x, read dy, write dx), so GB/s
 compares implementations on one scale; the kernels' own traffic (module docstring of
@@ -66,13 +73,15 @@ import re
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
 TIMING_METHOD = ("triton.testing.do_bench: CUDA events, L2 flushed before each run, warmup 25 ms, "
-                 "rep 100 ms; median and 20th/80th percentiles in ms; torch.compile warm-up excluded")
+                 "rep 100 ms; median and 20th/80th percentiles in ms; torch.compile warm-up excluded; "
+                 "timing 'call': the Python call (host work and launches included); timing 'graph': "
+                 "the call captured in a CUDA graph and replayed (GPU time of its kernels)")
 DRY_TIMING_METHOD = "dry run: time.perf_counter on the CPU through Triton's interpreter; not a measurement"
 
 BN_RECIPES = ("fast", "page2019")  # the recipes whose training graphs give the bn_act shapes
@@ -90,7 +99,8 @@ class Row:
     shape: list[int]
     dtype: str
     pass_: str  # "fwd" or "fwd+bwd"
-    impl: str  # "triton", "eager", "compile"
+    impl: str  # "triton", "eager", "compile", "kernels only"
+    timing: str = "call"  # "call": the Python call; "graph": its CUDA graph replayed
     median_ms: float | None = None
     p20_ms: float | None = None
     p80_ms: float | None = None
@@ -133,6 +143,24 @@ def _time(ctx: Context, fn) -> tuple[float, float, float]:
     return p50, p20, p80
 
 
+def _graphed(ctx: Context, fn):
+    """``fn`` captured in a CUDA graph: a function that replays it (same inputs, same output
+    buffers). Warmed up first on a side stream, as capture requires (lazy initialisation,
+    the allocator's pools, cuDNN and Triton autotuning happen outside the graph)."""
+    torch = ctx.torch
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    torch.cuda.synchronize()
+    return graph.replay
+
+
 def _measure_copy_bandwidth(ctx: Context) -> float:
     """Device-to-device copy bandwidth in bytes/s (read + write of a 1 GiB tensor)."""
     torch = ctx.torch
@@ -159,26 +187,47 @@ def _profile_bandwidth(device_name: str):
     return None
 
 
-def _record(ctx: Context, row: Row, fn) -> Row:
+def _record(ctx: Context, row: Row, fn, *, graph: bool = True) -> Row:
+    """Time ``fn`` into ``row`` (timing "call") and, on a GPU with ``graph``, into a copy of it
+    with timing "graph" (its CUDA graph replayed). A failure is recorded in the row's
+    ``error`` and the benchmark goes on."""
+    _timed(ctx, row, fn)
+    if graph and not ctx.dry_run:
+        replica = replace(row, timing="graph", median_ms=None, p20_ms=None, p80_ms=None, gbps=None,
+                          frac_copy=None, frac_profile=None, error=None)
+        try:
+            replay = _graphed(ctx, fn)
+        except Exception as exc:  # not capturable (a host sync, a CPU fallback): say so, go on
+            replica.error = _error_text(exc)
+            ctx.rows.append(replica)
+        else:
+            _timed(ctx, replica, replay)
+    return row
+
+
+def _error_text(exc: Exception) -> str:
+    first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return f"{type(exc).__name__}: {first_line}"[:300]
+
+
+def _timed(ctx: Context, row: Row, fn) -> None:
     try:
         row.median_ms, row.p20_ms, row.p80_ms = _time(ctx, fn)
     except Exception as exc:  # a failing compile must not lose the other numbers
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        row.error = f"{type(exc).__name__}: {first_line}"[:300]
+        row.error = _error_text(exc)
         ctx.rows.append(row)
-        return row
+        return
     row.gbps = row.bytes_min / (row.median_ms * 1e-3) / 1e9
     if ctx.copy_bw:
         row.frac_copy = row.gbps * 1e9 / ctx.copy_bw
     if ctx.profile_bw:
         row.frac_profile = row.gbps * 1e9 / ctx.profile_bw
     ctx.rows.append(row)
-    return row
 
 
 def _speedups(rows: list[Row]) -> None:
     def key(r):
-        return r.kernel, r.case, r.dtype, r.pass_, tuple(r.shape)
+        return r.kernel, r.case, r.dtype, r.pass_, tuple(r.shape), r.timing
 
     eager = {key(r): r.median_ms for r in rows if r.impl == "eager"}
     compiled = {key(r): r.median_ms for r in rows if r.impl == "compile"}
@@ -195,19 +244,23 @@ def bn_act_goals(rows: list[Row]) -> list[dict]:
     "triton") median ms and GB/s, the fraction of the copy bandwidth, Inductor's median ms and
     the speed-up over it; ``large`` when the input is at least ``LARGE_BYTES``; ``copy_goal``
     (>= 70% of copy bandwidth, fwd+bwd at large shapes, else None) and ``inductor_goal``
-    (faster than Inductor), each None where a number is missing."""
-    compiled = {(r.case, r.dtype, r.pass_): r for r in rows if r.kernel == "bn_act" and r.impl == "compile"}
+    (faster than Inductor), each None where a number is missing. Read off the CUDA-graph rows
+    (``timing`` "graph": the kernels' GPU time) where a case has them, else the call rows."""
+    bn = [r for r in rows if r.kernel == "bn_act"]
+    graphed = {(r.case, r.dtype, r.pass_) for r in bn if r.timing == "graph" and r.median_ms is not None}
+    compiled = {(r.case, r.dtype, r.pass_, r.timing): r for r in bn if r.impl == "compile"}
     goals = []
-    for r in rows:
-        if r.kernel != "bn_act" or r.impl != "triton":
+    for r in bn:
+        key = (r.case, r.dtype, r.pass_)
+        if r.impl != "triton" or r.timing != ("graph" if key in graphed else "call"):
             continue
-        inductor = compiled.get((r.case, r.dtype, r.pass_))
+        inductor = compiled.get((*key, r.timing))
         large = r.bytes_min // (2 if r.pass_ == "fwd" else 5) >= LARGE_BYTES
         copy_goal = None
         if large and r.pass_ == "fwd+bwd" and r.frac_copy is not None:
             copy_goal = r.frac_copy >= COPY_GOAL
-        goals.append(dict(case=r.case, shape=r.shape, dtype=r.dtype, pass_=r.pass_, large=large,
-                          triton_ms=r.median_ms, gbps=r.gbps, frac_copy=r.frac_copy,
+        goals.append(dict(case=r.case, shape=r.shape, dtype=r.dtype, pass_=r.pass_, timing=r.timing,
+                          large=large, triton_ms=r.median_ms, gbps=r.gbps, frac_copy=r.frac_copy,
                           inductor_ms=inductor.median_ms if inductor else None,
                           speedup_vs_inductor=r.speedup_vs_compile, copy_goal=copy_goal,
                           inductor_goal=None if r.speedup_vs_compile is None
@@ -434,7 +487,7 @@ def bench_bn_act(ctx: Context, cases: list[BNCase], dtypes) -> None:
                            case.alpha, splits)
             _record(ctx, Row(impl="kernels only", pass_="fwd", bytes_min=2 * numel * size,
                              bytes_kernel=3 * numel * size, **base),
-                    lambda a=launch_args: _forward_triton(*a))
+                    lambda a=launch_args: _forward_triton(*a), graph=False)
             if ctx.compile_:  # Inductor's own fused kernels for the same BN + activation
                 impls.append(("compile", _compiled(ctx, lambda *a, **k: eager_bn_act(*a, **k))))
             for impl, fn in impls:
@@ -469,7 +522,11 @@ def _check_bn_act(torch, x, running, weight, bias, dy, kw, fused, reference) -> 
 # ----------------------------------------------------------------------------- reporting
 
 
-def _git_commit() -> tuple[str, bool]:
+def _git_commit() -> tuple[str, bool | None]:
+    """(commit, uncommitted changes); ``FASTGRAPH_GIT_COMMIT`` names the commit of a copied
+    tree without git history (its changes then unknown: None)."""
+    if os.environ.get("FASTGRAPH_GIT_COMMIT"):
+        return os.environ["FASTGRAPH_GIT_COMMIT"], None
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True,
                                 check=True).stdout.strip()
@@ -485,7 +542,7 @@ def _fmt(v, spec):
 
 
 def _table_rows(rows: list[Row]):
-    header = ["kernel", "case", "shape", "dtype", "pass", "impl", "median ms", "p20-p80 ms", "GB/s",
+    header = ["kernel", "case", "shape", "dtype", "pass", "impl", "timing", "median ms", "p20-p80 ms", "GB/s",
               "% copy BW", "% profile BW", "x eager", "x inductor", "checked"]
     body = []
     for r in rows:
@@ -494,9 +551,9 @@ def _table_rows(rows: list[Row]):
         pct_copy = _fmt(r.frac_copy and 100 * r.frac_copy, ".0f")
         pct_profile = _fmt(r.frac_profile and 100 * r.frac_profile, ".0f")
         checked = "-" if r.checked is None else ("yes" if r.checked else "NO")
-        body.append([r.kernel, r.case, "x".join(map(str, r.shape)), r.dtype, r.pass_, r.impl, median, spread,
-                     _fmt(r.gbps, ".0f"), pct_copy, pct_profile, _fmt(r.speedup_vs_eager, ".2f"),
-                     _fmt(r.speedup_vs_compile, ".2f"), checked])
+        body.append([r.kernel, r.case, "x".join(map(str, r.shape)), r.dtype, r.pass_, r.impl, r.timing,
+                     median, spread, _fmt(r.gbps, ".0f"), pct_copy, pct_profile,
+                     _fmt(r.speedup_vs_eager, ".2f"), _fmt(r.speedup_vs_compile, ".2f"), checked])
     return header, body
 
 
@@ -505,9 +562,10 @@ def _yes_no(v):
 
 
 def _goal_table(goals: list[dict]):
-    header = ["bn_act case", "dtype", "pass", "fused ms", "inductor ms", "x inductor", "GB/s", "% copy BW",
-              "faster than inductor", ">= 70% copy BW (fwd+bwd, large)"]
-    body = [[g["case"], g["dtype"], g["pass_"], _fmt(g["triton_ms"], ".4f"), _fmt(g["inductor_ms"], ".4f"),
+    header = ["bn_act case", "dtype", "pass", "timing", "fused ms", "inductor ms", "x inductor", "GB/s",
+              "% copy BW", "faster than inductor", ">= 70% copy BW (fwd+bwd, large)"]
+    body = [[g["case"], g["dtype"], g["pass_"], g["timing"], _fmt(g["triton_ms"], ".4f"),
+             _fmt(g["inductor_ms"], ".4f"),
              _fmt(g["speedup_vs_inductor"], ".2f"), _fmt(g["gbps"], ".0f"),
              _fmt(g["frac_copy"] and 100 * g["frac_copy"], ".0f"), _yes_no(g["inductor_goal"]),
              _yes_no(g["copy_goal"]) if g["large"] and g["pass_"] == "fwd+bwd" else "n/a"] for g in goals]

@@ -128,7 +128,13 @@ def write_json(path: str | Path, record: dict, option: str = "--json") -> Path:
 
 
 def git_commit(start: str | Path | None = None) -> str | None:
-    """``git rev-parse HEAD`` of the repository holding ``start`` (default: this package), else None."""
+    """``git rev-parse HEAD`` of the repository holding ``start`` (default: this package), else None.
+
+    ``FASTGRAPH_GIT_COMMIT``, when set, is returned instead: the commit of a checkout copied
+    without its own git history (an exported tree, a container image), which git cannot tell.
+    """
+    if os.environ.get("FASTGRAPH_GIT_COMMIT"):
+        return os.environ["FASTGRAPH_GIT_COMMIT"]
     where = start or Path(__file__).resolve().parent
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=where, capture_output=True, text=True,

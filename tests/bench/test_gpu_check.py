@@ -65,47 +65,48 @@ def test_plan_lists_every_step_with_its_command_and_budget(gpu_check, tmp_path):
     data, work = tmp_path / "cifar10.tar.xz", tmp_path / "work"
     steps = gpu_check.plan(data, work, fused_flag=True)
     names = [s.name for s in steps]
-    assert names == ["data", "kernels", "gpu tests", "kernel tests", "optimize", "train fused",
-                     "train unfused"]
+    assert names == ["data", "kernels", "gpu tests", "optimize", "train fast fused", "train fast unfused",
+                     "train page2019 fused", "train page2019 unfused"] == list(gpu_check.step_names())
     assert sum(s.budget_s for s in steps) <= gpu_check.TOTAL_BUDGET_S == 480
-    assert all(s.budget_s > 0 and s.skip is None and s.command[0] == sys.executable for s in steps)
+    assert all(s.budget_s >= 25 and s.skip is None and s.command[0] == sys.executable for s in steps)
     by_name = {s.name: " ".join(s.command) for s in steps}
     assert "bench/kernels.py --only bn_act" in by_name["kernels"]
     assert "pytest -q -m gpu tests" in by_name["gpu tests"]
-    assert by_name["kernel tests"].endswith("tests/kernels")
     assert "optimize examples/resnet9.py --device cuda" in by_name["optimize"]
-    for name in ("train fused", "train unfused"):  # page2019 by default: its BN + CELU pairs are fused
-        assert "train examples/resnet9.py --recipe page2019" in by_name[name] and "--runs 2" in by_name[name]
-        assert f"--data {data}" in by_name[name]
-    assert "--no-fused-kernels" in by_name["train unfused"]
-    assert "--no-fused-kernels" not in by_name["train fused"]
+    # each recipe on its own network, fused and unfused
+    models = {"fast": "bench/models/airbench94_net.py", "page2019": "examples/resnet9.py"}
+    for recipe, model in models.items():
+        for kind in ("fused", "unfused"):
+            command = by_name[f"train {recipe} {kind}"]
+            assert f"train {model} --recipe {recipe}" in command and "--runs 2" in command
+            assert f"--data {data}" in command
+            assert ("--no-fused-kernels" in command) == (kind == "unfused")
     # every file a step names is in the checkout, and each JSON lands in the work folder
-    for path in ("bench/kernels.py", "examples/resnet9.py", "bench/models/airbench94_net.py",
-                 "tests/kernels"):
+    for path in ("bench/kernels.py", *models.values()):
         assert (REPO / path).exists()
     assert all(Path(s.output).parent == work for s in steps if s.output)
 
 
-def test_plan_without_the_fused_flag_skips_the_unfused_run_saying_why(gpu_check, tmp_path):
+def test_plan_without_the_fused_flag_skips_the_unfused_runs_saying_why(gpu_check, tmp_path):
     steps = gpu_check.plan(tmp_path / "d", tmp_path / "w", fused_flag=False)
     skipped = [s for s in steps if s.skip]
-    assert [s.name for s in skipped] == ["train unfused"]
-    assert skipped[0].skip == "flag not available in this checkout"
+    assert [s.name for s in skipped] == ["train fast unfused", "train page2019 unfused"]
+    assert {s.skip for s in skipped} == {"flag not available in this checkout"}
     record = gpu_check.run_step(skipped[0], dict(os.environ))
     assert record["status"] == "skipped" and record["reason"] == skipped[0].skip
 
 
-def test_plan_trains_the_chosen_recipe_and_leaves_out_skipped_steps(gpu_check, tmp_path):
-    steps = gpu_check.plan(tmp_path / "d", tmp_path / "w", fused_flag=True, recipe="fast",
-                           skip=("kernel tests", "optimize"))
-    assert [s.name for s in steps] == list(gpu_check.STEP_NAMES)  # skipped steps stay in the record
-    assert [s.name for s in steps if s.skip] == ["kernel tests", "optimize"]
-    train = " ".join(next(s for s in steps if s.name == "train fused").command)
-    assert "train bench/models/airbench94_net.py --recipe fast" in train
+def test_plan_trains_the_chosen_recipes_and_leaves_out_skipped_steps(gpu_check, tmp_path):
+    steps = gpu_check.plan(tmp_path / "d", tmp_path / "w", fused_flag=True, recipes=("page2019",),
+                           skip=("gpu tests", "optimize"))
+    assert [s.name for s in steps] == list(gpu_check.step_names(("page2019",)))  # skipped ones stay recorded
+    assert [s.name for s in steps if s.skip] == ["gpu tests", "optimize"]
+    assert sum(s.budget_s for s in steps) <= gpu_check.TOTAL_BUDGET_S
     with pytest.raises(ValueError, match="unknown recipe 'resnet50'"):
-        gpu_check.plan(tmp_path / "d", tmp_path / "w", fused_flag=True, recipe="resnet50")
-    with pytest.raises(ValueError, match="unknown step 'compile'"):
-        gpu_check.plan(tmp_path / "d", tmp_path / "w", fused_flag=True, skip=("compile",))
+        gpu_check.plan(tmp_path / "d", tmp_path / "w", fused_flag=True, recipes=("resnet50",))
+    with pytest.raises(ValueError, match="unknown step 'train fast fused'"):  # fast is not trained here
+        gpu_check.plan(tmp_path / "d", tmp_path / "w", fused_flag=True, recipes=("page2019",),
+                       skip=("train fast fused",))
 
 
 def test_fused_flag_is_read_from_the_train_command(gpu_check):
@@ -159,3 +160,14 @@ def test_a_step_past_its_budget_is_killed_with_its_children(gpu_check, tmp_path)
     assert record["status"] == "timeout" and record["seconds"] < 30
     time.sleep(1.5)  # past the moment the child would have written its file
     assert not marker.exists()  # the whole process group went, not just the step's own process
+
+
+def test_a_copied_tree_names_its_commit_from_the_environment(gpu_check, bench_kernels, monkeypatch):
+    from fastgraph.core.outputs import git_commit
+
+    real = git_commit(REPO)
+    assert real is None or len(real) == 40  # this checkout's own HEAD, where it is a git checkout
+    monkeypatch.setenv("FASTGRAPH_GIT_COMMIT", "0123abc")
+    assert git_commit(REPO) == "0123abc"
+    assert bench_kernels._git_commit() == ("0123abc", None)  # changes unknown in a copy
+    assert gpu_check._dirty() is None
