@@ -13,8 +13,9 @@ docstring gives its arguments, units and errors; bad input raises
   CIFAR-10 with a recipe (``fastgraph train``).
 - :func:`export` ``(model, path, *, tta, format, ...) -> ExportReport``: ONNX or
   TensorRT engine with TTA in the graph, verified on the test set (``fastgraph export``).
-- :func:`roofline` ``(model, *, profile, precision, mode, batch_size, measured) ->
-  Roofline``: every graph node on a GPU's roofline (``fastgraph roofline``).
+- :func:`roofline` ``(model, *, profile, precision, mode, batch_size, measured, gpus, nodes)
+  -> Roofline``: every graph node on a GPU's roofline, and with ``gpus`` the data-parallel
+  gradient all-reduce and scaling efficiency (``fastgraph roofline``).
 - :func:`profile` ``(model, *, recipe, steps, ...) -> ProfileReport``: measured time per
   graph node under torch.profiler (``fastgraph profile``).
 - :func:`advise` ``(model, *, mode, profile, precision, ...) -> Advice``: which tricks

@@ -5,7 +5,8 @@ Owns: ``roofline`` (hardware profiles, FLOP counting with torch.utils.flop_count
 per-node costs, arithmetic intensity), ``nodes`` (roofline points per node), ``plot``
 (matplotlib roofline), ``record`` (the per-node roofline record, the ``Roofline``
 report and :func:`roofline`), ``profile`` (torch.profiler events attributed to graph
-nodes, the ``ProfileReport`` and :func:`profile`).
+nodes, the ``ProfileReport`` and :func:`profile`), ``communication`` (the data-parallel
+gradient all-reduce over a profile's interconnect, and scaling efficiency).
 
 May import: ``core``, ``passes``, ``kernels``, ``data``, ``training`` (a profile times
 a recipe's training steps), ``profiles``.

@@ -6,8 +6,10 @@ profile's roofline (Williams, Waterman and Patterson, CACM 2009): FLOPs and byte
 training step (or one inference batch) from :mod:`fastgraph.perf.nodes`, the arithmetic
 intensity, the attainable FLOP/s and the roofline time, and the whole step as one more
 point. With a measured profile (``fastgraph profile --json``) each node's measured time
-and achieved FLOP/s stand beside the prediction. ``fastgraph roofline`` prints the table,
-draws the plot and writes the record as JSON.
+and achieved FLOP/s stand beside the prediction. With ``gpus`` (and ``nodes``) the record
+gains the data-parallel prediction of :mod:`fastgraph.perf.communication`: the gradient
+all-reduce per step and the scaling efficiency of the step on that many GPUs.
+``fastgraph roofline`` prints the tables, draws the plot and writes the record as JSON.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-from rich.console import Console
+from rich.console import Console, Group
 from rich.table import Table
 from torch import nn
 
@@ -127,6 +129,41 @@ def roofline_table(record: dict) -> Table:
                          compact=True)
 
 
+def communication_table(comm: dict, display_name: str) -> Table:
+    """The data-parallel prediction (``Roofline.communication``) as a two-column table."""
+    from fastgraph.core.console import fitting_table, seconds, si
+
+    def share(x: float) -> str:
+        return f"{100 * x:.1f}%"
+
+    links = []
+    if comm["intra_node_link"]:
+        links.append(f"{comm['intra_node_link']}: {seconds(comm['intra_node_seconds'])}")
+    if comm["network_link"]:
+        links.append(f"{comm['network_link']}: {seconds(comm['inter_node_seconds'])}")
+    reduce = f"{seconds(comm['allreduce_seconds'])} per step, {comm['algorithm']}"
+    reduce += f" ({'; '.join(links)})" if links else ""
+    rows = [
+        ["system", f"{comm['gpus']} GPU{'s' * (comm['gpus'] > 1)}: {comm['nodes']} "
+                   f"node{'s' * (comm['nodes'] > 1)} of {comm['gpus_per_node']}"],
+        ["batch", f"{comm['batch_size_per_gpu']} per GPU, {comm['global_batch_size']} in all"],
+        ["gradients", f"{si(comm['gradient_bytes'], 'B')}: {si(comm['parameters'])} parameters "
+                      f"at {comm['gradient_precision']}"],
+        ["all-reduce", reduce],
+        ["compute step", f"{seconds(comm['compute_seconds'])} (1 GPU, roofline), "
+                         f"{si(comm['images_per_second_one_gpu'])} images/s"],
+        ["no overlap", f"step {seconds(comm['step_seconds_no_overlap'])}, scaling "
+                       f"{share(comm['scaling_efficiency_no_overlap'])}, "
+                       f"{si(comm['images_per_second_no_overlap'])} images/s in all"],
+        ["full overlap", f"step {seconds(comm['step_seconds_full_overlap'])}, scaling "
+                         f"{share(comm['scaling_efficiency_full_overlap'])}, "
+                         f"{si(comm['images_per_second_full_overlap'])} images/s in all"],
+    ]
+    title = (f"Data-parallel training on {comm['gpus']} x {display_name} (prediction: ring "
+             "all-reduce, hierarchical across nodes; scaling against one GPU at the same batch)")
+    return fitting_table(title, {"what": "left", "prediction": "left"}, rows)
+
+
 @dataclass
 class Roofline:
     """Every node of a model's graph on a hardware profile's roofline, and the whole step.
@@ -146,6 +183,10 @@ class Roofline:
         step: the whole step as one point (sums of the nodes; see
             :func:`fastgraph.perf.nodes.step_point`).
         model: the model file's absolute path, or ``"<Class> (nn.Module)"``.
+        communication: with ``gpus``, the data-parallel prediction of
+            :func:`fastgraph.perf.communication.communication_record` (gradient bytes,
+            all-reduce seconds per step, the single-GPU compute step, both scaling bounds,
+            images/s of the whole system); None without (and then not in :meth:`to_dict`).
         plot_path: the plot written by :meth:`plot` (None before; ``plot`` in :meth:`to_dict`).
         hardware: the :class:`~fastgraph.perf.roofline.HardwareProfile` itself, and
         measured_device: the device the measured profile ran on (neither in :meth:`to_dict`).
@@ -163,6 +204,7 @@ class Roofline:
     nodes: list[dict]
     step: dict
     model: str
+    communication: dict | None = None
     plot_path: str | None = None
     hardware: HardwareProfile | None = field(default=None, repr=False)
     measured_device: str | None = field(default=None, repr=False)
@@ -171,6 +213,7 @@ class Roofline:
     def to_dict(self) -> dict:
         """Exactly the JSON ``fastgraph roofline --json`` writes (``plot`` is the plot's path, once drawn)."""
         skip = ("plot_path", "hardware", "measured_device", "header")
+        skip += ("communication",) if self.communication is None else ()
         body = {f.name: copy.deepcopy(getattr(self, f.name)) for f in fields(self) if f.name not in skip}
         plot = {"plot": self.plot_path} if self.plot_path else {}
         return {**self.header, "device": "none", **body, **plot}
@@ -200,16 +243,21 @@ class Roofline:
         self.plot_path = str(written.resolve())
         return written
 
-    def __rich__(self) -> Table:
-        """The table ``fastgraph roofline`` prints."""
-        return roofline_table(self.to_dict())
+    def __rich__(self) -> Table | Group:
+        """The table ``fastgraph roofline`` prints, and the data-parallel one with ``gpus``."""
+        table = roofline_table(self.to_dict())
+        if self.communication is None:
+            return table
+        return Group(table, "", communication_table(self.communication, self.display_name))
 
     __str__ = report_text
 
 
 def roofline(model: nn.Module | str | os.PathLike, *, profile: str | HardwareProfile = DEFAULT_PROFILE,
              precision: str = "bf16", mode: str = "train", batch_size: int = 512,
-             measured: dict | str | os.PathLike | None = None, entry: str | None = None) -> Roofline:
+             measured: dict | str | os.PathLike | None = None, entry: str | None = None,
+             gpus: int | None = None, nodes: int | None = None,
+             gradient_precision: str | None = None) -> Roofline:
     """Every graph node of ``model`` on ``profile``'s roofline at ``precision``, and the whole step.
 
     Counts come from :func:`fastgraph.perf.nodes.node_points` (FLOPs by
@@ -227,6 +275,14 @@ def roofline(model: nn.Module | str | os.PathLike, *, profile: str | HardwarePro
         measured: a ``fastgraph profile --json`` record (dict or file): nodes gain their
             measured seconds per step and achieved FLOP/s; the step's batch size is the
             profile's (training steps only).
+        gpus, nodes: predict data-parallel training on ``gpus`` GPUs over ``nodes`` nodes
+            (default 1; training only), each GPU at ``batch_size`` images per step: the
+            record gains ``communication`` (see
+            :func:`fastgraph.perf.communication.communication_record`), whose compute step
+            is this record's step roofline time (``step["roofline_seconds"]``).
+        gradient_precision: dtype of the gradients all-reduced; default ``precision``
+            (the roofline's byte model holds every tensor at it). Mixed precision with
+            fp32 master weights all-reduces fp32 gradients: pass ``"fp32"``.
 
     Returns:
         :class:`Roofline`; its ``to_dict()`` is the JSON ``fastgraph roofline --json``
@@ -235,7 +291,10 @@ def roofline(model: nn.Module | str | os.PathLike, *, profile: str | HardwarePro
     Raises:
         UserError: unknown profile or precision (or one the profile lacks), a bad mode or
             batch size, a measured record that is not a profile's, is of inference, or
-            matches no node; a model file that cannot be built or traced (``ModelError``).
+            matches no node; a model file that cannot be built or traced (``ModelError``);
+            ``nodes`` without ``gpus``, ``gpus`` in inference, or a system the profile cannot
+            model (:func:`fastgraph.perf.communication.check_system`: gpus or nodes < 1,
+            gpus not a multiple of nodes, several nodes on a profile without a network).
     """
     from fastgraph.core.loading import load_model
     from fastgraph.core.tracing import trace
@@ -253,10 +312,29 @@ def roofline(model: nn.Module | str | os.PathLike, *, profile: str | HardwarePro
         batch_size = int(measured["batch_size"])  # FLOPs per step must be those of the measured steps
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise UserError(f"batch_size must be a positive integer, got {batch_size!r}")
+    if gpus is None and (nodes is not None or gradient_precision is not None):
+        raise UserError("nodes and gradient_precision describe data-parallel training: give gpus too")
+    if gpus is not None:
+        from fastgraph.perf.communication import check_system
+        from fastgraph.perf.roofline import _check_precision
+
+        if mode != "train":
+            raise UserError("gpus: the gradient all-reduce is part of a training step; use mode 'train'")
+        nodes = 1 if nodes is None else nodes
+        check_system(hardware, gpus, nodes)
+        gradient_precision = precision if gradient_precision is None else gradient_precision
+        _check_precision(gradient_precision)
     if isinstance(model, nn.Module):
         gm, label = trace(model), f"{type(model).__name__} (nn.Module)"
     else:
         gm, label = trace(load_model(model, entry), model), str(Path(model).resolve())
     record = roofline_record(gm, hardware, precision, mode, batch_size, measured)
-    return Roofline(**record, model=label, hardware=hardware,
+    communication = None
+    if gpus is not None:
+        from fastgraph.perf.communication import communication_record
+
+        communication = communication_record(gm, hardware, gpus=gpus, nodes=nodes, batch_size=batch_size,
+                                             compute_seconds=record["step"]["roofline_seconds"],
+                                             gradient_precision=gradient_precision)
+    return Roofline(**record, model=label, communication=communication, hardware=hardware,
                     measured_device=measured.get("device") if measured else None)

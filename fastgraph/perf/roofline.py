@@ -67,6 +67,17 @@ class HardwareProfile:
         sources: the vendor document (name and URL) behind each number, keyed
             ``"memory_bandwidth"``, ``"sm_count"``, ``"peak.<precision>"``.
         notes: how a number was derived, where it was (same keys; may be empty).
+        intra_node_bandwidth: GPU-to-GPU bandwidth inside one node, bytes/s per GPU and per
+            direction (NVLink, or PCIe on a part without it); None when the file has none.
+        intra_node_latency: seconds per message between GPUs of one node (None: none given).
+        network_bandwidth: inter-node network bandwidth, bytes/s per GPU and per direction
+            (the NICs of the vendor's own system divided among its GPUs); None for a part
+            sold without one, which then cannot be modelled on more than one node.
+        network_latency: seconds per message between nodes (None: none given).
+        intra_node_link, network_link: what those links are, e.g. ``"NVLink 4"``,
+            ``"InfiniBand NDR 400 Gb/s"`` (None when absent).
+        The interconnect figures are read by :mod:`fastgraph.perf.communication`; their
+        sources are keyed like the others (``"intra_node_bandwidth"``...).
     """
 
     name: str
@@ -76,6 +87,12 @@ class HardwareProfile:
     sm_count: int
     sources: Mapping[str, str]
     notes: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    intra_node_bandwidth: float | None = None
+    intra_node_latency: float | None = None
+    network_bandwidth: float | None = None
+    network_latency: float | None = None
+    intra_node_link: str | None = None
+    network_link: str | None = None
 
     def peak(self, precision: str) -> float:
         """Dense peak rate in FLOP/s at ``precision``.
@@ -112,7 +129,10 @@ def load_profile(name: str) -> HardwareProfile:
 
     A path lets users describe their own hardware in the same format as the shipped
     files: ``display_name``, then ``[memory_bandwidth]``, ``[sm_count]`` and
-    ``[peak.<precision>]`` tables, each with ``value`` and ``source``.
+    ``[peak.<precision>]`` tables, each with ``value`` and ``source``; optionally the
+    interconnect: ``[intra_node_bandwidth]`` and ``[network_bandwidth]`` (bytes/s per GPU
+    and per direction, with a ``link`` name) and ``[intra_node_latency]`` and
+    ``[network_latency]`` (seconds per message), a bandwidth and its latency together.
 
     Raises:
         UserError: unknown name (the one-line message lists the known profiles), a
@@ -169,8 +189,22 @@ def _parse_profile(name: str, data: dict, origin: str) -> HardwareProfile:
     if unknown:
         raise UserError(f"hardware profile {origin}: unknown precision(s) {', '.join(unknown)}; "
                         f"known: {', '.join(PRECISIONS)}")
+    links: dict[str, float | str | None] = {}
+    for scope in ("intra_node", "network"):
+        rate, latency = data.get(f"{scope}_bandwidth"), data.get(f"{scope}_latency")
+        if (rate is None) != (latency is None):
+            raise UserError(f"hardware profile {origin}: [{scope}_bandwidth] and [{scope}_latency] "
+                            "go together (give both or neither)")
+        if rate is None:
+            links.update({f"{scope}_bandwidth": None, f"{scope}_latency": None, f"{scope}_link": None})
+            continue
+        links[f"{scope}_bandwidth"] = float(entry(f"{scope}_bandwidth", rate, (int, float)))
+        links[f"{scope}_latency"] = float(entry(f"{scope}_latency", latency, (int, float)))
+        links[f"{scope}_link"] = str(rate.get("link") or scope.replace("_", "-"))
+    if links["network_bandwidth"] is not None and links["intra_node_bandwidth"] is None:
+        raise UserError(f"hardware profile {origin}: a [network_bandwidth] needs an [intra_node_bandwidth]")
     return HardwareProfile(name, display_name, MappingProxyType(peak_flops), bandwidth, sm_count,
-                           MappingProxyType(sources), MappingProxyType(notes))
+                           MappingProxyType(sources), MappingProxyType(notes), **links)
 
 
 def _check_precision(precision: str) -> None:

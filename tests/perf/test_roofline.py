@@ -176,8 +176,11 @@ def test_profile_loads_with_a_source_for_every_number(name):
     assert hw.name == name and hw.display_name.startswith("NVIDIA")
     assert hw.memory_bandwidth > 1e11 and hw.sm_count > 0 and "fp32" in hw.peak_flops
     keys = {"memory_bandwidth", "sm_count"} | {f"peak.{p}" for p in hw.peak_flops}
-    assert set(hw.sources) == keys
-    assert all("https://" in hw.sources[k] for k in keys)
+    rates = keys | {"intra_node_bandwidth"} | ({"network_bandwidth"} if hw.network_bandwidth else set())
+    latencies = {k.replace("bandwidth", "latency") for k in rates - keys}
+    assert set(hw.sources) == rates | latencies
+    assert all("https://" in hw.sources[k] for k in rates)
+    assert all(hw.sources[k].startswith("assumption") for k in latencies)  # no datasheet gives one
     for precision in ("tf32", "fp16", "bf16"):  # tensor cores beat CUDA cores where present
         if precision in hw.peak_flops and name != "gtx1080ti":
             assert hw.peak(precision) > hw.peak("fp32")
