@@ -17,28 +17,38 @@ their per-batch updates (what that reshape does with repeated running stats, ave
 afterwards). Eval never splits.
 
 Accumulation is in float32 whatever the storage dtype; the statistics are merged with
-Chan et al.'s parallel variance update (no E[x^2] - E[x]^2 cancellation); the running
-variance uses the unbiased batch variance, as PyTorch does.
+Chan et al.'s parallel variance update (no E[x^2] - E[x]^2 cancellation), summing deviations
+from a chunk's mean rather than values of size |mean|; the running variance uses the unbiased
+batch variance, as PyTorch does. The normalisation is ``(x - mean) * (weight * invstd) + bias``,
+not ``x * scale + (bias - mean * scale)``, whose two terms cancel when |mean| >> std.
 
 Cost per element of x, s = bytes of the storage dtype (per-channel vectors negligible):
 
-| pass | kernel bytes | minimum bytes | FLOPs (approx.) |
-|---|---|---|---|
-| training forward | 3s (read x twice: statistics, normalise; write y) | 2s | 5 + act |
-| eval forward | 2s | 2s | 2 + act |
-| backward (training or eval) | 5s (read x, dy for the sums, again for dx; write dx) | 3s | 12 + 2 act |
+| pass | launches | kernel bytes | minimum bytes | FLOPs (approx.) |
+|---|---|---|---|---|
+| training forward | 2 | 3s (read x twice: statistics, normalise; write y) | 2s | 9 + act |
+| eval forward | 1 | 2s | 2s | 3 + act |
+| backward (training or eval) | 2 | 5s (read x, dy for the sums, again for dx; write dx) | 3s | 17 + 2 act' |
 
-act = CELU: 4 FLOPs + exp; GELU: 6 + erf; SiLU: 4 + exp (sigmoid); derivatives about
-twice that. At ~0.5-1.5 FLOP/byte every variant is memory-bound, so the roofline time is
-bytes / bandwidth.
+act = CELU: 4 FLOPs + exp; GELU: 6 + erf; SiLU: 4 + exp (sigmoid); act' (the derivative,
+from z alone): CELU exp, GELU erf + exp, SiLU exp. At ~0.5-1.5 FLOP/byte every variant is
+memory-bound, so the roofline time is bytes / bandwidth.
 
-Launches: training forward = chunk statistics -> merge (per ghost batch and channel
-block) -> normalise + activation (whose first row block also writes the running
-statistics); eval forward skips the first; backward = chunk sums of dz and dz·xhat ->
-merge -> dx (whose first row block also writes dweight and dbias). Reductions are split
-in a fixed number of chunks and merged in a fixed order: results are deterministic.
+Launches. Every kernel runs on the grid (chunk k, ghost batch g, channel block): the rows
+of ghost batch g (its samples' pixels) are split in K chunks of whole [BLOCK_R, BLOCK_C]
+tiles, so a program's per-channel tables (mean, scale, bias) are loaded once, not per element.
+Training forward: (1) ``_bn_stats_partial``, each chunk's mean and M2 into a (2, G, K, C)
+float32 buffer; (2) ``_bn_act_fwd``, where each program first merges its ghost batch's K chunk
+statistics (one [K, BLOCK_C] tile load, K about sqrt(rows / 8) so that read stays small beside
+the chunk), then normalises its chunk; chunk 0 writes mean and invstd, and program (0, 0, c)
+the running statistics. Eval forward: (2) alone, with the running statistics. Backward: (1)
+``_bn_act_bwd_partial``, each chunk's sum(dz) and sum(dz * xhat); (2) ``_bn_act_bwd_dx``, each
+program merging its ghost batch's K sums, then dx; program (0, 0, c) writes dweight and dbias.
+Between launches the launchers only allocate outputs and scratch. Chunks are merged in a
+fixed order: results are deterministic.
 """
 
+import functools
 import math
 
 import torch
@@ -66,28 +76,31 @@ _ACT_CODE = {"identity": 0, "celu": 1, "gelu": 2, "silu": 3}
 if HAS_TRITON:
 
     @triton.jit
-    def _rows(r0, n_rows, HW, g, G, s_n, s_p, BLOCK_R: tl.constexpr, IN_SAMPLE: tl.constexpr):
-        """Element offsets (channel term excluded), mask and sample of BLOCK_R rows from r0.
+    def _rows(r0, M, HW, g, G, s_n, s_p, BLOCK_R: tl.constexpr, IN_SAMPLE: tl.constexpr,
+              LINEAR: tl.constexpr):
+        """Element offsets (int64, channel term excluded) and mask of rows r0 .. r0 + BLOCK_R of
+        ghost batch g: row r is pixel r % HW of sample g + G * (r // HW).
 
-        Row r of ghost batch g is pixel r % HW of sample g + G * (r // HW). With IN_SAMPLE
-        (BLOCK_R divides HW) the block lies in one sample: the sample is a scalar and the
-        pixel offsets are provably contiguous, so NCHW loads coalesce.
+        LINEAR (one ghost batch, channels_last): row r sits at r * s_p, no division. IN_SAMPLE
+        (BLOCK_R divides HW and r0 is a multiple of BLOCK_R): the block lies in one sample, whose
+        index is a scalar, so the pixel offsets are provably contiguous and NCHW loads coalesce.
         """
-        if IN_SAMPLE:
+        r = r0 + tl.arange(0, BLOCK_R)
+        mask = r < M
+        if LINEAR:
+            offs = r.to(tl.int64) * s_p
+        elif IN_SAMPLE:
             n = g + G * (r0 // HW)
-            p = r0 % HW + tl.arange(0, BLOCK_R)
-            mask = r0 + tl.arange(0, BLOCK_R) < n_rows
+            offs = n.to(tl.int64) * s_n + (r0 % HW + tl.arange(0, BLOCK_R)) * s_p
         else:
-            r = r0 + tl.arange(0, BLOCK_R)
-            mask = r < n_rows
             n = g + G * (r // HW)
-            p = r % HW
-        return n.to(tl.int64) * s_n + p * s_p, mask, n
+            offs = n.to(tl.int64) * s_n + (r % HW) * s_p
+        return offs, mask
 
     @triton.jit
-    def _activation(z, alpha, ACT: tl.constexpr):
+    def _activation(z, alpha, inv_alpha, ACT: tl.constexpr):
         if ACT == 1:  # CELU (Barron 2017): x > 0 ? x : alpha * (exp(x / alpha) - 1)
-            y = tl.where(z > 0, z, alpha * (tl.exp(z / alpha) - 1.0))
+            y = tl.where(z > 0, z, alpha * (tl.exp(z * inv_alpha) - 1.0))
         elif ACT == 2:  # GELU, erf form (Hendrycks & Gimpel 2016)
             y = 0.5 * z * (1.0 + tl.math.erf(z * 0.7071067811865476))
         elif ACT == 3:  # SiLU (Elfwing et al. 2018)
@@ -97,12 +110,13 @@ if HAS_TRITON:
         return y
 
     @triton.jit
-    def _activation_grad(z, alpha, ACT: tl.constexpr):
+    def _activation_grad(z, inv_alpha, ACT: tl.constexpr):
         if ACT == 1:
-            d = tl.where(z > 0, 1.0, tl.exp(z / alpha))
+            d = tl.where(z > 0, 1.0, tl.exp(z * inv_alpha))
         elif ACT == 2:
-            cdf = 0.5 * (1.0 + tl.math.erf(z * 0.7071067811865476))
-            d = cdf + z * 0.3989422804014327 * tl.exp(-0.5 * z * z)  # Phi(z) + z * phi(z)
+            # GELU'(z) = Phi(z) + z phi(z): one erf and one exp, no recomputation of GELU itself.
+            d = (0.5 + 0.5 * tl.math.erf(z * 0.7071067811865476)) + z * (
+                0.3989422804014327 * tl.exp(-0.5 * z * z))
         elif ACT == 3:
             s = tl.sigmoid(z)
             d = s * (1.0 + z * (1.0 - s))
@@ -125,239 +139,223 @@ if HAS_TRITON:
         return w, b
 
     @triton.jit
-    def _group_channel(n, cols, C, G, IN_SAMPLE: tl.constexpr):
-        """Offsets into (G, C) per-ghost-batch vectors for samples ``n`` (a scalar when the row
-        block lies in one sample) and channels ``cols``: ghost batch n % G."""
-        grp = n % G
-        if IN_SAMPLE:
-            gc = (grp * C + cols)[None, :]
-        else:
-            gc = grp[:, None] * C + cols[None, :]
-        return gc
+    def _chunk_counts(ks, K, M, rows_per_chunk):
+        """Rows in chunks ``ks`` of a ghost batch (the last chunk may be short; 0 past K)."""
+        return tl.where(ks < K, tl.minimum(M - ks * rows_per_chunk, rows_per_chunk), 0).to(tl.float32)
 
     @triton.jit
-    def _sum_over_groups(a_ptr, b_ptr, cols, cmask, C, G, BLOCK_G: tl.constexpr, BLOCK_C: tl.constexpr):
-        """Sums over the G ghost batches of two (G, C) vectors for a channel block, read as
-        [BLOCK_G, BLOCK_C] tiles in a fixed order (deterministic)."""
-        sum_a = tl.zeros([BLOCK_C], dtype=tl.float32)
-        sum_b = tl.zeros([BLOCK_C], dtype=tl.float32)
-        for g0 in range(0, G, BLOCK_G):
-            gs = g0 + tl.arange(0, BLOCK_G)
-            gm = (gs < G)[:, None] & cmask[None, :]
-            src = gs[:, None] * C + cols[None, :]
-            sum_a += tl.sum(tl.load(a_ptr + src, mask=gm, other=0.0), axis=0)
-            sum_b += tl.sum(tl.load(b_ptr + src, mask=gm, other=0.0), axis=0)
-        return sum_a, sum_b
-
-    @triton.jit
-    def _chunk_tile(k0, K, M, rows_per_chunk, g, G, C, cols, cmask, BLOCK_K: tl.constexpr):
-        """Offsets and mask of chunks k0 .. k0 + BLOCK_K of ghost batch g in (K, G, C) partial
-        statistics, and the row count of each chunk (the last one may be short)."""
-        ks = k0 + tl.arange(0, BLOCK_K)
-        kmask = ks < K
-        n_k = tl.where(kmask, tl.minimum(M - ks * rows_per_chunk, rows_per_chunk), 0).to(tl.float32)
-        return (ks[:, None] * G + g) * C + cols[None, :], kmask[:, None] & cmask[None, :], n_k
+    def _merge_chunks(part_ptr, plane, g, K, M, C, rows_per_chunk, cols, cmask,
+                      BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr):
+        """Mean and M2 of ghost batch g from its K chunk statistics, read as one
+        [BLOCK_K, BLOCK_C] tile (BLOCK_K >= K): the exact merge of Chan, Golub & LeVeque,
+        mean = sum(n_k mean_k) / M, M2 = sum(M2_k + n_k (mean_k - mean)^2), in a fixed order."""
+        ks = tl.arange(0, BLOCK_K)
+        n_k = _chunk_counts(ks, K, M, rows_per_chunk)[:, None]
+        src = (g * K + ks)[:, None] * C + cols[None, :]
+        m = (ks < K)[:, None] & cmask[None, :]
+        mean_k = tl.load(part_ptr + src, mask=m, other=0.0)
+        m2_k = tl.load(part_ptr + plane + src, mask=m, other=0.0)
+        ref = tl.sum(tl.where((ks == 0)[:, None], mean_k, 0.0), axis=0)  # chunk 0's mean
+        mean = ref + tl.sum(n_k * (mean_k - ref[None, :]), axis=0) / M
+        d = mean_k - mean[None, :]
+        m2 = tl.sum(m2_k + n_k * d * d, axis=0)
+        return mean, m2
 
     @triton.jit
     def _bn_stats_partial(
-        x_ptr, part_mean_ptr, part_m2_ptr,
-        C, HW, G, M, s_n, s_c, s_p, tiles_per_chunk,
-        BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, IN_SAMPLE: tl.constexpr,
+        x_ptr, part_ptr, C, HW, G, M, K, s_n, s_c, s_p, tiles_per_chunk,
+        BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, IN_SAMPLE: tl.constexpr, LINEAR: tl.constexpr,
     ):
-        """Stage 1 of the statistics: mean and M2 of one chunk of rows of one ghost batch."""
+        """Forward launch 1, program (chunk k, ghost batch g, channel block): mean and M2 of the
+        chunk's rows into part[0, g, k] and part[1, g, k] of a float32 (2, G, K, C) buffer.
+
+        Each element of the [BLOCK_R, BLOCK_C] tile keeps its own Welford mean and M2 over the
+        tiles of the chunk (no cross-warp reduction per tile); the BLOCK_R rows are merged once,
+        at the end, with Chan's pairwise formula."""
         k = tl.program_id(0)
         g = tl.program_id(1)
         cols = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
         cmask = cols < C
-        count = 0.0
-        mean = tl.zeros([BLOCK_C], dtype=tl.float32)
-        m2 = tl.zeros([BLOCK_C], dtype=tl.float32)
+        cnt = tl.zeros([BLOCK_R], dtype=tl.float32)
+        mean = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
+        m2 = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
         r_start = k * tiles_per_chunk * BLOCK_R
         for t in range(tiles_per_chunk):
-            offs, rmask, _ = _rows(r_start + t * BLOCK_R, M, HW, g, G, s_n, s_p, BLOCK_R, IN_SAMPLE)
-            m = rmask[:, None] & cmask[None, :]
-            x = tl.load(x_ptr + offs[:, None] + (cols * s_c)[None, :], mask=m, other=0.0).to(tl.float32)
-            n_t = tl.sum(rmask.to(tl.float32), axis=0)
-            mean_t = tl.sum(x, axis=0) / tl.maximum(n_t, 1.0)
-            d = tl.where(m, x - mean_t[None, :], 0.0)
-            m2_t = tl.sum(d * d, axis=0)
-            # Chan, Golub & LeVeque's pairwise merge of (count, mean, M2).
-            n_new = count + n_t
-            w = n_t / tl.maximum(n_new, 1.0)
-            delta = mean_t - mean
-            mean = mean + delta * w
-            m2 = m2 + m2_t + delta * delta * (count * w)
-            count = n_new
-        out = (k * G + g) * C + cols
-        tl.store(part_mean_ptr + out, mean, mask=cmask)
-        tl.store(part_m2_ptr + out, m2, mask=cmask)
+            offs, rmask = _rows(r_start + t * BLOCK_R, M, HW, g, G, s_n, s_p, BLOCK_R, IN_SAMPLE, LINEAR)
+            x = tl.load(x_ptr + offs[:, None] + (cols * s_c)[None, :],
+                        mask=rmask[:, None] & cmask[None, :], other=0.0).to(tl.float32)
+            cnt += rmask.to(tl.float32)
+            inv = tl.where(rmask, 1.0 / tl.maximum(cnt, 1.0), 0.0)[:, None]
+            delta = x - mean
+            mean += delta * inv
+            m2 += tl.where(rmask[:, None], delta * (x - mean), 0.0)
+        n = tl.sum(cnt, axis=0)
+        # Sum deviations from row 0's mean (row 0 always holds data), not the means themselves:
+        # a float32 sum of values ~|mean| loses digits that matter when |mean| >> std.
+        ref = tl.sum(tl.where((tl.arange(0, BLOCK_R) == 0)[:, None], mean, 0.0), axis=0)[None, :]
+        mean_c = ref + tl.sum(cnt[:, None] * (mean - ref), axis=0)[None, :] / tl.maximum(n, 1.0)
+        d = mean - mean_c
+        m2_c = tl.sum(m2 + cnt[:, None] * d * d, axis=0)
+        dst = (g * K + k) * C + cols
+        tl.store(part_ptr + dst, tl.sum(mean_c, axis=0), mask=cmask)
+        tl.store(part_ptr + G * K * C + dst, m2_c, mask=cmask)
 
     @triton.jit
-    def _bn_stats_finalize(
-        part_mean_ptr, part_m2_ptr, w_ptr, b_ptr, rm_ptr, rv_ptr,
-        mean_ptr, var_ptr, invstd_ptr, scale_ptr, shift_ptr,
-        C, G, K, M, rows_per_chunk, eps,
-        TRAINING: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
-        BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr,
+    def _bn_act_fwd(
+        x_ptr, y_ptr, part_ptr, w_ptr, b_ptr, rm_ptr, rv_ptr, mean_ptr, invstd_ptr, new_rm_ptr, new_rv_ptr,
+        C, HW, G, M, K, s_n, s_c, s_p, tiles_per_chunk, eps, momentum, alpha, inv_alpha,
+        ACT: tl.constexpr, TRAINING: tl.constexpr, HAS_RUNNING: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+        HAS_BIAS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
+        BLOCK_G: tl.constexpr, IN_SAMPLE: tl.constexpr, LINEAR: tl.constexpr,
     ):
-        """Stage 2, one program per (channel block, ghost batch): merge the K chunks, then the
-        normalisation's scale and shift. The chunks are read as [BLOCK_K, BLOCK_C] tiles, not
-        one after another, so the merge costs a load round, not K of them."""
-        cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-        cmask = cols < C
+        """Forward launch 2 (the only one in eval), program (chunk k, ghost batch g, channel
+        block): y = act((x - mean) * (weight * invstd) + bias) over the chunk's rows.
+
+        In training each program merges its ghost batch's K chunk statistics itself (one tile
+        load), so no separate finalize launch is needed; the programs of chunk 0 write mean and
+        invstd (G, C) for the backward, and program (0, 0, c) the new running statistics: the
+        mean over ghost batches of their updates, running_var with the unbiased variance as
+        PyTorch. In eval mean and var are the running statistics, copied to the new ones."""
+        k = tl.program_id(0)
         g = tl.program_id(1)
-        w, b = _load_affine(w_ptr, b_ptr, cols, cmask, HAS_WEIGHT, HAS_BIAS, BLOCK_C)
+        cols = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
+        cmask = cols < C
+        rows_per_chunk = tiles_per_chunk * BLOCK_R
         if TRAINING:
-            # Two passes over the chunk statistics (exact merge of Chan, Golub & LeVeque):
-            # mean = sum(n_k mean_k) / M, then M2 = sum(M2_k + n_k (mean_k - mean)^2).
-            acc = tl.zeros([BLOCK_C], dtype=tl.float32)
-            for k0 in range(0, K, BLOCK_K):
-                src, m, n_k = _chunk_tile(k0, K, M, rows_per_chunk, g, G, C, cols, cmask, BLOCK_K)
-                mean_k = tl.load(part_mean_ptr + src, mask=m, other=0.0)
-                acc += tl.sum(n_k[:, None] * mean_k, axis=0)
-            mean = acc / M
-            m2 = tl.zeros([BLOCK_C], dtype=tl.float32)
-            for k0 in range(0, K, BLOCK_K):
-                src, m, n_k = _chunk_tile(k0, K, M, rows_per_chunk, g, G, C, cols, cmask, BLOCK_K)
-                mean_k = tl.load(part_mean_ptr + src, mask=m, other=0.0)
-                m2_k = tl.load(part_m2_ptr + src, mask=m, other=0.0)
-                d = mean_k - mean[None, :]
-                m2 += tl.sum(m2_k + n_k[:, None] * d * d, axis=0)
+            mean, m2 = _merge_chunks(part_ptr, G * K * C, g, K, M, C, rows_per_chunk, cols, cmask,
+                                     BLOCK_K, BLOCK_C)
             var = m2 / M
         else:
             mean = tl.load(rm_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
             var = tl.load(rv_ptr + cols, mask=cmask, other=1.0).to(tl.float32)
         invstd = 1.0 / tl.sqrt(var + eps)
+        w, b = _load_affine(w_ptr, b_ptr, cols, cmask, HAS_WEIGHT, HAS_BIAS, BLOCK_C)
         scale = w * invstd
-        dst = g * C + cols
-        tl.store(mean_ptr + dst, mean, mask=cmask)
-        tl.store(var_ptr + dst, var, mask=cmask)
-        tl.store(invstd_ptr + dst, invstd, mask=cmask)
-        tl.store(scale_ptr + dst, scale, mask=cmask)
-        tl.store(shift_ptr + dst, b - mean * scale, mask=cmask)
-
-    @triton.jit
-    def _bn_act_apply(
-        x_ptr, y_ptr, scale_ptr, shift_ptr, mean_ptr, var_ptr, rm_ptr, rv_ptr, new_rm_ptr, new_rv_ptr,
-        n_rows, C, HW, G, M, s_n, s_c, s_p, alpha, momentum,
-        ACT: tl.constexpr, UPDATE_RUNNING: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
-        BLOCK_G: tl.constexpr, IN_SAMPLE: tl.constexpr,
-    ):
-        """Stage 3: y = act(x * scale[g, c] + shift[g, c]), elementwise over (n, c, h, w); the
-        first row block also updates the running statistics with the mean over ghost batches
-        of their updates (running_var with the unbiased variance, as PyTorch)."""
-        cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-        cmask = cols < C
-        offs, rmask, n = _rows(tl.program_id(0) * BLOCK_R, n_rows, HW, 0, 1, s_n, s_p, BLOCK_R, IN_SAMPLE)
-        gc = _group_channel(n, cols, C, G, IN_SAMPLE)
-        m = rmask[:, None] & cmask[None, :]
-        ptrs = offs[:, None] + (cols * s_c)[None, :]
-        x = tl.load(x_ptr + ptrs, mask=m, other=0.0).to(tl.float32)
-        scale = tl.load(scale_ptr + gc, mask=cmask[None, :], other=0.0)
-        shift = tl.load(shift_ptr + gc, mask=cmask[None, :], other=0.0)
-        y = _activation(x * scale + shift, alpha, ACT)
-        tl.store(y_ptr + ptrs, y.to(y_ptr.dtype.element_ty), mask=m)
-        if UPDATE_RUNNING:
-            if tl.program_id(0) == 0:
-                sum_mean, sum_var = _sum_over_groups(mean_ptr, var_ptr, cols, cmask, C, G, BLOCK_G, BLOCK_C)
-                rm = tl.load(rm_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
-                rv = tl.load(rv_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
-                unbiased = M / (M - 1.0)
-                new_rm = (1.0 - momentum) * rm + momentum * (sum_mean / G)
-                new_rv = (1.0 - momentum) * rv + momentum * (sum_var * unbiased / G)
-                tl.store(new_rm_ptr + cols, new_rm.to(new_rm_ptr.dtype.element_ty), mask=cmask)
-                tl.store(new_rv_ptr + cols, new_rv.to(new_rv_ptr.dtype.element_ty), mask=cmask)
+        r_start = k * rows_per_chunk
+        for t in range(tiles_per_chunk):
+            offs, rmask = _rows(r_start + t * BLOCK_R, M, HW, g, G, s_n, s_p, BLOCK_R, IN_SAMPLE, LINEAR)
+            ptrs = offs[:, None] + (cols * s_c)[None, :]
+            m = rmask[:, None] & cmask[None, :]
+            x = tl.load(x_ptr + ptrs, mask=m, other=0.0).to(tl.float32)
+            # (x - mean) * scale + bias, not x * scale + (bias - mean * scale): the latter
+            # subtracts two large terms when |mean| >> std and loses the normalised value.
+            y = _activation((x - mean[None, :]) * scale[None, :] + b[None, :], alpha, inv_alpha, ACT)
+            tl.store(y_ptr + ptrs, y.to(y_ptr.dtype.element_ty), mask=m)
+        if k == 0:
+            tl.store(mean_ptr + g * C + cols, mean, mask=cmask)
+            tl.store(invstd_ptr + g * C + cols, invstd, mask=cmask)
+            if HAS_RUNNING:
+                if g == 0:
+                    rm = tl.load(rm_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
+                    rv = tl.load(rv_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
+                    if TRAINING:
+                        # Every ghost batch's (mean, var), as [BLOCK_G, BLOCK_K, BLOCK_C] tiles of
+                        # the chunk statistics, in a fixed order.
+                        ks = tl.arange(0, BLOCK_K)
+                        n_k = _chunk_counts(ks, K, M, rows_per_chunk)[None, :, None]
+                        sum_mean = tl.zeros([BLOCK_C], dtype=tl.float32)
+                        sum_m2 = tl.zeros([BLOCK_C], dtype=tl.float32)
+                        for g0 in range(0, G, BLOCK_G):
+                            gs = g0 + tl.arange(0, BLOCK_G)
+                            src = ((gs[:, None] * K + ks[None, :]) * C)[:, :, None] + cols[None, None, :]
+                            m3 = ((gs < G)[:, None] & (ks < K)[None, :])[:, :, None] & cmask[None, None, :]
+                            mean_k = tl.load(part_ptr + src, mask=m3, other=0.0)
+                            m2_k = tl.load(part_ptr + G * K * C + src, mask=m3, other=0.0)
+                            ref = tl.sum(tl.where((ks == 0)[None, :, None], mean_k, 0.0), axis=1)[:, None, :]
+                            mean_g = ref + tl.sum(n_k * (mean_k - ref), axis=1)[:, None, :] / M
+                            d = mean_k - mean_g
+                            sum_mean += tl.sum(tl.sum(mean_g, axis=1), axis=0)
+                            sum_m2 += tl.sum(tl.sum(m2_k + n_k * d * d, axis=1), axis=0)
+                        unbiased = M / (M - 1.0)
+                        rm = (1.0 - momentum) * rm + momentum * (sum_mean / G)
+                        rv = (1.0 - momentum) * rv + momentum * (sum_m2 / M * unbiased / G)
+                    tl.store(new_rm_ptr + cols, rm.to(new_rm_ptr.dtype.element_ty), mask=cmask)
+                    tl.store(new_rv_ptr + cols, rv.to(new_rv_ptr.dtype.element_ty), mask=cmask)
 
     @triton.jit
     def _bn_act_bwd_partial(
-        x_ptr, dy_ptr, mean_ptr, invstd_ptr, w_ptr, b_ptr, part_dz_ptr, part_dzx_ptr,
-        C, HW, G, M, s_n, s_c, s_p, tiles_per_chunk, alpha,
+        x_ptr, dy_ptr, mean_ptr, invstd_ptr, w_ptr, b_ptr, part_ptr,
+        C, HW, G, M, K, s_n, s_c, s_p, tiles_per_chunk, inv_alpha,
         ACT: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
-        BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, IN_SAMPLE: tl.constexpr,
+        BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, IN_SAMPLE: tl.constexpr, LINEAR: tl.constexpr,
     ):
-        """Backward stage 1: per chunk, sum(dz) and sum(dz * xhat), dz = dy * act'(z)."""
+        """Backward launch 1, program (chunk k, ghost batch g, channel block): sum(dz) and
+        sum(dz * xhat) over the chunk, dz = dy * act'(z), into part[0, g, k] and part[1, g, k]
+        of a float32 (2, G, K, C) buffer; elementwise accumulators, one row reduction at the end."""
         k = tl.program_id(0)
         g = tl.program_id(1)
         cols = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
         cmask = cols < C
-        mean = tl.load(mean_ptr + g * C + cols, mask=cmask, other=0.0)
-        invstd = tl.load(invstd_ptr + g * C + cols, mask=cmask, other=0.0)
+        mean = tl.load(mean_ptr + g * C + cols, mask=cmask, other=0.0)[None, :]
+        invstd = tl.load(invstd_ptr + g * C + cols, mask=cmask, other=0.0)[None, :]
         w, b = _load_affine(w_ptr, b_ptr, cols, cmask, HAS_WEIGHT, HAS_BIAS, BLOCK_C)
-        scale = w * invstd
-        shift = b - mean * scale  # the forward's formula, so z is the forward's z
-        acc_dz = tl.zeros([BLOCK_C], dtype=tl.float32)
-        acc_dzx = tl.zeros([BLOCK_C], dtype=tl.float32)
+        scale = w[None, :] * invstd
+        acc_dz = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
+        acc_dzx = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
         r_start = k * tiles_per_chunk * BLOCK_R
         for t in range(tiles_per_chunk):
-            offs, rmask, _ = _rows(r_start + t * BLOCK_R, M, HW, g, G, s_n, s_p, BLOCK_R, IN_SAMPLE)
-            m = rmask[:, None] & cmask[None, :]
+            offs, rmask = _rows(r_start + t * BLOCK_R, M, HW, g, G, s_n, s_p, BLOCK_R, IN_SAMPLE, LINEAR)
             ptrs = offs[:, None] + (cols * s_c)[None, :]
+            m = rmask[:, None] & cmask[None, :]
             x = tl.load(x_ptr + ptrs, mask=m, other=0.0).to(tl.float32)
-            dy = tl.load(dy_ptr + ptrs, mask=m, other=0.0).to(tl.float32)
-            dz = dy * _activation_grad(x * scale[None, :] + shift[None, :], alpha, ACT)
-            dz = tl.where(m, dz, 0.0)
-            acc_dz += tl.sum(dz, axis=0)
-            acc_dzx += tl.sum(dz * ((x - mean[None, :]) * invstd[None, :]), axis=0)
-        out = (k * G + g) * C + cols
-        tl.store(part_dz_ptr + out, acc_dz, mask=cmask)
-        tl.store(part_dzx_ptr + out, acc_dzx, mask=cmask)
-
-    @triton.jit
-    def _bn_act_bwd_finalize(
-        part_dz_ptr, part_dzx_ptr, sum_dz_ptr, sum_dzx_ptr,
-        C, G, K, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr,
-    ):
-        """Backward stage 2, one program per (channel block, ghost batch): sum(dz) and
-        sum(dz * xhat) over the K chunks, read as [BLOCK_K, BLOCK_C] tiles."""
-        cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-        cmask = cols < C
-        g = tl.program_id(1)
-        sdz = tl.zeros([BLOCK_C], dtype=tl.float32)
-        sdzx = tl.zeros([BLOCK_C], dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            ks = k0 + tl.arange(0, BLOCK_K)
-            m = (ks < K)[:, None] & cmask[None, :]
-            src = (ks[:, None] * G + g) * C + cols[None, :]
-            sdz += tl.sum(tl.load(part_dz_ptr + src, mask=m, other=0.0), axis=0)
-            sdzx += tl.sum(tl.load(part_dzx_ptr + src, mask=m, other=0.0), axis=0)
-        tl.store(sum_dz_ptr + g * C + cols, sdz, mask=cmask)
-        tl.store(sum_dzx_ptr + g * C + cols, sdzx, mask=cmask)
+            dy = tl.load(dy_ptr + ptrs, mask=m, other=0.0).to(tl.float32)  # 0 where masked: dz = 0
+            xc = x - mean
+            dz = dy * _activation_grad(xc * scale + b[None, :], inv_alpha, ACT)  # the forward's z
+            acc_dz += dz
+            acc_dzx += dz * (xc * invstd)
+        dst = (g * K + k) * C + cols
+        tl.store(part_ptr + dst, tl.sum(acc_dz, axis=0), mask=cmask)
+        tl.store(part_ptr + G * K * C + dst, tl.sum(acc_dzx, axis=0), mask=cmask)
 
     @triton.jit
     def _bn_act_bwd_dx(
-        x_ptr, dy_ptr, dx_ptr, mean_ptr, invstd_ptr, w_ptr, b_ptr, sum_dz_ptr, sum_dzx_ptr, dw_ptr, db_ptr,
-        n_rows, C, HW, G, M, s_n, s_c, s_p, alpha,
+        x_ptr, dy_ptr, dx_ptr, mean_ptr, invstd_ptr, w_ptr, b_ptr, part_ptr, dw_ptr, db_ptr,
+        C, HW, G, M, K, s_n, s_c, s_p, tiles_per_chunk, inv_alpha,
         ACT: tl.constexpr, TRAINING: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
-        BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_G: tl.constexpr, IN_SAMPLE: tl.constexpr,
+        BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_J: tl.constexpr,
+        IN_SAMPLE: tl.constexpr, LINEAR: tl.constexpr,
     ):
-        """Backward stage 3: dx = w * invstd * (dz - mean(dz) - xhat * mean(dz * xhat)) in
-        training (the batch statistics depend on x), w * invstd * dz in eval; the first row
-        block also writes dweight = sum(dz * xhat) and dbias = sum(dz) over all ghost batches."""
-        cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+        """Backward launch 2, program (chunk k, ghost batch g, channel block): sums its ghost
+        batch's K partial sums (one tile load), then dx = w * invstd * (dz - mean(dz) - xhat *
+        mean(dz * xhat)) in training (the batch statistics depend on x), w * invstd * dz in eval.
+        Program (0, 0, c) writes dweight = sum(dz * xhat) and dbias = sum(dz) over all ghost
+        batches, summing the G * K partials in a fixed order."""
+        k = tl.program_id(0)
+        g = tl.program_id(1)
+        cols = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
         cmask = cols < C
-        offs, rmask, n = _rows(tl.program_id(0) * BLOCK_R, n_rows, HW, 0, 1, s_n, s_p, BLOCK_R, IN_SAMPLE)
-        gc = _group_channel(n, cols, C, G, IN_SAMPLE)
-        cm = cmask[None, :]
-        m = rmask[:, None] & cm
-        ptrs = offs[:, None] + (cols * s_c)[None, :]
-        x = tl.load(x_ptr + ptrs, mask=m, other=0.0).to(tl.float32)
-        dy = tl.load(dy_ptr + ptrs, mask=m, other=0.0).to(tl.float32)
-        mean = tl.load(mean_ptr + gc, mask=cm, other=0.0)
-        invstd = tl.load(invstd_ptr + gc, mask=cm, other=0.0)
+        plane = G * K * C
+        mean = tl.load(mean_ptr + g * C + cols, mask=cmask, other=0.0)[None, :]
+        invstd = tl.load(invstd_ptr + g * C + cols, mask=cmask, other=0.0)[None, :]
         w, b = _load_affine(w_ptr, b_ptr, cols, cmask, HAS_WEIGHT, HAS_BIAS, BLOCK_C)
         scale = w[None, :] * invstd
-        shift = b[None, :] - mean * scale
-        dz = dy * _activation_grad(x * scale + shift, alpha, ACT)
         if TRAINING:
-            inv_m = 1.0 / M
-            mean_dz = tl.load(sum_dz_ptr + gc, mask=cm, other=0.0) * inv_m
-            mean_dzx = tl.load(sum_dzx_ptr + gc, mask=cm, other=0.0) * inv_m
-            dx = scale * (dz - mean_dz - (x - mean) * invstd * mean_dzx)
-        else:
-            dx = scale * dz
-        tl.store(dx_ptr + ptrs, dx.to(dx_ptr.dtype.element_ty), mask=m)
-        if tl.program_id(0) == 0:
-            dw, db = _sum_over_groups(sum_dzx_ptr, sum_dz_ptr, cols, cmask, C, G, BLOCK_G, BLOCK_C)
+            ks = tl.arange(0, BLOCK_K)
+            src = (g * K + ks)[:, None] * C + cols[None, :]
+            pm = (ks < K)[:, None] & cmask[None, :]
+            mean_dz = (tl.sum(tl.load(part_ptr + src, mask=pm, other=0.0), axis=0) / M)[None, :]
+            mean_dzx = (tl.sum(tl.load(part_ptr + plane + src, mask=pm, other=0.0), axis=0) / M)[None, :]
+        r_start = k * tiles_per_chunk * BLOCK_R
+        for t in range(tiles_per_chunk):
+            offs, rmask = _rows(r_start + t * BLOCK_R, M, HW, g, G, s_n, s_p, BLOCK_R, IN_SAMPLE, LINEAR)
+            ptrs = offs[:, None] + (cols * s_c)[None, :]
+            m = rmask[:, None] & cmask[None, :]
+            x = tl.load(x_ptr + ptrs, mask=m, other=0.0).to(tl.float32)
+            dy = tl.load(dy_ptr + ptrs, mask=m, other=0.0).to(tl.float32)
+            xc = x - mean
+            dz = dy * _activation_grad(xc * scale + b[None, :], inv_alpha, ACT)
+            if TRAINING:
+                dz = dz - mean_dz - (xc * invstd) * mean_dzx
+            tl.store(dx_ptr + ptrs, (scale * dz).to(dx_ptr.dtype.element_ty), mask=m)
+        if (k == 0) & (g == 0):
+            dw = tl.zeros([BLOCK_C], dtype=tl.float32)
+            db = tl.zeros([BLOCK_C], dtype=tl.float32)
+            for j0 in range(0, G * K, BLOCK_J):
+                js = j0 + tl.arange(0, BLOCK_J)
+                src_j = js[:, None] * C + cols[None, :]
+                mask_j = (js < G * K)[:, None] & cmask[None, :]
+                db += tl.sum(tl.load(part_ptr + src_j, mask=mask_j, other=0.0), axis=0)
+                dw += tl.sum(tl.load(part_ptr + plane + src_j, mask=mask_j, other=0.0), axis=0)
             tl.store(dw_ptr + cols, dw, mask=cmask)
             tl.store(db_ptr + cols, db, mask=cmask)
 
@@ -379,49 +377,93 @@ def _layout(x: Tensor):
     raise ValueError("bn_act kernels take NCHW-contiguous or channels_last tensors")
 
 
+_TILE = 4096  # elements per [BLOCK_R, BLOCK_C] tile on a GPU: 8 KiB of bfloat16 per load round
+_MAX_CHUNKS = 128  # chunks per ghost batch: the merge reads them as one [BLOCK_K, BLOCK_C] tile
+_MERGE_ROWS = 8  # K <= sqrt(rows / _MERGE_ROWS): the merge reads <= 1/4 of a bfloat16 chunk's bytes
+_PROGRAMS_PER_TARGET = 2  # about 8 resident programs an SM: bytes in flight to cover HBM latency
+
+
 class _Config:
-    """Tile shape of the kernels for one tensor shape and device (see :func:`_config`)."""
+    """Tile shape and grid size of the kernels for one tensor shape and device (see :func:`_config`)."""
 
     def __init__(self, block_r, block_c, in_sample, programs, num_warps):
         self.block_r, self.block_c, self.in_sample = block_r, block_c, in_sample
         self.programs, self.num_warps = programs, num_warps
 
-    def chunks(self, rows: int, groups: int, channels: int):
-        """(tiles per chunk, number of chunks K) splitting ``rows`` of each ghost batch."""
+    def chunks(self, rows: int, groups: int, channels: int, merge: bool = True):
+        """(tiles per chunk, number of chunks K) splitting the ``rows`` of each ghost batch so
+        that the grid (K, groups, channel blocks) holds about ``programs`` programs.
+
+        With ``merge`` every program of the second launch reads all K chunk results of its
+        ghost batch (8 bytes per chunk and channel): K is kept near sqrt(rows / 8), where that
+        read stays a small fraction of the chunk's own bytes, and at most _MAX_CHUNKS.
+        """
         tiles = triton.cdiv(rows, self.block_r)
-        per_layer = groups * triton.cdiv(channels, self.block_c)
-        k_target = max(1, self.programs // per_layer)
-        tiles_per_chunk = triton.cdiv(tiles, k_target)
+        k = max(1, triton.cdiv(self.programs, groups * triton.cdiv(channels, self.block_c)))
+        if merge:
+            k = min(k, _MAX_CHUNKS, max(1, math.isqrt(rows // _MERGE_ROWS)))
+        tiles_per_chunk = triton.cdiv(tiles, min(k, tiles))
         return tiles_per_chunk, triton.cdiv(tiles, tiles_per_chunk)
 
 
 def _config(device_type: str, channels: int, hw: int, rows: int, channels_last: bool,
-            programs: int = 4) -> _Config:
-    """Tiles of about 2K elements on a GPU (the channel axis contiguous for channels_last,
-    the pixel axis for NCHW); a few large tiles in the interpreter, which pays per program."""
+            programs: int = 4, groups: int = 1) -> _Config:
+    """Tiles of _TILE elements on a GPU, the channel axis contiguous for channels_last (64
+    channels, 128 bytes of bfloat16 per row; 32 where 64 would leave too few programs), the
+    pixel axis for NCHW; a few large tiles in the interpreter, which pays per program."""
     if device_type != "cuda":
         block_c = min(next_power_of_2(channels), 32)
         block_r = min(next_power_of_2(rows), 4096)
         return _Config(block_r, block_c, hw % block_r == 0, programs, 1)
     if channels_last:
         block_c = min(next_power_of_2(channels), 64)
-        block_r = max(16, 2048 // block_c)
+        k_max = min(_MAX_CHUNKS, max(1, math.isqrt(rows // _MERGE_ROWS)))
+        if block_c == 64 and groups * triton.cdiv(channels, 64) * k_max < programs:
+            block_c = 32
+        block_r = min(_TILE // block_c, next_power_of_2(rows))
     else:
         pow2_divisor = hw & -hw  # largest power of two dividing H*W
         block_r = min(pow2_divisor, 512) if pow2_divisor >= 16 else min(256, next_power_of_2(rows))
-        block_c = max(1, min(next_power_of_2(channels), 2048 // block_r))
-    num_warps = 8 if block_r * block_c >= 4096 else 4
+        block_c = max(1, min(next_power_of_2(channels), _TILE // block_r))
+    # 16 elements a thread at 4096-element tiles: two 16-byte bfloat16 vectors per load.
+    num_warps = 8 if block_r * block_c >= _TILE else 4
     return _Config(block_r, block_c, hw % block_r == 0, programs, num_warps)
 
 
-def _small_block(n: int) -> int:
-    """Rows of the [rows, BLOCK_C] tiles that read per-chunk or per-ghost-batch statistics."""
-    return min(next_power_of_2(n), 32)
+class _Plan:
+    """Everything a launch needs beyond the tensors, for one shape (cached per shape)."""
+
+    def __init__(self, cfg: _Config, c: int, hw: int, rows: int, groups: int, channels_last: bool,
+                 merge: bool):
+        self.cfg = cfg
+        self.tiles_per_chunk, self.k = cfg.chunks(rows, groups, c, merge)
+        self.grid = (self.k, groups, triton.cdiv(c, cfg.block_c))
+        self.block_k = next_power_of_2(self.k)
+        self.block_g = max(1, min(next_power_of_2(groups), _TILE // (self.block_k * cfg.block_c)))
+        self.block_j = max(1, min(next_power_of_2(groups * self.k), _TILE // cfg.block_c))
+        # One ghost batch in channels_last: row r of the batch sits at r * C, no division.
+        self.linear = channels_last and groups == 1
+        self.consts = dict(BLOCK_R=cfg.block_r, BLOCK_C=cfg.block_c, IN_SAMPLE=cfg.in_sample,
+                           LINEAR=self.linear, num_warps=cfg.num_warps)
 
 
-def _default_config(x: Tensor, rows: int, fmt) -> _Config:
-    c, h, w = x.shape[1:]
-    return _config(x.device.type, c, h * w, rows, fmt is torch.channels_last, target_programs(x.device))
+@functools.lru_cache(maxsize=512)
+def _default_plan(device: torch.device, n: int, c: int, hw: int, groups: int, channels_last: bool,
+                  merge: bool) -> _Plan:
+    rows = (n // groups) * hw
+    programs = target_programs(device)
+    if device.type == "cuda":
+        programs *= _PROGRAMS_PER_TARGET
+    cfg = _config(device.type, c, hw, rows, channels_last, programs, groups)
+    return _Plan(cfg, c, hw, rows, groups, channels_last, merge)
+
+
+def _plan(x: Tensor, fmt, groups: int, merge: bool, config: _Config | None) -> _Plan:
+    n, c, h, w = x.shape
+    channels_last = fmt is torch.channels_last
+    if config is None:
+        return _default_plan(x.device, n, c, h * w, groups, channels_last, merge)
+    return _Plan(config, c, h * w, (n // groups) * h * w, groups, channels_last, merge)
 
 
 def _wrap(kernel):
@@ -432,94 +474,72 @@ def _wrap(kernel):
 
 def _forward_triton(x, running_mean, running_var, weight, bias, training, momentum, eps, activation,
                     alpha, ghost_splits, config: _Config | None = None):
-    """Launch the forward kernels; returns (y, mean, invstd, new running mean, new running var).
+    """Launch the forward kernels (two in training, one in eval); returns (y, mean, invstd, new
+    running mean, new running var).
 
-    ``mean``/``invstd`` are float32 (G, C), G = ghost_splits in training else 1. Raises
-    ``RuntimeError`` where the kernels cannot run on ``x``.
+    ``mean``/``invstd`` are float32 (G, C), G = ghost_splits in training else 1; the new running
+    statistics are (0,)-shaped where ``running_mean`` is None. Raises ``RuntimeError`` where the
+    kernels cannot run on ``x``.
     """
     require_launchable(x, "bn_act")
     n, c, h, w = x.shape
-    hw = h * w
     fmt, (s_n, s_c, s_p) = _layout(x)
     groups = ghost_splits if training else 1
-    rows = (n // groups) * hw
-    cfg = config or _default_config(x, rows, fmt)
+    p = _plan(x, fmt, groups, training, config)
+    rows = (n // groups) * h * w
     f32 = dict(dtype=torch.float32, device=x.device)
     y = torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=fmt)
-    mean, invstd, scale, shift = (torch.empty((groups, c), **f32) for _ in range(4))
+    mean, invstd = torch.empty((groups, c), **f32), torch.empty((groups, c), **f32)
     has_running = running_mean is not None and running_var is not None
+    dummy = mean  # stands in for absent tensors; never read (constexpr flags)
     if has_running:
         new_rm, new_rv = torch.empty_like(running_mean), torch.empty_like(running_var)
+        rm_arg, rv_arg, new_rm_arg, new_rv_arg = running_mean, running_var, new_rm, new_rv
     else:
         new_rm, new_rv = x.new_empty(0), x.new_empty(0)
-    dummy = mean  # stands in for absent optional tensors; never read (constexpr flags)
-    var = torch.empty((groups, c), **f32)
-    c_blocks = triton.cdiv(c, cfg.block_c)
-    tiles_per_chunk, k = cfg.chunks(rows, groups, c)
-    part_mean = part_m2 = dummy
+        rm_arg = rv_arg = new_rm_arg = new_rv_arg = dummy
+    part = dummy
     if training:
-        part_mean, part_m2 = torch.empty((k, groups, c), **f32), torch.empty((k, groups, c), **f32)
-        _wrap(_bn_stats_partial)[(k, groups, c_blocks)](
-            x, part_mean, part_m2, c, hw, groups, rows, s_n, s_c, s_p, tiles_per_chunk,
-            BLOCK_R=cfg.block_r, BLOCK_C=cfg.block_c, IN_SAMPLE=cfg.in_sample, num_warps=cfg.num_warps,
-        )
-    _wrap(_bn_stats_finalize)[(c_blocks, groups)](
-        part_mean, part_m2,
-        weight if weight is not None else dummy, bias if bias is not None else dummy,
-        running_mean if has_running else dummy, running_var if has_running else dummy,
-        mean, var, invstd, scale, shift,
-        c, groups, k, rows, tiles_per_chunk * cfg.block_r, eps,
-        TRAINING=training, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
-        BLOCK_K=_small_block(k), BLOCK_C=cfg.block_c,
-    )
-    _wrap(_bn_act_apply)[(triton.cdiv(n * hw, cfg.block_r), c_blocks)](
-        x, y, scale, shift, mean, var,
-        running_mean if has_running else dummy, running_var if has_running else dummy,
-        new_rm if has_running else dummy, new_rv if has_running else dummy,
-        n * hw, c, hw, groups, rows, s_n, s_c, s_p, alpha, momentum,
-        ACT=_ACT_CODE[activation], UPDATE_RUNNING=training and has_running, BLOCK_R=cfg.block_r,
-        BLOCK_C=cfg.block_c, BLOCK_G=_small_block(groups), IN_SAMPLE=cfg.in_sample, num_warps=cfg.num_warps,
+        part = torch.empty((2, groups, p.k, c), **f32)
+        _wrap(_bn_stats_partial)[p.grid](
+            x, part, c, h * w, groups, rows, p.k, s_n, s_c, s_p, p.tiles_per_chunk, **p.consts)
+    _wrap(_bn_act_fwd)[p.grid](
+        x, y, part, weight if weight is not None else dummy, bias if bias is not None else dummy,
+        rm_arg, rv_arg, mean, invstd, new_rm_arg, new_rv_arg,
+        c, h * w, groups, rows, p.k, s_n, s_c, s_p, p.tiles_per_chunk, eps, momentum, alpha,
+        1.0 / alpha if alpha else 0.0,
+        ACT=_ACT_CODE[activation], TRAINING=training, HAS_RUNNING=has_running,
+        HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, BLOCK_K=p.block_k, BLOCK_G=p.block_g,
+        **p.consts,
     )
     return y, mean, invstd, new_rm, new_rv
 
 
 def _backward_triton(dy, x, weight, bias, mean, invstd, training, activation, alpha,
                      config: _Config | None = None):
-    """Launch the backward kernels; returns (dx, dweight float32 (C,), dbias float32 (C,))."""
+    """Launch the two backward kernels; returns (dx, dweight float32 (C,), dbias float32 (C,))."""
     require_launchable(x, "bn_act backward")
     n, c, h, w = x.shape
-    hw = h * w
     fmt, (s_n, s_c, s_p) = _layout(x)
     dy = dy.contiguous(memory_format=fmt)
     groups = mean.shape[0]
-    rows = (n // groups) * hw
-    cfg = config or _default_config(x, rows, fmt)
+    p = _plan(x, fmt, groups, True, config)
+    rows = (n // groups) * h * w
     f32 = dict(dtype=torch.float32, device=x.device)
-    c_blocks = triton.cdiv(c, cfg.block_c)
-    tiles_per_chunk, k = cfg.chunks(rows, groups, c)
-    part_dz, part_dzx = torch.empty((k, groups, c), **f32), torch.empty((k, groups, c), **f32)
-    sum_dz, sum_dzx = torch.empty((groups, c), **f32), torch.empty((groups, c), **f32)
+    part = torch.empty((2, groups, p.k, c), **f32)
+    dx = torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=fmt)
     dweight, dbias = torch.empty(c, **f32), torch.empty(c, **f32)
     w_arg = weight if weight is not None else mean
     b_arg = bias if bias is not None else mean
-    act = _ACT_CODE[activation]
-    _wrap(_bn_act_bwd_partial)[(k, groups, c_blocks)](
-        x, dy, mean, invstd, w_arg, b_arg, part_dz, part_dzx,
-        c, hw, groups, rows, s_n, s_c, s_p, tiles_per_chunk, alpha,
-        ACT=act, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
-        BLOCK_R=cfg.block_r, BLOCK_C=cfg.block_c, IN_SAMPLE=cfg.in_sample, num_warps=cfg.num_warps,
-    )
-    _wrap(_bn_act_bwd_finalize)[(c_blocks, groups)](
-        part_dz, part_dzx, sum_dz, sum_dzx, c, groups, k, BLOCK_K=_small_block(k), BLOCK_C=cfg.block_c,
-    )
-    dx = torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=fmt)
-    _wrap(_bn_act_bwd_dx)[(triton.cdiv(n * hw, cfg.block_r), c_blocks)](
-        x, dy, dx, mean, invstd, w_arg, b_arg, sum_dz, sum_dzx, dweight, dbias,
-        n * hw, c, hw, groups, rows, s_n, s_c, s_p, alpha,
-        ACT=act, TRAINING=training, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
-        BLOCK_R=cfg.block_r, BLOCK_C=cfg.block_c, BLOCK_G=_small_block(groups), IN_SAMPLE=cfg.in_sample,
-        num_warps=cfg.num_warps,
-    )
+    flags = dict(ACT=_ACT_CODE[activation], HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None)
+    inv_alpha = 1.0 / alpha if alpha else 0.0
+    _wrap(_bn_act_bwd_partial)[p.grid](
+        x, dy, mean, invstd, w_arg, b_arg, part,
+        c, h * w, groups, rows, p.k, s_n, s_c, s_p, p.tiles_per_chunk, inv_alpha, **flags, **p.consts)
+    _wrap(_bn_act_bwd_dx)[p.grid](
+        x, dy, dx, mean, invstd, w_arg, b_arg, part, dweight, dbias,
+        c, h * w, groups, rows, p.k, s_n, s_c, s_p, p.tiles_per_chunk, inv_alpha,
+        TRAINING=training, BLOCK_K=p.block_k, BLOCK_J=p.block_j, **flags, **p.consts)
     return dx, dweight, dbias
 
 
@@ -586,8 +606,9 @@ def _forward_torch(x, running_mean, running_var, weight, bias, training, momentu
         new_rm, new_rv = running_mean.clone(), running_var.clone()
     invstd = torch.rsqrt(var + eps)
     scale = invstd * (weight.to(dt) if weight is not None else 1.0)
-    shift = (bias.to(dt) if bias is not None else 0.0) - mean * scale
-    y = _act_torch(xg * _per_group(scale) + _per_group(shift), activation, alpha)
+    shift = bias.to(dt)[:, None, None] if bias is not None else 0.0
+    # (x - mean) * scale + bias, as the kernels: no cancellation when |mean| >> std
+    y = _act_torch((xg - _per_group(mean)) * _per_group(scale) + shift, activation, alpha)
     y = y.reshape(n, c, h, w).to(x.dtype).contiguous(memory_format=fmt)
     return y, mean, invstd, new_rm, new_rv
 
@@ -599,9 +620,10 @@ def _backward_torch(dy, x, weight, bias, mean, invstd, training, activation, alp
     dt = _compute_dtype(x)
     xg, dyg = _grouped(x, groups, dt), _grouped(dy, groups, dt)
     scale = invstd * (weight.to(dt) if weight is not None else 1.0)
-    shift = (bias.to(dt) if bias is not None else 0.0) - mean * scale
-    dz = dyg * _act_grad_torch(xg * _per_group(scale) + _per_group(shift), activation, alpha)
-    xhat = (xg - _per_group(mean)) * _per_group(invstd)
+    shift = bias.to(dt)[:, None, None] if bias is not None else 0.0
+    xc = xg - _per_group(mean)
+    dz = dyg * _act_grad_torch(xc * _per_group(scale) + shift, activation, alpha)
+    xhat = xc * _per_group(invstd)
     sum_dz, sum_dzx = dz.sum(dim=(0, 3, 4)), (dz * xhat).sum(dim=(0, 3, 4))  # (G, C)
     if training:
         count = (n // groups) * h * w

@@ -16,6 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.testing import assert_close
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from fastgraph.core.modules import GhostBatchNorm, GhostBatchSizeError
 from fastgraph.kernels import bn_act as bn
@@ -124,19 +125,25 @@ def test_eval_uses_running_statistics(shape, activation, channels_last):
 
 
 @interpreted_loops
-@pytest.mark.parametrize("shape, splits, channels_last, config", [
-    ((4, 24, 16, 16), 2, False, None),  # tiles inside one sample, several chunks per ghost batch
-    ((4, 24, 16, 16), 2, True, None),
-    ((30, 5, 7, 7), 3, False, None),  # H*W not a power of two: tiles span samples
-    ((8, 40, 8, 8), 4, True, None),
-    ((4, 3, 16, 16), 1, False, bn._Config(16, 4, True, 1000, 4)),  # 64 chunks: more than one tile of them
+@pytest.mark.parametrize("shape, splits, channels_last, config, tile", [
+    ((4, 24, 16, 16), 2, False, None, None),  # tiles inside one sample, several chunks per ghost batch
+    ((4, 24, 16, 16), 2, True, None, None),
+    ((30, 5, 7, 7), 3, False, None, None),  # H*W not a power of two: tiles span samples
+    ((8, 40, 8, 8), 4, True, None, None),
+    ((16, 8, 9, 9), 1, True, None, None),  # one ghost batch, channels_last: rows read linearly
+    ((4, 3, 16, 16), 1, False, bn._Config(16, 4, True, 1000, 4), None),  # 11 chunks in a 16-row tile
+    # 16 ghost batches read 1 and 2 at a time: the running-stat and dweight loops take several turns
+    ((32, 8, 4, 4), 16, True, bn._Config(4, 8, True, 4096, 4), 16),
 ])
-def test_gpu_tiling_under_the_interpreter(shape, splits, channels_last, config):
+def test_gpu_tiling_under_the_interpreter(shape, splits, channels_last, config, tile, monkeypatch):
     """The tile shapes and chunking the kernels use on a GPU give the reference's results."""
+    if tile is not None:
+        monkeypatch.setattr(bn, "_TILE", tile)
     x, weight, bias, running, dy = _inputs(shape, channels_last=channels_last)
     n, c, h, w = shape
-    cfg = config or bn._config("cuda", c, h * w, (n // splits) * h * w, channels_last, programs=16)
-    assert cfg.chunks((n // splits) * h * w, splits, c)[1] > 1  # the chunk merge is exercised
+    rows = (n // splits) * h * w
+    cfg = config or bn._config("cuda", c, h * w, rows, channels_last, programs=16, groups=splits)
+    assert cfg.chunks(rows, splits, c)[1] > 1  # the chunk merge is exercised
 
     def fused(x, rm, rv, weight, bias, **kw):
         class Fn(torch.autograd.Function):
@@ -161,6 +168,63 @@ def test_gpu_tiling_under_the_interpreter(shape, splits, channels_last, config):
     _compare(got, want, n * h * w)
 
 
+class _Launches(TorchDispatchMode):
+    """Records the kernel launches (without running them) and the ATen ops between them."""
+
+    def __init__(self, monkeypatch):
+        super().__init__()
+        self.events = []
+        monkeypatch.setattr(bn, "_wrap", self._wrap)
+
+    def _wrap(self, kernel):
+        name = getattr(kernel, "fn", kernel).__name__
+        events = self.events
+
+        class Launcher:
+            def __getitem__(self, grid):
+                return lambda *args, **kwargs: events.append(("launch", name))
+
+        return Launcher()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.events.append(("op", func.overloadpacket.__name__))
+        return func(*args, **(kwargs or {}))
+
+    def launches(self):
+        return [name for kind, name in self.events if kind == "launch"]
+
+    def ops(self):
+        return {name for kind, name in self.events if kind == "op"}
+
+
+_ALLOCATIONS = {"empty", "empty_strided", "empty_like", "new_empty"}
+
+
+@pytest.mark.parametrize("shape, splits, channels_last", [
+    ((16, 8, 5, 5), 1, True), ((16, 8, 4, 4), 4, True), ((6, 5, 3, 3), 3, False)])
+def test_launches_per_call(shape, splits, channels_last, monkeypatch):
+    """Training forward: statistics, then normalise (which merges the chunk statistics and
+    updates the running statistics itself); eval forward: one launch; backward: two. Between
+    launches the launchers only allocate their outputs and scratch space."""
+    x, weight, bias, running, dy = _inputs(shape, channels_last=channels_last)
+    dy = dy.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    n, c = shape[:2]
+    mean, invstd = torch.zeros(splits, c), torch.ones(splits, c)
+    calls = {
+        "train": (lambda: bn._forward_triton(x, *running, weight, bias, True, 0.1, 1e-5, "celu", 0.3, splits),
+                  ["_bn_stats_partial", "_bn_act_fwd"]),
+        "eval": (lambda: bn._forward_triton(x, *running, weight, bias, False, 0.1, 1e-5, "gelu", 1.0, 1),
+                 ["_bn_act_fwd"]),
+        "backward": (lambda: bn._backward_triton(dy, x, weight, bias, mean, invstd, True, "silu", 1.0),
+                     ["_bn_act_bwd_partial", "_bn_act_bwd_dx"]),
+    }
+    for what, (call, kernels) in calls.items():
+        with _Launches(monkeypatch) as rec:
+            call()
+        assert rec.launches() == kernels, what
+        assert rec.ops() <= _ALLOCATIONS, (what, rec.ops() - _ALLOCATIONS)
+
+
 @interpreted_loops
 def test_statistics_survive_a_large_mean():
     """Chan's merge keeps the variance of x = 1000 + noise accurate in float32 (E[x^2] - E[x]^2
@@ -170,6 +234,29 @@ def test_statistics_survive_a_large_mean():
     bn_act(x.float(), rm, rv, None, None, training=True, momentum=1.0, activation="identity")
     assert_close(rm, x.mean(dim=(0, 2, 3)).float(), rtol=1e-6, atol=0)
     assert_close(rv, x.var(dim=(0, 2, 3)).float(), rtol=1e-3, atol=0)
+
+
+@interpreted_loops
+@pytest.mark.parametrize("splits, channels_last, config", [
+    (1, False, None), (2, True, None), (1, True, bn._Config(16, 4, True, 1000, 4)),
+    (2, False, bn._Config(16, 4, True, 1000, 4))])
+def test_normalised_output_survives_a_large_mean(splits, channels_last, config):
+    """y = (x - mean) * scale + bias keeps x = 4096 + noise to about float32's resolution of x
+    (ulp(4096) = 4.9e-4, over std 1); x * scale + (bias - mean * scale) loses several times that
+    to cancellation. The chunk statistics are merged as deviations from a chunk's mean, so the
+    float32 sums never add up values of size |mean|."""
+    x = torch.randn(16, 4, 8, 8, generator=torch.Generator().manual_seed(3)) + 4096.0
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    rm, rv = torch.zeros(4), torch.ones(4)
+    y, *_, new_rv = bn._forward_triton(x, rm, rv, None, None, True, 1.0, 1e-5, "identity", 1.0, splits,
+                                       config=config)
+    xg = x.double().reshape(16 // splits, splits, 4, 8, 8)
+    mean, var = xg.mean(dim=(0, 3, 4), keepdim=True), xg.var(dim=(0, 3, 4), correction=0, keepdim=True)
+    want = ((xg - mean) / torch.sqrt(var + 1e-5)).reshape(x.shape)
+    assert (y.double() - want).abs().max() < 4e-4
+    want_rv = xg.var(dim=(0, 3, 4)).mean(0).float()
+    assert_close(new_rv, want_rv, rtol=2e-4, atol=0)
 
 
 def test_float64_runs_pytorch_ops_in_float64():
@@ -290,6 +377,7 @@ def test_compiled_kernels_on_cuda(run_on_gpu):
     run_on_gpu("""
 import torch
 from torch.testing import assert_close
+from torch.utils._python_dispatch import TorchDispatchMode
 from fastgraph.kernels.bn_act import bn_act, bn_act_reference, BatchNormActivation
 torch.manual_seed(0)
 for shape, splits in (((512, 64, 32, 32), 16), ((64, 24, 7, 7), 2), ((33, 5, 4, 4), 1)):
@@ -329,6 +417,7 @@ import sys
 sys.modules["triton"] = None  # import triton now raises ImportError
 import torch
 from torch.testing import assert_close
+from torch.utils._python_dispatch import TorchDispatchMode
 from fastgraph.kernels import augment as A, bn_act as B
 assert not B.HAS_TRITON
 g = torch.Generator().manual_seed(0)
@@ -353,31 +442,42 @@ torch.compile(m, backend="aot_eager", fullgraph=True)(x)
     assert done.returncode == 0, done.stderr[-3000:]
 
 
-def test_kernels_compile_for_h100(compile_for_gpu):
+@pytest.mark.parametrize("tiles", ["linear", "ghost"])
+def test_kernels_compile_for_h100(compile_for_gpu, tiles):
     """Every bn_act kernel compiles to an sm_90 cubin for bfloat16 (the GPU path cannot run
-    here); with the divisibility Triton's launcher infers, channels_last tiles load as vectors."""
-    ints = ["C", "HW", "G", "M", "K", "s_n", "s_c", "s_p", "tiles_per_chunk", "n_rows", "rows_per_chunk"]
-    sig = {n: "i32" for n in ints} | {n: "fp32" for n in ("momentum", "eps", "alpha")}
+    here); with the divisibility Triton's launcher infers, channels_last tiles load and store
+    as vectors: rows read linearly (one ghost batch, airbench94's shapes) and per sample
+    (ghost batches, Page's ResNet-9)."""
+    ints = ["C", "HW", "G", "M", "K", "s_n", "s_c", "s_p", "tiles_per_chunk"]
+    sig = {n: "i32" for n in ints} | {n: "fp32" for n in ("momentum", "eps", "alpha", "inv_alpha")}
     ptrs = ["x_ptr", "y_ptr", "dy_ptr", "dx_ptr"]
     sig |= {n: "*bf16" for n in ptrs}
-    tables = ["part_mean_ptr", "part_m2_ptr", "w_ptr", "b_ptr", "rm_ptr", "rv_ptr", "mean_ptr", "var_ptr",
-              "invstd_ptr", "scale_ptr", "shift_ptr", "new_rm_ptr", "new_rv_ptr", "part_dz_ptr",
-              "part_dzx_ptr", "sum_dz_ptr", "sum_dzx_ptr", "dw_ptr", "db_ptr"]
+    tables = ["part_ptr", "w_ptr", "b_ptr", "rm_ptr", "rv_ptr", "mean_ptr", "invstd_ptr", "new_rm_ptr",
+              "new_rv_ptr", "dw_ptr", "db_ptr"]
     sig |= {n: "*fp32" for n in tables}
-    divisible = ptrs + tables + ["C", "HW", "M", "s_n", "s_p", "n_rows"]
-    tile = dict(BLOCK_R=32, BLOCK_C=64, IN_SAMPLE=True, s_c=1)  # channels_last, 64 channels
-    flags = dict(HAS_WEIGHT=True, HAS_BIAS=True)
+    divisible = ptrs + tables + ["C", "HW", "M", "s_n", "s_p"]
+    # The tiles _config picks on an H100/H200 for these shapes.
+    if tiles == "linear":  # (1024, 64, 15, 15), GELU: 120 chunks
+        tile = dict(BLOCK_R=128, BLOCK_C=32, IN_SAMPLE=False, LINEAR=True, s_c=1)
+        merge = dict(BLOCK_K=128, BLOCK_G=1, BLOCK_J=128)
+        act = 2
+    else:  # (512, 128, 16, 16), CELU, 16 ghost batches of 16 chunks
+        tile = dict(BLOCK_R=128, BLOCK_C=32, IN_SAMPLE=True, LINEAR=False, s_c=1)
+        merge = dict(BLOCK_K=16, BLOCK_G=8, BLOCK_J=128)
+        act = 1
+    flags = dict(HAS_WEIGHT=True, HAS_BIAS=True, ACT=act)
     mod = "fastgraph.kernels.bn_act"
     specs = [
-        (mod, "_bn_stats_partial", sig, tile, divisible, 4),
-        (mod, "_bn_stats_finalize", sig, dict(flags, TRAINING=True, BLOCK_K=32, BLOCK_C=64), divisible, 4),
-        (mod, "_bn_act_apply", sig, dict(tile, ACT=1, UPDATE_RUNNING=True, BLOCK_G=16), divisible, 4),
-        (mod, "_bn_act_bwd_partial", sig, dict(tile, **flags, ACT=2), divisible, 4),
-        (mod, "_bn_act_bwd_finalize", sig, dict(BLOCK_K=32, BLOCK_C=64), divisible, 4),
-        (mod, "_bn_act_bwd_dx", sig, dict(tile, **flags, ACT=3, TRAINING=True, BLOCK_G=16), divisible, 4),
+        (mod, "_bn_stats_partial", sig, tile, divisible, 8),
+        (mod, "_bn_act_fwd", sig, dict(tile, **flags, TRAINING=True, HAS_RUNNING=True,
+                                       BLOCK_K=merge["BLOCK_K"], BLOCK_G=merge["BLOCK_G"]), divisible, 8),
+        (mod, "_bn_act_bwd_partial", sig, dict(tile, **flags), divisible, 8),
+        (mod, "_bn_act_bwd_dx", sig, dict(tile, **flags, TRAINING=True, BLOCK_K=merge["BLOCK_K"],
+                                          BLOCK_J=merge["BLOCK_J"]), divisible, 8),
     ]
     results = {r["kernel"]: r for r in compile_for_gpu(specs)}
     assert all(r["cubin_bytes"] > 0 for r in results.values())
-    for name in ("_bn_act_apply", "_bn_act_bwd_dx"):
-        assert results[name]["vector_loads"] > 0 and results[name]["vector_stores"] > 0, (
-            f"Triton {triton.__version__}: {results[name]}")
+    for name in results:
+        assert results[name]["vector_loads"] > 0, f"Triton {triton.__version__}: {results[name]}"
+    for name in ("_bn_act_fwd", "_bn_act_bwd_dx"):
+        assert results[name]["vector_stores"] > 0, f"Triton {triton.__version__}: {results[name]}"
