@@ -99,7 +99,7 @@ class Row:
     shape: list[int]
     dtype: str
     pass_: str  # "fwd" or "fwd+bwd"
-    impl: str  # "triton", "eager", "compile", "kernels only"
+    impl: str  # "triton", "eager", "compile"
     timing: str = "call"  # "call": the Python call; "graph": its CUDA graph replayed
     median_ms: float | None = None
     p20_ms: float | None = None
@@ -452,7 +452,7 @@ def _dry_case(case: BNCase) -> BNCase:
 
 def bench_bn_act(ctx: Context, cases: list[BNCase], dtypes) -> None:
     torch = ctx.torch
-    from fastgraph.kernels.bn_act import _forward_triton, bn_act, bn_act_reference
+    from fastgraph.kernels.bn_act import bn_act, bn_act_reference
 
     if ctx.dry_run:  # the first case of each recipe, shrunk: the interpreter is slow
         cases = [c for i, c in enumerate(cases) if i == 0 or c.recipe != cases[i - 1].recipe]
@@ -481,13 +481,6 @@ def bench_bn_act(ctx: Context, cases: list[BNCase], dtypes) -> None:
 
             checked = _check_bn_act(torch, x, running, weight, bias, dy, kw, bn_act, bn_act_reference)
             impls = [("triton", bn_act), ("eager", eager_bn_act)]
-            # The kernels alone, without the operator's dispatch and the running-stat copies:
-            # what the fused op costs under torch.compile, where that overhead is traced away.
-            launch_args = (x, *running, weight, bias, True, case.momentum, case.eps, case.activation,
-                           case.alpha, splits)
-            _record(ctx, Row(impl="kernels only", pass_="fwd", bytes_min=2 * numel * size,
-                             bytes_kernel=3 * numel * size, **base),
-                    lambda a=launch_args: _forward_triton(*a), graph=False)
             if ctx.compile_:  # Inductor's own fused kernels for the same BN + activation
                 impls.append(("compile", _compiled(ctx, lambda *a, **k: eager_bn_act(*a, **k))))
             for impl, fn in impls:
