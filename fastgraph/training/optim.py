@@ -1,4 +1,4 @@
-"""Optimisers of a recipe: parameter groups from pass hints, Muon for conv filters, EMA.
+"""Optimisers of a recipe: parameter groups from pass hints, SGD or LARS, Muon for conv filters, EMA.
 
 - :func:`build_optimizers`: ``torch.optim.SGD`` groups from the parameter hints passes
   leave in ``gm.meta["fastgraph.param_hints"]``, frozen parameters excluded; optionally
@@ -19,7 +19,13 @@
     airbench94_muon's whitening bias does (``1 - step / whiten_bias_train_steps``); the
     group carries ``group["own_schedule"]``.
 
+  - ``exclude_from_adaptation`` (bool, LARS only): overrides the rule below.
+
   SGD groups are keyed by (lr_scale, weight_decay_scale, train_epochs, own_schedule).
+- With ``[optimizer] name = "lars"`` the same groups go to :class:`~fastgraph.training.lars.LARS`
+  instead of SGD, split further by :func:`excluded_from_adaptation`: 1-D parameters (BatchNorm
+  and other normalisation weights and biases), every ``bias``, and every parameter of a
+  normalisation layer step without trust ratio and without weight decay.
 - :class:`WeightAverage`: an exponential moving average of weights and BatchNorm
   statistics (Page's EMA), optionally copied back into the trained weights (Lookahead as
   in hlb-CIFAR10 and airbench), on ``torch.optim.swa_utils.AveragedModel``.
@@ -34,9 +40,39 @@ import torch.fx as fx
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
+from fastgraph.training.lars import LARS
 from fastgraph.training.recipes import Recipe, TorchHyperparameters
 
 HINTS_KEY = "fastgraph.param_hints"
+# Normalisation layers (BatchNorm and InstanceNorm derive from _NormBase): no LARS adaptation.
+NORM_LAYERS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
+
+
+def excluded_from_adaptation(gm: nn.Module, name: str, p: nn.Parameter, hint: dict) -> bool:
+    """Whether LARS steps parameter ``name`` of ``gm`` without trust ratio and weight decay.
+
+    The hint's ``exclude_from_adaptation`` when given; else true for a parameter with at
+    most one dimension, one named ``bias``, or one of a normalisation layer. That is the
+    common practice: Google's LARS ResNet-50 (``tensorflow/tpu``
+    ``models/official/resnet/lars_util.py``, as in its MLPerf submissions) skips variables
+    named ``batch_normalization`` or ``bias``; timm's ``param_groups_weight_decay`` drops
+    the decay of ``ndim <= 1`` and ``.bias`` parameters, and timm's ``Lars`` adapts only
+    groups with weight decay. Testing the dimension covers the BatchNorm parameters of
+    fastgraph's rewritten modules (ghost BN, fused BN + activation) whatever their class,
+    and also excludes any other parameter of at most one dimension (a learnable scalar).
+
+    Raises:
+        ValueError: an ``exclude_from_adaptation`` hint that is not true or false.
+    """
+    given = hint.get("exclude_from_adaptation")
+    if given is not None:
+        if not isinstance(given, bool):
+            raise ValueError(f"parameter {name}: exclude_from_adaptation hint must be true or false, "
+                             f"got {given!r}")
+        return given
+    owner_name, _, leaf = name.rpartition(".")
+    owner = gm.get_submodule(owner_name) if owner_name else gm
+    return p.dim() <= 1 or leaf == "bias" or isinstance(owner, NORM_LAYERS)
 
 
 _LAYOUTS = ((0, 1, 2, 3), (0, 2, 3, 1))  # (out, in, kh, kw) contiguous; channels-last storage order
@@ -190,24 +226,29 @@ class ConvMuon:
 
 
 def build_optimizers(gm: fx.GraphModule, recipe: Recipe, hyper: TorchHyperparameters) -> list:
-    """SGD (and Muon) over ``gm``'s trainable parameters, grouped by their hints.
+    """SGD (and Muon), or LARS, over ``gm``'s trainable parameters, grouped by their hints.
 
     Each group stores ``peak_lr`` (the recipe's lr times the hint's ``lr_scale``); the
     trainer sets ``lr = peak_lr * schedule`` every step. Parameters whose hint says
     ``trainable: false``, or that have ``requires_grad`` off, are frozen and left out. With
     ``[muon] enabled`` the 4-D weights without lr, weight-decay or ``train_epochs`` hints go
     to :class:`ConvMuon`; every SGD group holds ``train_epochs`` (the hint's N, else
-    ``None``), see the module docstring.
+    ``None``), see the module docstring. With ``[optimizer] name = "lars"`` the groups go to
+    :class:`~fastgraph.training.lars.LARS` with the recipe's ``trust_coefficient`` and
+    ``eps``, each group also holding ``exclude_from_adaptation``
+    (:func:`excluded_from_adaptation`).
 
     Returns:
-        ``[torch.optim.SGD]``, ``[torch.optim.SGD, ConvMuon]`` or ``[ConvMuon]``.
+        ``[torch.optim.SGD]``, ``[torch.optim.SGD, ConvMuon]``, ``[ConvMuon]`` or ``[LARS]``.
 
     Raises:
-        ValueError: a ``train_epochs`` hint that is not a number > 0.
+        ValueError: a ``train_epochs`` hint that is not a number > 0, or an
+            ``exclude_from_adaptation`` hint that is not a boolean.
     """
     hints = gm.meta.get(HINTS_KEY, {})
     muon_cfg = recipe["muon"]
-    groups: dict[tuple[float, float, float | None, bool], list[nn.Parameter]] = {}
+    lars = recipe["optimizer"].get("name", "sgd") == "lars"
+    groups: dict[tuple[float, float, float | None, bool, bool], list[nn.Parameter]] = {}
     banks: list[nn.Parameter] = []
     for name, p in gm.named_parameters():
         hint = hints.get(name, {})
@@ -226,14 +267,23 @@ def build_optimizers(gm: fx.GraphModule, recipe: Recipe, hyper: TorchHyperparame
             banks.append(p)
             continue
         own = bool(hint.get("own_schedule", False)) and epochs is not None
-        groups.setdefault((lr_scale, wd_scale, epochs, own), []).append(p)
+        excluded = lars and excluded_from_adaptation(gm, name, p, hint)
+        groups.setdefault((lr_scale, wd_scale, epochs, own, excluded), []).append(p)
     param_groups = [
         {"params": params, "lr": hyper.lr * lr_scale, "peak_lr": hyper.lr * lr_scale,
-         "weight_decay": hyper.weight_decay * wd_scale, "train_epochs": epochs, "own_schedule": own}
-        for (lr_scale, wd_scale, epochs, own), params in groups.items()
+         "weight_decay": 0.0 if excluded else hyper.weight_decay * wd_scale, "train_epochs": epochs,
+         "own_schedule": own,
+         **({"exclude_from_adaptation": excluded} if lars else {})}
+        for (lr_scale, wd_scale, epochs, own, excluded), params in groups.items()
     ]
     optimizers: list = []
-    if param_groups:
+    if param_groups and lars:
+        opt = recipe["optimizer"]
+        optimizers.append(LARS(param_groups, lr=hyper.lr, momentum=hyper.momentum,
+                               nesterov=hyper.nesterov and hyper.momentum > 0,
+                               weight_decay=hyper.weight_decay, trust_coefficient=opt["trust_coefficient"],
+                               eps=opt["eps"]))
+    elif param_groups:
         optimizers.append(torch.optim.SGD(param_groups, lr=hyper.lr, momentum=hyper.momentum,
                                           nesterov=hyper.nesterov and hyper.momentum > 0))
     if banks:

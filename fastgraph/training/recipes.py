@@ -70,6 +70,10 @@ def _numbers(v):
     return None if ok else "a list of at least two numbers"
 
 
+def _fraction_below_one(v):
+    return _number(0)(v) or (None if v < 1 else ">= 0 and < 1")
+
+
 SCHEMA: dict[str, dict[str, tuple[Callable[[Any], str | None], Any]]] = {
     "": {
         "name": (_text, REQUIRED),
@@ -88,11 +92,14 @@ SCHEMA: dict[str, dict[str, tuple[Callable[[Any], str | None], Any]]] = {
         "precision": (_one_of("fp32", "fp16", "bf16"), "fp32"),  # autocast on CUDA
     },
     "optimizer": {
+        "name": (_one_of("sgd", "lars"), "sgd"),  # torch.optim.SGD, or fastgraph.training.lars.LARS
         "units": (_one_of("torch", "decoupled", "summed"), "torch"),
         "lr": (_number(0, lo_open=True), REQUIRED),
         "momentum": (_number(0, 1), 0.9),
         "nesterov": (_boolean, False),
         "weight_decay": (_number(0), 0.0),
+        "trust_coefficient": (_number(0, lo_open=True), 0.001),  # LARS eta (You et al. 2017)
+        "eps": (_number(0), 0.0),  # LARS: added to the trust ratio's denominator
     },
     "muon": {
         "enabled": (_boolean, False),
@@ -104,8 +111,13 @@ SCHEMA: dict[str, dict[str, tuple[Callable[[Any], str | None], Any]]] = {
         "normalize_weights": (_boolean, True),
     },
     "schedule": {
+        "type": (_one_of("piecewise", "poly"), "piecewise"),
         "knots": (_numbers, REQUIRED),
         "values": (_numbers, REQUIRED),
+        "warmup": (_fraction_below_one, 0.0),  # poly: share of all steps spent warming up
+        "power": (_number(0, lo_open=True), 2.0),
+        "start": (_number(0), 0.0),
+        "end": (_number(0), 0.0),
     },
     "ema": {
         "enabled": (_boolean, False),
@@ -132,6 +144,19 @@ SCHEMA: dict[str, dict[str, tuple[Callable[[Any], str | None], Any]]] = {
     "stochastic_depth": {
         "survival_last": (_number(0, 1, lo_open=True), 0.5),
     },
+}
+# (section, key) -> (selector key, value): keys that exist only when the selector in the
+# same section has that value. Given otherwise, they are an error; absent, they are left out
+# of the recipe (so a recipe's dict holds only what it uses).
+ONLY_WITH: dict[tuple[str, str], tuple[str, str]] = {
+    ("optimizer", "trust_coefficient"): ("name", "lars"),
+    ("optimizer", "eps"): ("name", "lars"),
+    ("schedule", "knots"): ("type", "piecewise"),
+    ("schedule", "values"): ("type", "piecewise"),
+    ("schedule", "warmup"): ("type", "poly"),
+    ("schedule", "power"): ("type", "poly"),
+    ("schedule", "start"): ("type", "poly"),
+    ("schedule", "end"): ("type", "poly"),
 }
 PASS_ITEM_KEYS = ("name",)  # every other key of a [[passes]] item is an option of that pass
 
@@ -185,8 +210,10 @@ class Recipe:
 class TorchHyperparameters:
     """Optimiser hyperparameters in PyTorch's conventions, for a mean-reduced loss.
 
-    lr: peak learning rate of ``torch.optim.SGD`` (multiplied by the schedule).
-    weight_decay: ``torch.optim.SGD``'s ``weight_decay`` (L2, multiplied by the lr).
+    lr: peak learning rate of ``torch.optim.SGD`` (multiplied by the schedule); with
+        ``[optimizer] name = "lars"`` LARS's peak global lr gamma.
+    weight_decay: ``torch.optim.SGD``'s ``weight_decay`` (L2, multiplied by the lr); LARS's
+        beta (see ``fastgraph.training.lars``).
     momentum, nesterov: as in ``torch.optim.SGD``.
     """
 
@@ -230,13 +257,48 @@ def torch_hyperparameters(recipe: Recipe, batch_size: int) -> TorchHyperparamete
     return TorchHyperparameters(lr, opt["momentum"], opt["nesterov"], opt["weight_decay"] / opt["lr"])
 
 
+def poly_factor(progress: float, *, warmup: float, power: float = 2.0, start: float = 0.0,
+                end: float = 0.0) -> float:
+    """Polynomial decay after a linear warm-up, as a multiple of the peak lr.
+
+    With p = ``progress`` (fraction of all steps, clipped to 0..1; the trainer passes
+    step / total_steps, so a warm-up of W epochs out of E is ``warmup = W / E``, W
+    fractional or not)::
+
+        p < warmup:  start + (1 - start) * p / warmup                      (linear warm-up)
+        otherwise:   end + (1 - end) * (1 - (p - warmup) / (1 - warmup))**power
+
+    1 at the end of the warm-up, ``end`` at p = 1. LARS's global lr: You, Gitman and
+    Ginsburg (arXiv:1708.03888, Algorithm 1) decay ``gamma_0 * (1 - t / T)**2``; the warm-up
+    is Goyal et al.'s gradual warm-up ("Accurate, Large Minibatch SGD", 2017, sec. 2.2),
+    from 0 as ``tensorflow/tpu`` ``models/official/resnet/lars_util.py``
+    (``poly_rate_schedule``: ``plr * current_epoch / w_epochs``, then
+    ``polynomial_decay(..., power=2.0)``).
+
+    Raises:
+        ValueError: ``warmup`` outside [0, 1), ``power`` <= 0, or ``start``/``end`` < 0.
+    """
+    if not 0 <= warmup < 1 or not power > 0 or start < 0 or end < 0:
+        raise ValueError(f"poly schedule needs 0 <= warmup < 1, power > 0, start >= 0, end >= 0; got "
+                         f"warmup={warmup}, power={power}, start={start}, end={end}")
+    p = min(1.0, max(0.0, float(progress)))
+    if p < warmup:
+        return start + (1.0 - start) * p / warmup
+    return end + (1.0 - end) * (1.0 - (p - warmup) / (1.0 - warmup)) ** power
+
+
 def lr_factor(recipe: Recipe, progress: float) -> float:
     """The schedule's multiple of the peak lr at ``progress`` (fraction of all steps, 0..1).
 
-    Piecewise linear through (knots[i], values[i]); a repeated knot makes a step (the
-    value jumps to the later one); constant outside the knots.
+    ``type = "piecewise"``: linear through (knots[i], values[i]); a repeated knot makes a
+    step (the value jumps to the later one); constant outside the knots. ``type = "poly"``:
+    :func:`poly_factor` with the section's ``warmup``, ``power``, ``start`` and ``end``.
     """
-    knots, values = recipe["schedule"]["knots"], recipe["schedule"]["values"]
+    sched = recipe["schedule"]
+    if sched.get("type", "piecewise") == "poly":
+        return poly_factor(progress, warmup=sched["warmup"], power=sched["power"], start=sched["start"],
+                           end=sched["end"])
+    knots, values = sched["knots"], sched["values"]
     if progress <= knots[0]:
         return float(values[0])
     for i in range(len(knots) - 1, -1, -1):  # last knot at or before progress: right-continuous steps
@@ -286,6 +348,36 @@ def _dotted(section: str, key: str) -> str:
     return f"{section}.{key}" if section else key
 
 
+def _check_knots(label: str, sched: dict) -> None:
+    """Raise ``UserError`` unless a piecewise schedule's knots rise from 0 to 1 with one value each, >= 0."""
+    if len(sched["knots"]) != len(sched["values"]):
+        raise UserError(f"recipe {label}: 'schedule.knots' and 'schedule.values' differ in length "
+                        f"({len(sched['knots'])} vs {len(sched['values'])})")
+    knots = sched["knots"]
+    if knots[0] != 0 or knots[-1] != 1 or any(b < a for a, b in zip(knots, knots[1:], strict=False)):
+        raise UserError(f"recipe {label}: 'schedule.knots' must rise from 0 to 1 (fractions of "
+                        f"training), got {knots}")
+    if any(v < 0 for v in sched["values"]):
+        raise UserError(f"recipe {label}: 'schedule.values' must be >= 0, got {sched['values']}")
+
+
+def same_recipe(saved: dict, current: dict) -> bool:
+    """Whether ``saved`` (a checkpoint's ``Recipe.to_dict()``) is the recipe ``current``
+    (this one's): equal once the keys the schema gained since the checkpoint was written
+    (``optimizer.name``, ``schedule.type``...) are filled in where ``current`` holds their
+    defaults, so an upgrade of fastgraph does not refuse to resume an unchanged recipe."""
+    filled = {k: dict(v) if isinstance(v, dict) else v for k, v in saved.items()}
+    for name, keys in SCHEMA.items():
+        section = name or "recipe"
+        old, new = filled.get(section), current.get(section)
+        if not isinstance(old, dict) or not isinstance(new, dict):
+            continue
+        for key, (_, default) in keys.items():
+            if key not in old and key in new and new[key] == default:
+                old[key] = default
+    return filled == current
+
+
 def validate(label: str, data: dict) -> Recipe:
     """Check parsed TOML against :data:`SCHEMA` and fill in defaults.
 
@@ -306,6 +398,14 @@ def validate(label: str, data: dict) -> Recipe:
                                 f"{', '.join(sorted(known))}")
         values = {}
         for key, (check, default) in keys.items():
+            if (section, key) in ONLY_WITH:
+                selector, wanted = ONLY_WITH[section, key]
+                chosen = given.get(selector, keys[selector][1])
+                if chosen != wanted:
+                    if key in given:
+                        raise UserError(f"recipe {label}: {_dotted(section, key)!r} applies only with "
+                                        f"{_dotted(section, selector)} = {wanted!r}, not {chosen!r}")
+                    continue
             if key not in given:
                 if default is REQUIRED:
                     raise UserError(f"recipe {label}: missing key {_dotted(section, key)!r}")
@@ -318,16 +418,15 @@ def validate(label: str, data: dict) -> Recipe:
             values[key] = given[key]
         sections[section] = values
 
+    opt = sections["optimizer"]
+    if opt["name"] == "lars" and opt["units"] != "torch":
+        raise UserError(f"recipe {label}: 'optimizer.name' \"lars\" takes lr and weight_decay in "
+                        f"PyTorch's units (units = \"torch\"), got units = {opt['units']!r}")
+    if opt["name"] == "lars" and sections["muon"]["enabled"]:
+        raise UserError(f"recipe {label}: 'optimizer.name' \"lars\" does not combine with [muon] enabled")
     sched = sections["schedule"]
-    if len(sched["knots"]) != len(sched["values"]):
-        raise UserError(f"recipe {label}: 'schedule.knots' and 'schedule.values' differ in length "
-                        f"({len(sched['knots'])} vs {len(sched['values'])})")
-    knots = sched["knots"]
-    if knots[0] != 0 or knots[-1] != 1 or any(b < a for a, b in zip(knots, knots[1:], strict=False)):
-        raise UserError(f"recipe {label}: 'schedule.knots' must rise from 0 to 1 (fractions of "
-                        f"training), got {knots}")
-    if any(v < 0 for v in sched["values"]):
-        raise UserError(f"recipe {label}: 'schedule.values' must be >= 0, got {sched['values']}")
+    if sched["type"] == "piecewise":
+        _check_knots(label, sched)
     if sections["eval"]["model"] == "ema" and not sections["ema"]["enabled"]:
         raise UserError(f"recipe {label}: 'eval.model' is \"ema\" but [ema] is not enabled")
 

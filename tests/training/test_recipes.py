@@ -215,3 +215,16 @@ def test_cli_bad_recipe_exits_2_with_one_line(tmp_path, capsys):
     path = write(tmp_path, MINIMAL.replace("[train]\n", "[train]\nepocs = 3\n"))
     line = cli_error(capsys, "train", str(REPO / "examples" / "resnet9.py"), "--recipe", path)
     assert "unknown key 'train.epocs'" in line and path in line
+
+
+def test_a_checkpoint_written_before_the_schema_grew_is_the_same_recipe():
+    from fastgraph.training.recipes import same_recipe
+
+    current = load_recipe("page2019").to_dict()
+    older = {k: dict(v) if isinstance(v, dict) else v for k, v in current.items()}
+    del older["optimizer"]["name"], older["schedule"]["type"]  # keys this checkpoint predates
+    assert same_recipe(older, current)
+    changed = {**older, "optimizer": {**older["optimizer"], "lr": older["optimizer"]["lr"] * 2}}
+    assert not same_recipe(changed, current)
+    lars = {**current, "optimizer": {**current["optimizer"], "name": "lars"}}
+    assert not same_recipe(older, lars)  # a missing key counts as its default, not as anything
