@@ -58,6 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``fastgraph`` console script; returns the exit code."""
     args = build_parser().parse_args(argv)
+    args._argv = list(sys.argv[1:] if argv is None else argv)  # fastgraph train --nproc starts it again
     try:
         return int(args._run(args) or 0)
     except UserError as exc:

@@ -11,6 +11,10 @@ against counted seconds and against epochs (``fastgraph.training.curves``);
 ``--tensorboard DIR`` logs every run's per-epoch scalars and hyperparameters for
 TensorBoard (``fastgraph.training.tensorboard``, extra ``tensorboard``). The output paths,
 the tensorboard package and the model file are checked before the data is looked for.
+
+Data parallel: ``torchrun --nproc-per-node N -m fastgraph train ...`` (or ``--nproc N``,
+which starts torchrun on this machine) trains in N processes
+(``fastgraph.training.distributed``); rank 0 alone prints and writes.
 """
 
 from __future__ import annotations
@@ -78,6 +82,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="evaluate after the last epoch only (faster; no per-epoch accuracy)")
     parser.add_argument("--stochastic-depth", action="store_true",
                         help="train with the stochastic_depth pass (the recipe's [stochastic_depth] options)")
+    parser.add_argument("--nproc", type=positive(int), metavar="N",
+                        help="train data-parallel in N processes on this machine (one per GPU; gloo on "
+                             "CPUs), started through torchrun; the recipe's batch is the global batch")
     parser.add_argument("--no-fused-kernels", dest="fused_kernels", action="store_false",
                         help="drop the recipe's fused-kernel passes (fuse_bn_activation): the same "
                              "model on unfused PyTorch ops, for A/B timing")
@@ -85,9 +92,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run ``fastgraph train``; returns the exit code (a ``UserError`` is one line, exit 2)."""
-    from fastgraph.training.loop import Interrupted, TrainOptions, train
+    from fastgraph.training import distributed
+    from fastgraph.training.loop import Interrupted, Reporter, TrainOptions, train
     from fastgraph.training.recipes import load_recipe
     from fastgraph.training.report import RichReporter, print_summary
+
+    started = distributed.from_environment()
+    if args.nproc and args.nproc > 1 and started is None:
+        return distributed.launch(args.nproc, args._argv)
+    main = started is None or started[0] == 0  # rank 0 prints and writes; the others only train
 
     if args.resume and not args.checkpoint:
         raise UserError("--resume needs --checkpoint DIR (the folder holding the checkpoint)")
@@ -101,7 +114,7 @@ def run(args: argparse.Namespace) -> int:
 
         check_figure_path(args.plot, "--plot")
     tensorboard = None
-    if args.tensorboard:
+    if args.tensorboard and main:
         from fastgraph.training.tensorboard import Reporters, TensorBoardReporter
 
         tensorboard = TensorBoardReporter(args.tensorboard, resume=args.resume)
@@ -112,9 +125,9 @@ def run(args: argparse.Namespace) -> int:
                         precision=args.precision, compile=args.compile, checkpoint_dir=args.checkpoint,
                         resume=args.resume, stochastic_depth=args.stochastic_depth, data=args.data,
                         progress_eval=args.progress_eval, fused_kernels=args.fused_kernels)
-    reporter = RichReporter(recipe)
+    reporter = RichReporter(recipe) if main else Reporter()
     try:
-        with reporter, tensorboard or contextlib.nullcontext():
+        with reporter if main else contextlib.nullcontext(), tensorboard or contextlib.nullcontext():
             result = train(opts, reporter if tensorboard is None else Reporters(reporter, tensorboard))
             if tensorboard is not None:
                 tensorboard.finish(result)
@@ -123,6 +136,8 @@ def run(args: argparse.Namespace) -> int:
             raise  # Ctrl-C: the CLI's KeyboardInterrupt exit, 130
         print("fastgraph: terminated", file=sys.stderr)
         return 128 + signal.SIGTERM
+    if not main:
+        return 0
     print_summary(result, reporter.console)
     env = environment(result.settings["device"])
     if args.json:

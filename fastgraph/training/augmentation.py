@@ -34,11 +34,17 @@ class DeviceAugmenter:
         out_dtype: dtype of the batches: float32, or the autocast dtype the training runs
             in (bf16 or fp16, on a GPU and a CPU alike, so a compiled step sees one dtype).
         channels_last: return batches in channels-last memory format.
+        positions: int64 (b,) positions in each batch of ``batch_size`` that this process
+            trains on (a rank of a data-parallel training:
+            ``fastgraph.training.distributed.batch_positions``); None: the whole batch. The
+            permutation and the draws stay those of the whole batch, so the ranks together
+            see exactly what one process would.
     """
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, *, batch_size: int, pad: int,
                  pad_mode: str, flip: str, cutout: int, mean, std, seed: int,
-                 out_dtype: torch.dtype = torch.float32, channels_last: bool = False):
+                 out_dtype: torch.dtype = torch.float32, channels_last: bool = False,
+                 positions: torch.Tensor | None = None):
         if images.dtype != torch.uint8 or images.dim() != 4:
             raise ValueError(f"images must be uint8 (N, 3, H, W), got {images.dtype} {tuple(images.shape)}")
         if len(images) < batch_size:
@@ -49,6 +55,7 @@ class DeviceAugmenter:
         self.flip, self.cutout = flip, cutout
         self.mean, self.std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
         self.out_dtype, self.channels_last = out_dtype, channels_last
+        self.positions = None if positions is None else positions.to(self.device)
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(seed)
         from fastgraph.kernels import augment as kernel  # deferred: Triton imports are slow
@@ -85,6 +92,8 @@ class DeviceAugmenter:
                                          index=order, device=self.device)
         for i in range(skip, n_steps):
             rows = slice(i * self.batch_size, (i + 1) * self.batch_size)
+            if self.positions is not None:  # this rank's images of the global batch
+                rows = self.positions + i * self.batch_size
             index = order[rows]
             x = self._augment(self.images, index, shift[rows], flip[rows],
                               corner[rows] if self.cutout else None,

@@ -37,6 +37,11 @@ boundary before :class:`Interrupted` is raised (``fastgraph.training.signals``).
 ``resume`` continues bit-exactly on the same device, and a NaN or infinite loss stops the
 run with :class:`~fastgraph.training.options.TrainingDiverged`. The model, the checkpoint
 and the options are checked before the data is looked for.
+
+Data parallel: started by torchrun (``RANK``, ``WORLD_SIZE``), every process trains its share of
+each global batch in ``DistributedDataParallel``; rank 0 alone evaluates, reports and
+writes (``fastgraph.training.distributed`` says how the ranks compute what one process at
+the global batch would).
 """
 
 from __future__ import annotations
@@ -55,12 +60,13 @@ from fastgraph.core.devices import resolve_device
 from fastgraph.core.errors import UserError
 from fastgraph.core.timing import CompiledInCountedPhase, Timer
 from fastgraph.training import checkpoint as ckpt
+from fastgraph.training import distributed as dp
 from fastgraph.training.batches import load_device_data, warm_up_batches
 from fastgraph.training.build import ModelBuilder, check_model, model_name
 from fastgraph.training.evaluation import Evaluator
 from fastgraph.training.optim import WeightAverage, build_optimizers
 from fastgraph.training.options import DTYPES, TrainingDiverged, TrainOptions, autocast_for
-from fastgraph.training.recipes import check_passes_registered, lr_factor, torch_hyperparameters
+from fastgraph.training.recipes import check_passes_registered, lr_factor, same_recipe, torch_hyperparameters
 from fastgraph.training.records import EpochRecord, Reporter, RunRecord, TrainResult
 from fastgraph.training.signals import Interrupted, InterruptGuard
 
@@ -103,6 +109,7 @@ class _Run:
     before: float = 0.0  # timer total when ``epoch`` started in this process
     loss_sum: torch.Tensor | None = None  # on the device: summed without synchronising
     correct: torch.Tensor | None = None
+    agreed_stop: bool = False  # distributed: every rank stopped at this step boundary
 
     def new_epoch(self, epoch: int, done: int, aug_state: dict, before: float) -> None:
         """Enter ``epoch`` with ``done`` of its steps behind (a resume keeps their statistics)."""
@@ -124,6 +131,9 @@ class Trainer:
         if opts.runs < 1:
             raise UserError(f"--runs must be >= 1, got {opts.runs}")
         self.device = resolve_device(opts.device)
+        self.dist = dp.initialise(self.device)  # None unless started by torchrun
+        if self.dist is not None:
+            self.device = self.dist.device(self.device)
         train_cfg = recipe["train"]
         self.epochs = float(opts.epochs if opts.epochs is not None else train_cfg["epochs"])
         self.batch_size = int(opts.batch_size if opts.batch_size is not None else train_cfg["batch_size"])
@@ -155,7 +165,11 @@ class Trainer:
         self.tta_level = recipe["eval"]["tta_level"]
         self.autocast = autocast_for(self.device, self.precision)
         self.interrupt = InterruptGuard()
-        self.builder = ModelBuilder(opts, self.device, channels_last=self.channels_last, compile=self.compile,
+        if self.dist is not None:  # the global batch splits evenly, or nothing starts
+            dp.batch_positions(self.batch_size, self.dist.world_size, self.dist.rank, None)
+        # distributed: the DDP wrapper is compiled, not the module (see _start_run)
+        self.builder = ModelBuilder(opts, self.device, channels_last=self.channels_last,
+                                    compile=self.compile and self.dist is None,
                                     compile_mode=self.compile_mode)
         self.data = None  # DeviceData, and the evaluator over its test images, once loaded
         self.evaluator: Evaluator | None = None
@@ -170,13 +184,24 @@ class Trainer:
                 "runs": o.runs, "seed": o.seed, "subset": o.subset, "test_subset": o.test_subset,
                 "device": str(self.device), "precision": self.precision, "compile": bool(self.compile),
                 "compile_backend": o.compile_backend, "compile_mode": self.compile_mode,
-                "stochastic_depth": o.stochastic_depth, "fused_kernels": o.fused_kernels, "target": o.target}
+                "stochastic_depth": o.stochastic_depth, "fused_kernels": o.fused_kernels, "target": o.target,
+                "world_size": self.dist.world_size if self.dist else 1,
+                "backend": self.dist.backend if self.dist else None}
+
+    @property
+    def is_main(self) -> bool:
+        """Whether this process evaluates, reports and writes (rank 0, or the only one)."""
+        return self.dist is None or self.dist.is_main
 
     def _load_data(self, timer: Timer) -> None:
         """Put the (subset of the) data on the device; build the evaluator over its test images."""
         o = self.opts
+        if self.dist is not None and not self.is_main:
+            dp.barrier()  # rank 0 decodes the archive into the cache once; the others then read it
         self.data = data = load_device_data(o.data, self.device, timer, batch_size=self.batch_size,
                                             subset=o.subset, test_subset=o.test_subset)
+        if self.dist is not None and self.is_main:
+            dp.barrier()
         self.evaluator = Evaluator(data.test_images, data.test_labels, mean=data.mean, std=data.std,
                                    batch_size=self.recipe["eval"]["batch_size"], tta_level=self.tta_level,
                                    autocast=self.autocast, channels_last=self.channels_last)
@@ -218,7 +243,8 @@ class Trainer:
         for x, y in self._warm_up_batches(r.augmenter):
             self._step(r, x, y)
         r.module.zero_grad(set_to_none=True)
-        self.evaluator.warm_up(r.evaluated)
+        if self.is_main:  # the only rank that evaluates
+            self.evaluator.warm_up(r.evaluated)
         r.module.load_state_dict(saved)
         r.module.train()
         self._set_rng_state(rng)
@@ -247,6 +273,16 @@ class Trainer:
         torch.manual_seed(seed)  # the model's initialisation (file or factory)
         gm, pass_report = self.builder.build(timer, self.data)
         module, call = self.builder.training_module(gm)
+        positions = None
+        if self.dist is not None:
+            call = dp.wrap(module, self.dist)  # broadcasts rank 0's weights: every rank starts alike
+            if self.compile:
+                mode = {} if self.compile_mode == "default" else {"mode": self.compile_mode}
+                call = torch.compile(call, backend=self.opts.compile_backend, **mode)
+            positions = dp.batch_positions(self.batch_size, self.dist.world_size, self.dist.rank,
+                                           dp.ghost_batch_size(module))
+            if self.dist.rank:  # dropout and stochastic depth draw per rank; rank 0 as one process
+                torch.manual_seed(seed + 1_000_003 * self.dist.rank)
         optimizers = build_optimizers(module, recipe, self.hyper)
         cfg = recipe["ema"]
         ema = (WeightAverage(module, decay=cfg["decay"], every=cfg["every"], warmup_power=cfg["warmup_power"],
@@ -257,7 +293,7 @@ class Trainer:
             self.data.train_images, self.data.train_labels, batch_size=self.batch_size, pad=aug["pad"],
             pad_mode=aug["pad_mode"], flip=aug["flip"], cutout=aug["cutout"], mean=self.data.channel_mean,
             std=self.data.channel_std, seed=seed, out_dtype=DTYPES[self.precision],
-            channels_last=self.channels_last)
+            channels_last=self.channels_last, positions=positions)
         scaler = torch.amp.GradScaler(self.device.type) if self.precision == "fp16" else None
         total = max(1, math.ceil(augmenter.steps_per_epoch * self.epochs))
         r = _Run(index=run, seed=seed, device=self.device, timer=timer, module=module, call=call,
@@ -281,9 +317,13 @@ class Trainer:
             if scaler is not None and saved.get("scaler"):
                 scaler.load_state_dict(saved["scaler"])
             augmenter.load_state_dict(saved["augment"])  # the state at the start of saved["epoch"]
-            self._set_rng_state(saved["rng"])
+            ranks = saved.get("rng_ranks")  # each rank's own generators, where the ranks match
+            same_ranks = self.dist is not None and ranks and len(ranks) == self.dist.world_size
+            self._set_rng_state(ranks[self.dist.rank] if same_ranks else saved["rng"])
             r.epoch, r.done, r.step = saved["epoch"], saved["step_in_epoch"], saved["step"]
             r.offset, r.carry, r.partial = saved["counted_seconds"], saved["epoch_seconds"], saved["partial"]
+            if not self.is_main:  # the sums over the ranks so far are counted once, on rank 0
+                r.partial = {**r.partial, "loss": 0.0, "correct": 0}
             r.records = [EpochRecord(**e) for e in saved["epochs"]]
         r.new_epoch(r.epoch, r.done, augmenter.state_dict(), timer.total())
         return r
@@ -291,20 +331,29 @@ class Trainer:
     def _snapshot(self, r: _Run, finished_run: bool = False) -> dict:
         """The checkpoint of run ``r`` at its current step boundary."""
         mid_epoch = r.done > 0 and not finished_run
-        partial = {"loss": r.partial["loss"] + r.loss_sum.item(),
-                   "correct": r.partial["correct"] + int(r.correct),
-                   "seen": r.partial["seen"] + r.steps * self.batch_size}
+        loss, correct = self._totals(r)
+        partial = {"loss": loss, "correct": correct, "seen": r.partial["seen"] + r.steps * self.batch_size}
+        rng = self._rng_state()
+        rng_ranks = dp.gather(rng, self.dist) if self.dist is not None else None
         return {"settings": self.settings(), "recipe": self.recipe.to_dict(), "run": r.index,
                 "completed": [asdict(c) for c in r.completed], "epoch": r.epoch, "step_in_epoch": r.done,
                 "step": r.step, "finished_run": finished_run, "model": r.module.state_dict(),
                 "optimizers": [o.state_dict() for o in r.optimizers],
                 "ema": r.ema.state_dict() if r.ema is not None else None,
                 "scaler": r.scaler.state_dict() if r.scaler is not None else None,
-                "augment": r.aug_state, "rng": self._rng_state(),
+                "augment": r.aug_state, "rng": rng, "rng_ranks": rng_ranks,
                 "counted_seconds": r.offset + r.timer.total(),
                 "epoch_seconds": r.timer.total() - r.before + r.carry if mid_epoch else 0.0,
                 "partial": partial if mid_epoch else {"loss": 0.0, "correct": 0, "seen": 0},
                 "epochs": [asdict(e) for e in r.records]}
+
+    def _totals(self, r: _Run) -> tuple[float, int]:
+        """(sum of the step losses, correct predictions) of ``r``'s epoch so far, over all
+        ranks; each rank's loss is the mean over its share of the batch."""
+        loss, correct = r.partial["loss"] + r.loss_sum.item(), r.partial["correct"] + int(r.correct)
+        if self.dist is not None:
+            loss, correct = dp.all_sum([loss, correct], self.dist)
+        return loss, int(correct)
 
     def _group_lr(self, group: dict, r: _Run, epoch: int, factor: float) -> float:
         """The lr of an optimiser group at run ``r``'s current step of ``epoch``.
@@ -331,11 +380,13 @@ class Trainer:
         steps_here = min(r.steps_per_epoch, r.total_steps - epoch * r.steps_per_epoch)
         r.new_epoch(epoch, skip, r.augmenter.state_dict(), r.timer.total())
         losses, interrupted = [], False
+        agreement = dp.StopAgreement(self.dist) if self.dist is not None else None
         r.module.train()
         with r.timer.phase("train"):
             batches = nvtx.iterate(r.augmenter.epoch(epoch, skip, steps_here), "data")
             for i, (x, y) in enumerate(batches, start=skip):
-                if self.interrupt.requested:
+                requested = self.interrupt.requested
+                if agreement.should_stop(requested) if agreement is not None else requested:
                     interrupted = True
                     break
                 r.boundary = False
@@ -363,17 +414,26 @@ class Trainer:
                 r.correct += (out.detach().argmax(1) == y).sum()
                 r.steps, r.done, r.boundary = r.steps + 1, i + 1, True
                 self.reporter.step(r.index, i + 1, steps_here)
-                if self.device.type == "cpu" and not torch.isfinite(loss):
+                if self.device.type == "cpu" and self.dist is None and not torch.isfinite(loss):
                     break  # on a CPU the check costs nothing: stop at once
-        if losses:  # on a GPU checked once per epoch: a per-step check would synchronise every step
-            bad = (~torch.isfinite(torch.stack(losses))).nonzero()
-            if len(bad):
-                k = int(bad[0])
-                raise TrainingDiverged(
-                    f"training diverged: loss is {losses[k].item()} at epoch {epoch + 1} step "
-                    f"{skip + k + 1} (step {r.step - len(losses) + k + 1} of the run); recipe "
-                    f"{recipe.name} with peak lr {self.hyper.lr:g} is unstable for this model")
+        if agreement is not None:
+            agreement.finish()
+        # on a GPU checked once per epoch: a per-step check would synchronise every step
+        bad = (~torch.isfinite(torch.stack(losses))).nonzero() if losses else []
+        if self.dist is not None and dp.agree(len(bad) > 0, self.dist) and not len(bad):
+            raise TrainingDiverged(f"training diverged: the loss of another rank is not finite in epoch "
+                                   f"{epoch + 1}; recipe {recipe.name} with peak lr {self.hyper.lr:g} is "
+                                   "unstable for this model")
+        if len(bad):
+            k = int(bad[0])
+            raise TrainingDiverged(
+                f"training diverged: loss is {losses[k].item()} at epoch {epoch + 1} step "
+                f"{skip + k + 1} (step {r.step - len(losses) + k + 1} of the run); recipe "
+                f"{recipe.name} with peak lr {self.hyper.lr:g} is unstable for this model")
         if interrupted:
+            if self.dist is not None:
+                r.agreed_stop = True
+                self.interrupt.request(dp.STOPPED_BY_ANOTHER_RANK)  # no-op where this rank was signalled
             self.interrupt.check()
 
     def _end_epoch(self, r: _Run, epoch: int, resumed_inside: bool) -> EpochRecord:
@@ -384,7 +444,11 @@ class Trainer:
         final = epoch == r.n_epochs - 1
         test_acc = tta_acc = None
         tta_before = timer.total(counted_only=False)
-        if final or self.opts.progress_eval:
+        if self.dist is not None:  # what one process would hold: see fastgraph.training.distributed
+            dp.average_running_stats([r.module] + ([r.ema.averaged.module] if r.ema is not None else []),
+                                     self.dist)
+        loss, correct = self._totals(r)
+        if (final or self.opts.progress_eval) and self.is_main:
             if self.tta_level:  # plain accuracy is progress information: not counted
                 with timer.phase("eval", counted=False):
                     test_acc = self.evaluator.accuracy(r.evaluated, tta=False)
@@ -393,11 +457,11 @@ class Trainer:
                 tta_acc = self.evaluator.accuracy(r.evaluated, tta=bool(self.tta_level))
             test_acc = tta_acc if test_acc is None else test_acc
         steps = r.partial["seen"] // self.batch_size + r.steps
+        world = self.dist.world_size if self.dist is not None else 1
         return EpochRecord(
             epoch=min(r.step / r.steps_per_epoch, self.epochs), step=r.step,
             lr=self.hyper.lr * lr_factor(self.recipe, (r.step - 1) / r.total_steps),
-            train_loss=(r.partial["loss"] + r.loss_sum.item()) / max(1, steps),
-            train_acc=(r.partial["correct"] + int(r.correct)) / max(1, steps * self.batch_size),
+            train_loss=loss / max(1, steps * world), train_acc=correct / max(1, steps * self.batch_size),
             test_acc=test_acc, tta_acc=tta_acc, seconds=seconds, elapsed=elapsed,
             tta_seconds=timer.total(counted_only=False) - tta_before)
 
@@ -418,20 +482,27 @@ class Trainer:
                 r.records.append(record)
                 r.new_epoch(epoch + 1, 0, r.augmenter.state_dict(), r.timer.total())
                 if directory:
-                    ckpt.save_checkpoint(directory, self._snapshot(r))
+                    self._save(self._snapshot(r))
                 self.reporter.epoch_end(run, record)
         except KeyboardInterrupt:
-            self._on_interrupt(self._snapshot(r) if r.boundary else None)
+            # distributed: only a stop every rank agreed on is at one step boundary everywhere
+            consistent = r.boundary and (self.dist is None or r.agreed_stop)
+            self._on_interrupt(self._snapshot(r) if consistent else None)
             raise
         result = RunRecord(run=run, seed=r.seed, epochs=r.records, test_acc=r.records[-1].test_acc,
                            tta_acc=r.records[-1].tta_acc, seconds=r.offset + r.timer.total(),
                            phases=r.timer.as_dict(), passes=r.passes, compiles=r.timer.compiles())
         self.last_model = r.evaluated
         if directory:
-            ckpt.save_checkpoint(directory, {**self._snapshot(r, finished_run=True),
-                                             "completed": [asdict(c) for c in completed + [result]]})
+            self._save({**self._snapshot(r, finished_run=True),
+                        "completed": [asdict(c) for c in completed + [result]]})
         self.reporter.run_end(run, result)
         return result
+
+    def _save(self, state: dict) -> None:
+        """Write ``state`` as the checkpoint (rank 0 alone writes; every rank has the same state)."""
+        if self.is_main:
+            ckpt.save_checkpoint(self.opts.checkpoint_dir, state)
 
     def _on_interrupt(self, state: dict | None) -> None:
         """Write ``state`` (the run at the step boundary where it stopped) as the checkpoint."""
@@ -441,7 +512,8 @@ class Trainer:
         if not directory:
             self.reporter.message(f"{how}; no --checkpoint folder was given, nothing saved")
         elif state is not None:
-            path = ckpt.save_checkpoint(directory, state)
+            self._save(state)
+            path = ckpt.checkpoint_path(directory)
             self.reporter.message(f"{how} at run {state['run'] + 1} epoch {state['epoch'] + 1} "
                                   f"after step {state['step_in_epoch']}; checkpoint written to {path}; "
                                   "continue with --resume")
@@ -453,8 +525,13 @@ class Trainer:
 
     def _check_resume(self, saved: dict) -> None:
         mine, theirs = self.settings(), saved["settings"]
-        keys = [k for k in mine if k not in ("runs", "target") and mine[k] != theirs.get(k)]
-        if saved["recipe"] != self.recipe.to_dict():
+        # a training may resume on another number of processes (the same global batches), and
+        # each rank's own GPU is another device string than rank 0's
+        free = ("runs", "target", "world_size", "backend") + (("device",) if self.dist is not None else ())
+        keys = [k for k in mine if k not in free and mine[k] != theirs.get(k)]
+        if self.dist is not None and torch.device(mine["device"]).type != torch.device(theirs["device"]).type:
+            keys.append("device")
+        if not same_recipe(saved["recipe"], self.recipe.to_dict()):
             keys.insert(0, "recipe contents")
         if keys:
             raise UserError(f"checkpoint in {self.opts.checkpoint_dir} is of a different training "
@@ -463,6 +540,21 @@ class Trainer:
 
     def train(self) -> TrainResult:
         """All runs (resuming the checkpointed one with ``resume``); see :func:`train`."""
+        try:
+            return self._train()
+        except RuntimeError as exc:
+            if self.dist is None or not dp.peer_failure(exc):
+                raise
+            where = (f"; the checkpoint in {self.opts.checkpoint_dir} is of the last finished epoch: "
+                     "continue with --resume") if self.opts.checkpoint_dir else ""
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise UserError(f"rank {self.dist.rank}: another process of the training stopped "
+                            f"({first[:200]}){where}") from None
+        finally:
+            if self.dist is not None:
+                dp.shutdown()
+
+    def _train(self) -> TrainResult:
         opts = self.opts
         saved = None
         if opts.resume and not opts.checkpoint_dir:
@@ -491,6 +583,9 @@ class Trainer:
         self.last_model = None
         with self.interrupt:
             for run in range(first, opts.runs):
+                requested = self.interrupt.requested
+                if self.dist is not None and dp.agree(requested, self.dist) and not requested:
+                    self.interrupt.request(dp.STOPPED_BY_ANOTHER_RANK)
                 if self.interrupt.requested:  # between runs: the finished run's checkpoint is written
                     how = f"interrupted ({self.interrupt.name}) before run {run + 1}"
                     self.reporter.message(f"{how}; continue with --resume" if opts.checkpoint_dir

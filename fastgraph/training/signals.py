@@ -46,6 +46,11 @@ class InterruptGuard:
             raise Interrupted(signum)
         self.requested, self.signum = True, signum
 
+    def request(self, signum: int) -> None:
+        """Ask for the stop a signal would (another rank of a distributed training was signalled)."""
+        if not self.requested:
+            self.requested, self.signum = True, signum
+
     def check(self) -> None:
         """Raise :class:`Interrupted` if a signal came; call at step boundaries only."""
         if self.requested:

@@ -1,0 +1,195 @@
+"""Data-parallel training on CPUs (gloo, 2 processes through torchrun): the weights after a
+training equal one process at the same global batch; SIGTERM stops every rank at one step
+boundary with a checkpoint; a killed rank ends the others with an error, not a hang; each
+checkpoint resumes; the batch split keeps ghost batches whole."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from fastgraph.training import checkpoint as ckpt
+from fastgraph.training.distributed import batch_positions, ghost_batch_size, without_nproc
+from support import REPO, write_model, write_recipe
+
+# float32 on both sides: the 2-process gradient is (g_0 + g_1) / 2 where one process sums the
+# whole batch at once, a reordering worth ~1e-7 of each tensor's scale. Measured: 9e-8 after
+# one step, 8e-7 after two (training at this lr amplifies rounding ~10x a step: 7e-4 after
+# four). Splitting the batch in contiguous halves, which mixes ghost batches across ranks,
+# differs by 0.6 after two steps.
+RTOL = 1e-5
+
+
+def _env() -> dict:
+    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+
+
+def _train(tmp_path: Path, name: str, *extra, epochs=1, subset=512, nproc=1, wait=True):
+    """``fastgraph train`` of a narrow ResNet-9 with the shortened Page recipe (ghost batches
+    of 32, EMA) at global batch 128 on ``subset`` real images; ``nproc`` processes."""
+    folder = tmp_path / name
+    folder.mkdir(exist_ok=True)
+    model = write_model(folder, widths=(8, 16, 32, 64))
+    recipe = write_recipe(folder, epochs=epochs, batch_size=128, ema=True, whitening_images=256)
+    command = [sys.executable, "-m", "fastgraph", "train", str(model), "--recipe", str(recipe),
+               "--device", "cpu", "--subset", str(subset), "--test-subset", "100", "--no-progress-eval",
+               "--checkpoint", str(folder / "ckpt"), *map(str, extra)]
+    if nproc > 1:
+        command += ["--nproc", str(nproc)]
+    if not wait:
+        return subprocess.Popen(command, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True, start_new_session=True), folder
+    done = subprocess.run(command, env=_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done, folder
+
+
+def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).abs().max() / a.double().abs().max().clamp_min(1e-12))
+
+
+def test_two_processes_train_what_one_process_trains_at_the_global_batch(data_path, tmp_path):
+    one, one_dir = _train(tmp_path, "one", subset=256)
+    two, two_dir = _train(tmp_path, "two", subset=256, nproc=2)
+    a, b = ckpt.load_checkpoint(one_dir / "ckpt"), ckpt.load_checkpoint(two_dir / "ckpt")
+    assert a["step"] == b["step"] == 2  # 256 images, global batches of 128
+    assert b["settings"]["world_size"] == 2 and b["settings"]["backend"] == "gloo"
+    # weights, BN running statistics (averaged over the ranks) and the EMA, tensor by tensor
+    for what in ("model", "ema"):
+        assert a[what].keys() == b[what].keys()
+        worst = max((_relative(a[what][k], b[what][k]), k) for k in a[what] if a[what][k].is_floating_point())
+        assert worst[0] < RTOL, (what, worst)
+        moved = [k for k in a[what] if "running_mean" in k]
+        assert moved and all(a[what][k].abs().max() > 0 for k in moved)  # the statistics did move
+    # the training loss and accuracy are over the whole global batch on both
+    ea, eb = a["epochs"][0], b["epochs"][0]
+    assert abs(ea["train_loss"] - eb["train_loss"]) < 1e-4 * ea["train_loss"]
+    assert ea["train_acc"] == pytest.approx(eb["train_acc"], abs=1 / 256)
+    assert "results written" not in two.stderr  # rank 1 prints nothing of its own
+    assert two.stdout.count("TTA accuracy") == one.stdout.count("TTA accuracy")
+
+
+def _children(pid: int) -> list[int]:
+    """Descendant process ids of ``pid`` (from /proc)."""
+    found, frontier = [], [pid]
+    while frontier:
+        parent = frontier.pop()
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit():
+                try:
+                    fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+                except OSError:
+                    continue
+                if int(fields[1]) == parent:
+                    found.append(int(entry.name))
+                    frontier.append(int(entry.name))
+    return found
+
+
+def _rank_of(pid: int) -> int | None:
+    try:
+        environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    except OSError:
+        return None
+    ranks = [e.split(b"=", 1)[1] for e in environ if e.startswith(b"RANK=")]
+    return int(ranks[0]) if ranks else None
+
+
+def _wait_for(condition, proc, what: str, seconds: float = 240) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    ended = proc.poll() is not None
+    assert condition(), f"{what}: " + (proc.communicate()[0][-3000:] if ended else "timed out")
+
+
+def _finish(proc, what: str) -> str:
+    try:
+        return proc.communicate(timeout=120)[0]  # every rank stops: no hang
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        pytest.fail(f"{what}: the training hung")
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="finds the rank's process through /proc")
+def test_sigterm_and_a_killed_rank_leave_checkpoints_that_resume(data_path, tmp_path):
+    args = dict(epochs=3, subset=1024, nproc=2)  # 8 steps an epoch
+    proc, folder = _train(tmp_path, "run", wait=False, **args)
+    path = ckpt.checkpoint_path(folder / "ckpt")
+    _wait_for(path.exists, proc, "the first epoch's checkpoint")
+    # SIGTERM (what a scheduler sends): every rank stops after the same step and rank 0
+    # writes a checkpoint there, inside the second epoch
+    time.sleep(0.3)
+    os.kill(proc.pid, signal.SIGTERM)
+    output = _finish(proc, "SIGTERM")
+    assert proc.returncode == 128 + signal.SIGTERM, output[-3000:]
+    saved = ckpt.load_checkpoint(folder / "ckpt")
+    assert saved["epoch"] == 1 and 0 < saved["step_in_epoch"] < 8
+    assert saved["step"] == 8 + saved["step_in_epoch"]
+    assert "checkpoint written to" in output and "Traceback" not in output
+    # resumed, then rank 1 killed: the other rank and the launcher end with one line each
+    written = path.stat().st_mtime_ns
+    proc, _ = _train(tmp_path, "run", "--resume", wait=False, **args)
+    _wait_for(lambda: path.stat().st_mtime_ns != written, proc, "the resumed second epoch's checkpoint")
+    rank1 = [p for p in _children(proc.pid) if _rank_of(p) == 1]
+    assert rank1, "rank 1 is not running"
+    os.kill(rank1[0], signal.SIGKILL)
+    output = _finish(proc, "a killed rank")
+    assert proc.returncode == 2, output[-3000:]
+    errors = [line for line in output.splitlines() if line.startswith("fastgraph: error:")]
+    assert any("rank 0: another process of the training stopped" in e and "--resume" in e
+               for e in errors), output
+    assert any("process 1 of 2 failed (SIGKILL)" in e for e in errors), output
+    assert "Traceback" not in output
+    assert ckpt.load_checkpoint(folder / "ckpt")["epoch"] == 2  # the resumed epoch's, whole
+    # --resume in 2 processes finishes the training
+    done, _ = _train(tmp_path, "run", "--resume", **args)
+    final = ckpt.load_checkpoint(folder / "ckpt")
+    assert final["finished_run"] and final["step"] == 3 * 8 and len(final["epochs"]) == 3
+    assert "TTA accuracy" in done.stdout
+
+
+def test_each_rank_takes_whole_ghost_batches_in_its_own_split_order():
+    batch, ghost, world = 128, 32, 2
+    splits = batch // ghost
+    seen = []
+    for rank in range(world):
+        positions = batch_positions(batch, world, rank, ghost)
+        local_splits = len(positions) // ghost
+        # local ghost batch g (local index i with i % local_splits == g) is one global ghost batch
+        for g in range(local_splits):
+            members = positions[g::local_splits]
+            assert len({int(p) % splits for p in members}) == 1 and len(members) == ghost
+        seen.append(positions)
+    assert sorted(torch.cat(seen).tolist()) == list(range(batch))  # every image once
+    # without ghost batches (or one that does not split), contiguous blocks
+    assert batch_positions(128, 2, 1, None).tolist() == list(range(64, 128))
+    assert batch_positions(96, 2, 0, 32).tolist() == list(range(48))  # 3 ghost batches over 2 ranks
+    with pytest.raises(Exception, match="does not split over 3 processes"):
+        batch_positions(128, 3, 0, None)
+
+
+def test_ghost_batch_size_is_read_from_the_training_graph(tmp_path, cifar10):
+    from fastgraph.core.tracing import trace
+    from fastgraph.training.recipes import load_recipe
+    from fastgraph.training.trained import spread_training_images, training_graph
+    from support import build_example
+
+    gm = trace(build_example(str(write_model(tmp_path, widths=(8, 16, 32, 64)))), mode="train")
+    assert ghost_batch_size(gm) is None
+    images, labels = spread_training_images(cifar10, 64)
+    recipe = load_recipe("page2019").to_dict()
+    fused, _ = training_graph(gm, recipe, images=images, labels=labels, checks=False)
+    assert ghost_batch_size(fused) == 32
+
+
+def test_nproc_is_taken_out_of_what_each_process_runs():
+    argv = ["train", "m.py", "--nproc", "4", "--recipe", "fast", "--nproc=2", "--json", "o.json"]
+    assert without_nproc(argv) == ["train", "m.py", "--recipe", "fast", "--json", "o.json"]
