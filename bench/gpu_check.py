@@ -16,7 +16,10 @@ after another, each as its own process with a time budget (killed when it runs o
    tests under Triton's interpreter run on every machine, in CI; not here).
 4. ``optimize``: ``fastgraph optimize examples/resnet9.py --device cuda``: the exact passes,
    verified, with the measured step before and after.
-5. ``train <recipe> fused`` and ``train <recipe> unfused`` for each recipe of ``--recipes``
+5. ``ddp``: ``torchrun --nproc-per-node 1 -m fastgraph train examples/resnet9.py --recipe
+   page2019 --epochs 1``: the data-parallel path (DistributedDataParallel over NCCL) on one
+   GPU, a smoke test.
+6. ``train <recipe> fused`` and ``train <recipe> unfused`` for each recipe of ``--recipes``
    (default ``fast``, airbench94's network with 6 BN + GELU pairs, and ``page2019``, Page's
    ResNet-9 with 8 ghost-BN + CELU pairs, each on its own model file): 3 epochs, 2 runs,
    with the fused kernels and with ``--no-fused-kernels``. They run without
@@ -69,7 +72,7 @@ RECIPES = ("fast", "page2019")  # trained by default
 def step_names(recipes=RECIPES) -> tuple[str, ...]:
     """The names of the check's steps, in order, for the training ``recipes``."""
     trains = [f"train {r} {kind}" for r in recipes for kind in ("fused", "unfused")]
-    return ("data", "kernels", "gpu tests", "optimize", *trains)
+    return ("data", "kernels", "gpu tests", "optimize", "ddp", *trains)
 NO_FLAG = "flag not available in this checkout"
 TIMING_METHOD = ("steps: wall-clock seconds of each step's process (time.perf_counter), killed past its "
                  "budget; kernels: bench/kernels.py's (triton.testing.do_bench, CUDA events, L2 flushed, "
@@ -133,12 +136,17 @@ def plan(data: str | Path, work: str | Path, *, fused_flag: bool, results: str |
     steps = [
         Step("data", "decode CIFAR-10 into the cache", (*fastgraph, "data", "info", "--data", data), 25),
         Step("kernels", "bn_act at the recipes' shapes vs eager, Inductor and copy bandwidth",
-             (py, "bench/kernels.py", "--only", "bn_act", "--out", str(results)), 150),
-        Step("gpu tests", "pytest -m gpu", (py, "-m", "pytest", "-q", "-m", "gpu", "tests"), 110),
+             (py, "bench/kernels.py", "--only", "bn_act", "--out", str(results)), 140),
+        Step("gpu tests", "pytest -m gpu", (py, "-m", "pytest", "-q", "-m", "gpu", "tests"), 100),
         Step("optimize", "fastgraph optimize examples/resnet9.py --device cuda",
              (*fastgraph, "optimize", "examples/resnet9.py", "--device", "cuda", "--data", data,
               "--out", str(work / "resnet9.optimized.pt"), "--json", str(work / "optimize.json")),
              25, output=str(work / "optimize.json")),
+        Step("ddp", "page2019, 1 epoch, DistributedDataParallel on one GPU (torchrun, NCCL)",
+             (py, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "1", "-m", "fastgraph",
+              "train", RECIPE_MODELS["page2019"], "--recipe", "page2019", "--epochs", "1", "--no-compile",
+              "--device", "cuda", "--data", data, "--json", str(work / "ddp.json")),
+             38, output=str(work / "ddp.json")),
     ]
     budget = (TOTAL_BUDGET_S - sum(step.budget_s for step in steps)) // (2 * len(recipes))
     for recipe in recipes:
@@ -193,7 +201,9 @@ def _train_numbers(record: dict) -> dict:
             "tta_acc_std": summary.get("tta_acc", {}).get("std"),
             "seconds_mean": summary.get("seconds", {}).get("mean"),
             "seconds_std": summary.get("seconds", {}).get("std"),
-            "runs": len(record.get("runs", []))}
+            "runs": len(record.get("runs", [])),
+            "world_size": record.get("settings", {}).get("world_size"),
+            "backend": record.get("settings", {}).get("backend")}
 
 
 def _numbers(step: Step, text: str) -> dict:
@@ -252,12 +262,14 @@ def _summary(record: dict, fused_seconds: dict[str, float]) -> str:
     if name == "optimize" and n:
         speedup = "-" if n["speedup"] is None else f"{n['speedup']:.2f}x"
         return f"applied {', '.join(n['applied']) or 'nothing'}; step {speedup} ({n['verdict']})"
-    if name.startswith("train") and n.get("seconds_mean") is not None:
+    if (name.startswith("train") or name == "ddp") and n.get("seconds_mean") is not None:
         acc = n["tta_acc_mean"]
         text = f"TTA {100 * acc:.2f}%, {n['seconds_mean']:.2f} s mean of {n['runs']} runs"
         fused = fused_seconds.get(name.replace(" unfused", " fused"))
         if name.endswith(" unfused") and fused:
             text += f"; fused {n['seconds_mean'] / fused:.2f}x faster"
+        if name == "ddp":
+            text += f"; DDP, {n['world_size']} process, {n['backend']}"
         return text
     return "-"
 

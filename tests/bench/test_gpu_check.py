@@ -65,14 +65,17 @@ def test_plan_lists_every_step_with_its_command_and_budget(gpu_check, tmp_path):
     data, work = tmp_path / "cifar10.tar.xz", tmp_path / "work"
     steps = gpu_check.plan(data, work, fused_flag=True)
     names = [s.name for s in steps]
-    assert names == ["data", "kernels", "gpu tests", "optimize", "train fast fused", "train fast unfused",
-                     "train page2019 fused", "train page2019 unfused"] == list(gpu_check.step_names())
+    assert names == ["data", "kernels", "gpu tests", "optimize", "ddp", "train fast fused",
+                     "train fast unfused", "train page2019 fused", "train page2019 unfused"]
+    assert names == list(gpu_check.step_names())
     assert sum(s.budget_s for s in steps) <= gpu_check.TOTAL_BUDGET_S == 480
     assert all(s.budget_s >= 25 and s.skip is None and s.command[0] == sys.executable for s in steps)
     by_name = {s.name: " ".join(s.command) for s in steps}
     assert "bench/kernels.py --only bn_act" in by_name["kernels"]
     assert "pytest -q -m gpu tests" in by_name["gpu tests"]
     assert "optimize examples/resnet9.py --device cuda" in by_name["optimize"]
+    # DistributedDataParallel on one GPU, through torchrun's launcher
+    assert "-m torch.distributed.run --standalone --nproc-per-node 1 -m fastgraph train" in by_name["ddp"]
     # each recipe on its own network, fused and unfused
     models = {"fast": "bench/models/airbench94_net.py", "page2019": "examples/resnet9.py"}
     for recipe, model in models.items():
