@@ -139,6 +139,16 @@ if HAS_TRITON:
         return w, b
 
     @triton.jit
+    def _batch_tables(mean_ptr, invstd_ptr, w_ptr, b_ptr, g, cols, cmask, C, HAS_WEIGHT: tl.constexpr,
+                      HAS_BIAS: tl.constexpr, BLOCK_C: tl.constexpr):
+        """The backward's per-channel tables of ghost batch ``g``, each (1, BLOCK_C) float32 but
+        the bias (BLOCK_C,): (mean, invstd, bias, scale = weight * invstd)."""
+        mean = tl.load(mean_ptr + g * C + cols, mask=cmask, other=0.0)[None, :]
+        invstd = tl.load(invstd_ptr + g * C + cols, mask=cmask, other=0.0)[None, :]
+        w, b = _load_affine(w_ptr, b_ptr, cols, cmask, HAS_WEIGHT, HAS_BIAS, BLOCK_C)
+        return mean, invstd, b, w[None, :] * invstd
+
+    @triton.jit
     def _chunk_counts(ks, K, M, rows_per_chunk):
         """Rows in chunks ``ks`` of a ghost batch (the last chunk may be short; 0 past K)."""
         return tl.where(ks < K, tl.minimum(M - ks * rows_per_chunk, rows_per_chunk), 0).to(tl.float32)
@@ -286,10 +296,8 @@ if HAS_TRITON:
         g = tl.program_id(1)
         cols = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
         cmask = cols < C
-        mean = tl.load(mean_ptr + g * C + cols, mask=cmask, other=0.0)[None, :]
-        invstd = tl.load(invstd_ptr + g * C + cols, mask=cmask, other=0.0)[None, :]
-        w, b = _load_affine(w_ptr, b_ptr, cols, cmask, HAS_WEIGHT, HAS_BIAS, BLOCK_C)
-        scale = w[None, :] * invstd
+        mean, invstd, b, scale = _batch_tables(mean_ptr, invstd_ptr, w_ptr, b_ptr, g, cols, cmask, C,
+                                               HAS_WEIGHT, HAS_BIAS, BLOCK_C)
         acc_dz = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
         acc_dzx = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
         r_start = k * tiles_per_chunk * BLOCK_R
@@ -325,10 +333,8 @@ if HAS_TRITON:
         cols = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
         cmask = cols < C
         plane = G * K * C
-        mean = tl.load(mean_ptr + g * C + cols, mask=cmask, other=0.0)[None, :]
-        invstd = tl.load(invstd_ptr + g * C + cols, mask=cmask, other=0.0)[None, :]
-        w, b = _load_affine(w_ptr, b_ptr, cols, cmask, HAS_WEIGHT, HAS_BIAS, BLOCK_C)
-        scale = w[None, :] * invstd
+        mean, invstd, b, scale = _batch_tables(mean_ptr, invstd_ptr, w_ptr, b_ptr, g, cols, cmask, C,
+                                               HAS_WEIGHT, HAS_BIAS, BLOCK_C)
         if TRAINING:
             ks = tl.arange(0, BLOCK_K)
             src = (g * K + ks)[:, None] * C + cols[None, :]

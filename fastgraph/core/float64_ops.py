@@ -77,7 +77,7 @@ def max_pool2d_tie_shared(x: torch.Tensor, kernel_size, stride=None, padding=0, 
     """
     assert not ceil_mode
     (kh, kw), (ph, pw), (dh, dw) = _pair(kernel_size), _pair(padding), _pair(dilation)
-    sh, sw = _pair(stride) if stride not in (None, ()) and stride != [] else (kh, kw)
+    sh, sw = _pair(stride) if stride else (kh, kw)  # None, () and [] (torch.max_pool2d's) mean the kernel
     scale = x.detach().abs().amax() if x.numel() else x.new_zeros(())
     # padding below every value by more than the scale (not -inf: its gradient would be inf - inf);
     # a window always holds an input value, so padding is never its maximum nor tied with it

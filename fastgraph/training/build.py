@@ -161,7 +161,11 @@ class ModelBuilder:
                     p.requires_grad_(q.requires_grad)
                 module.meta.update(gm.meta)
                 return module, compiled
-        mode = {} if self.compile_mode == "default" else {"mode": self.compile_mode}
-        compiled = torch.compile(gm, backend=self.opts.compile_backend, **mode)
+        compiled = self.compiled(gm)
         self._compiled = (gm, compiled)
         return gm, compiled
+
+    def compiled(self, module: nn.Module) -> nn.Module:
+        """``torch.compile(module)`` with the training's backend and mode."""
+        mode = {} if self.compile_mode == "default" else {"mode": self.compile_mode}
+        return torch.compile(module, backend=self.opts.compile_backend, **mode)

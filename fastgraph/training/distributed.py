@@ -122,6 +122,13 @@ def shutdown() -> None:
         dist.destroy_process_group()
 
 
+def check_split(batch_size: int, world_size: int) -> None:
+    """Raise ``UserError`` unless the global batch splits evenly over ``world_size`` processes."""
+    if batch_size % world_size:
+        raise UserError(f"the global batch of {batch_size} does not split over {world_size} processes: "
+                        "choose a batch size that is a multiple of the process count")
+
+
 def batch_positions(batch_size: int, world_size: int, rank: int,
                     ghost_batch_size: int | None) -> torch.Tensor:
     """Positions (int64, ``batch_size // world_size``) of ``rank``'s images in each global batch.
@@ -133,11 +140,9 @@ def batch_positions(batch_size: int, world_size: int, rank: int,
     that range. Otherwise the r-th contiguous block.
 
     Raises:
-        UserError: ``batch_size`` not divisible by ``world_size``.
+        UserError: ``batch_size`` not divisible by ``world_size`` (:func:`check_split`).
     """
-    if batch_size % world_size:
-        raise UserError(f"the global batch of {batch_size} does not split over {world_size} processes: "
-                        "choose a batch size that is a multiple of the process count")
+    check_split(batch_size, world_size)
     per_rank = batch_size // world_size
     if ghost_batch_size and batch_size % ghost_batch_size == 0:
         splits = batch_size // ghost_batch_size

@@ -166,7 +166,7 @@ class Trainer:
         self.autocast = autocast_for(self.device, self.precision)
         self.interrupt = InterruptGuard()
         if self.dist is not None:  # the global batch splits evenly, or nothing starts
-            dp.batch_positions(self.batch_size, self.dist.world_size, self.dist.rank, None)
+            dp.check_split(self.batch_size, self.dist.world_size)
         # distributed: the DDP wrapper is compiled, not the module (see _start_run)
         self.builder = ModelBuilder(opts, self.device, channels_last=self.channels_last,
                                     compile=self.compile and self.dist is None,
@@ -277,8 +277,7 @@ class Trainer:
         if self.dist is not None:
             call = dp.wrap(module, self.dist)  # broadcasts rank 0's weights: every rank starts alike
             if self.compile:
-                mode = {} if self.compile_mode == "default" else {"mode": self.compile_mode}
-                call = torch.compile(call, backend=self.opts.compile_backend, **mode)
+                call = self.builder.compiled(call)
             positions = dp.batch_positions(self.batch_size, self.dist.world_size, self.dist.rank,
                                            dp.ghost_batch_size(module))
             if self.dist.rank:  # dropout and stochastic depth draw per rank; rank 0 as one process
