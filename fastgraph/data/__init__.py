@@ -8,6 +8,9 @@ Sources: the original python-format release (``cifar-10-batches-py/`` or
 download`` puts it). Every problem with the data raises ``fastgraph.core.errors.DataError``
 with one line naming the file and what to do.
 
+ImageNet-format folders and tar shards are streamed from disk instead
+(:mod:`fastgraph.data.imagenet`, :mod:`fastgraph.data.imagenet_stream`).
+
 May import: ``core`` only.
 """
 
@@ -27,16 +30,24 @@ import torch
 from fastgraph.core.errors import DataError
 from fastgraph.core.verification import spread_indices  # re-exported: data users pick images with it
 from fastgraph.data import cache, imagefolder, pickled
+from fastgraph.data.imagenet import ImageSet, is_imagenet_layout, progressive_resolution, scan_imagenet
+from fastgraph.data.imagenet_stream import TestStream, TrainStream
 
 __all__ = [
     "CIFAR10",
     "CIFAR10_MEAN",
     "CIFAR10_STD",
     "CLASSES",
+    "ImageSet",
+    "TestStream",
+    "TrainStream",
     "default_data_dir",
+    "is_imagenet_layout",
     "load_cifar10",
     "normalize",
+    "progressive_resolution",
     "resolve_data_path",
+    "scan_imagenet",
     "spread_indices",
 ]
 
