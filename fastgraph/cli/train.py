@@ -85,6 +85,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--nproc", type=positive(int), metavar="N",
                         help="train data-parallel in N processes on this machine (one per GPU; gloo on "
                              "CPUs), started through torchrun; the recipe's batch is the global batch")
+    parser.add_argument("--sync-bn", action="store_true",
+                        help="data parallel on GPUs: BatchNorm statistics over the global batch "
+                             "(torch.nn.SyncBatchNorm) instead of each process's share")
     parser.add_argument("--no-fused-kernels", dest="fused_kernels", action="store_false",
                         help="drop the recipe's fused-kernel passes (fuse_bn_activation): the same "
                              "model on unfused PyTorch ops, for A/B timing")
@@ -124,7 +127,8 @@ def run(args: argparse.Namespace) -> int:
                         subset=args.subset, test_subset=args.test_subset, device=args.device,
                         precision=args.precision, compile=args.compile, checkpoint_dir=args.checkpoint,
                         resume=args.resume, stochastic_depth=args.stochastic_depth, data=args.data,
-                        progress_eval=args.progress_eval, fused_kernels=args.fused_kernels)
+                        progress_eval=args.progress_eval, fused_kernels=args.fused_kernels,
+                        sync_bn=args.sync_bn)
     reporter = RichReporter(recipe) if main else Reporter()
     try:
         with reporter if main else contextlib.nullcontext(), tensorboard or contextlib.nullcontext():

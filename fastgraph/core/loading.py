@@ -131,13 +131,24 @@ def find_entry(module: types.ModuleType, path: Path, entry: str | None = None):
                      "pass --entry NAME")
 
 
-def load_model(path: str | Path, entry: str | None = None) -> nn.Module:
+def takes_num_classes(factory) -> bool:
+    """Whether ``factory`` (a function or class) has a ``num_classes`` parameter, as
+    torchvision's and timm's model functions do."""
+    try:
+        return "num_classes" in inspect.signature(factory).parameters
+    except (TypeError, ValueError):  # a builtin or C callable without a signature
+        return False
+
+
+def load_model(path: str | Path, entry: str | None = None, num_classes: int | None = None) -> nn.Module:
     """Build the ``nn.Module`` a model file defines (see the module docstring for the entry rules).
 
     Args:
         path: a ``.py`` file written as plain PyTorch (no fastgraph import needed).
         entry: name of a function or class in the file to call with no arguments, or of
             a module-level ``nn.Module`` instance.
+        num_classes: the data's class count, passed as ``num_classes=`` to an entry that
+            takes that parameter (:func:`takes_num_classes`); others are called without it.
 
     Returns:
         The constructed ``nn.Module`` (parameters as the file initialises them), or the
@@ -154,7 +165,7 @@ def load_model(path: str | Path, entry: str | None = None) -> nn.Module:
         return factory  # built when the file was imported; calling it would run its forward
     label = getattr(factory, "__name__", repr(factory))
     try:
-        model = factory()
+        model = factory(num_classes=num_classes) if num_classes and takes_num_classes(factory) else factory()
     except Exception as exc:
         raise ModelError(f"constructing {label} from {path} raised{_user_line(exc, path)}: "
                          f"{type(exc).__name__}: {exc}") from None

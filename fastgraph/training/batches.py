@@ -45,7 +45,7 @@ class DeviceData:
 
     train_images, test_images: uint8 (N, 3, 32, 32); train_labels, test_labels: int64 (N,).
     mean, std: float32 (1, 3, 1, 1) per-channel statistics, 0..255 units; channel_mean,
-    channel_std: the same as Python floats (what the augmenter takes).
+    channel_std: the same as Python floats (what the augmenter takes). classes: the class names.
     """
 
     train_images: torch.Tensor
@@ -56,6 +56,36 @@ class DeviceData:
     std: torch.Tensor
     channel_mean: tuple[float, ...]
     channel_std: tuple[float, ...]
+    classes: tuple[str, ...] = ()
+
+    @property
+    def train_size(self) -> int:
+        """Number of training images."""
+        return len(self.train_labels)
+
+    def pass_images(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The first training images of each class in turn, ``n`` in all: float32 normalised
+        (n, 3, 32, 32) and int64 (n,) on the device (see :func:`pass_images`)."""
+        rows = balanced_subset(self.train_labels.cpu(), n).to(self.train_labels.device)
+        return (self.train_images[rows].float() - self.mean) / self.std, self.train_labels[rows]
+
+    def augmenter(self, *, batch_size: int, seed: int, out_dtype: torch.dtype, channels_last: bool,
+                  positions: torch.Tensor | None, augment: dict):
+        """The training batches of a run: a :class:`fastgraph.training.augmentation.DeviceAugmenter`
+        over these images with the recipe's ``[augment]`` section."""
+        from fastgraph.training.augmentation import DeviceAugmenter
+
+        return DeviceAugmenter(
+            self.train_images, self.train_labels, batch_size=batch_size, pad=augment["pad"],
+            pad_mode=augment["pad_mode"], flip=augment["flip"], cutout=augment["cutout"],
+            mean=self.channel_mean, std=self.channel_std, seed=seed, out_dtype=out_dtype,
+            channels_last=channels_last, positions=positions)
+
+    def test_batches(self, batch_size: int):
+        """The test images in batches (see :class:`fastgraph.training.evaluation.TensorBatches`)."""
+        from fastgraph.training.evaluation import TensorBatches
+
+        return TensorBatches(self.test_images, self.test_labels, batch_size)
 
 
 def load_device_data(path: str | None, device: torch.device, timer: Timer, *, batch_size: int,
@@ -81,20 +111,22 @@ def load_device_data(path: str | None, device: torch.device, timer: Timer, *, ba
                   ds.test_images[test_idx].to(device), ds.test_labels[test_idx].to(device))
     return DeviceData(*images, mean=torch.tensor(CIFAR10_MEAN, device=device).view(1, 3, 1, 1),
                       std=torch.tensor(CIFAR10_STD, device=device).view(1, 3, 1, 1),
-                      channel_mean=CIFAR10_MEAN, channel_std=CIFAR10_STD)
+                      channel_mean=CIFAR10_MEAN, channel_std=CIFAR10_STD, classes=ds.classes)
 
 
-def pass_images(data: DeviceData, pass_options: Iterable[dict]) -> tuple[torch.Tensor, torch.Tensor]:
+def pass_images(data, pass_options: Iterable[dict]) -> tuple[torch.Tensor, torch.Tensor]:
     """Training images for the recipe's data passes and the exact-pass check: float32
-    normalised (N, 3, 32, 32) on the device and their int64 labels (N,), as many as the
+    normalised (N, 3, H, W) on the device and their int64 labels (N,), as many as the
     largest ``images`` option among ``pass_options`` asks for (at least the pass manager's
-    ``VERIFY_IMAGES``, at most all), the first of each class (an ImageFolder copy of
-    CIFAR-10 is sorted by class: the first 5,000 images would be airplanes only)."""
+    ``VERIFY_IMAGES``, at most all), a class-balanced pick (an ImageFolder copy of CIFAR-10
+    is sorted by class: the first 5,000 images would be airplanes only).
+
+    ``data``: a :class:`DeviceData` or a :class:`fastgraph.training.streaming.StreamedData`
+    (both answer ``train_size`` and ``pass_images(n)``).
+    """
     wanted = [o["images"] for o in pass_options
               if isinstance(o.get("images"), int) and not isinstance(o["images"], bool)]
-    n = min(max([VERIFY_IMAGES, *wanted]), len(data.train_labels))
-    rows = balanced_subset(data.train_labels.cpu(), n).to(data.train_labels.device)
-    return (data.train_images[rows].float() - data.mean) / data.std, data.train_labels[rows]
+    return data.pass_images(min(max([VERIFY_IMAGES, *wanted]), data.train_size))
 
 
 def warm_up_batches(augmenter, steps: int = 3) -> list[tuple[torch.Tensor, torch.Tensor]]:

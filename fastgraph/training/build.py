@@ -22,6 +22,7 @@ from fastgraph.core.errors import ModelError, UserError
 from fastgraph.core.timing import Timer
 from fastgraph.training.batches import DeviceData, pass_images
 from fastgraph.training.options import TrainOptions
+from fastgraph.training.streaming import StreamedData
 
 
 def _factory_name(factory) -> str:
@@ -54,9 +55,10 @@ def check_model_source(opts: TrainOptions) -> None:
                             "there is no file: drop entry")
 
 
-def user_model(opts: TrainOptions) -> nn.Module:
+def user_model(opts: TrainOptions, num_classes: int | None = None) -> nn.Module:
     """A freshly built ``nn.Module``: the model file's (see ``fastgraph.core.loading``)
-    or what ``opts.model()`` returns, initialised from torch's current random state.
+    or what ``opts.model()`` returns, initialised from torch's current random state; an
+    entry or factory with a ``num_classes`` parameter gets ``num_classes`` (the data's).
 
     Raises:
         ModelError: the file cannot be loaded or built, or the factory returns something
@@ -65,8 +67,11 @@ def user_model(opts: TrainOptions) -> nn.Module:
     if opts.model is None:
         from fastgraph.core.loading import load_model
 
-        return load_model(opts.model_path, opts.entry)
-    model = opts.model()
+        return load_model(opts.model_path, opts.entry, num_classes)
+    from fastgraph.core.loading import takes_num_classes
+
+    given = {"num_classes": num_classes} if num_classes and takes_num_classes(opts.model) else {}
+    model = opts.model(**given)
     if not isinstance(model, nn.Module):
         raise ModelError(f"{_factory_name(opts.model)}() returned {type(model).__name__}, not an nn.Module")
     return model
@@ -108,7 +113,7 @@ class ModelBuilder:
         self._compiled: tuple[fx.GraphModule, nn.Module] | None = None
         self._passes_checked = False
 
-    def build(self, timer: Timer, data: DeviceData) -> tuple[fx.GraphModule, dict]:
+    def build(self, timer: Timer, data: DeviceData | StreamedData) -> tuple[fx.GraphModule, dict]:
         """Build, trace and rewrite the model from torch's current random state (the run's
         seed): (train-mode GraphModule on the device, the pass report), timed in ``timer``'s
         phases "model build", "pass checks" (the first build only) and "passes".
@@ -123,7 +128,7 @@ class ModelBuilder:
         from fastgraph.training.trained import training_graph
 
         with timer.phase("model build", counted=False):
-            model = user_model(self.opts).to(self.device)
+            model = user_model(self.opts, len(data.classes) or None).to(self.device)
             gm = trace(model, source=self.opts.model_path, mode="train")
             images, labels = pass_images(data, (p.options for p in self.recipe.passes))
             check_runs(gm, images[:2])

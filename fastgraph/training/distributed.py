@@ -175,6 +175,31 @@ def wrap(module: nn.Module, ctx: DistributedContext) -> nn.Module:
     return DistributedDataParallel(module, device_ids=device_ids, **{sync: False})
 
 
+def sync_batchnorm(module: nn.Module) -> nn.Module:
+    """``module`` with every ``nn.BatchNorm*`` replaced by ``torch.nn.SyncBatchNorm``
+    (``convert_sync_batchnorm``, in place; a ``GraphModule``'s graph calls the new modules by
+    the same names): in training, each BN normalises with the mean and variance of the
+    global batch, gathered over the ranks in every forward (Ioffe and Szegedy's batch
+    statistics over the whole batch, at one all-gather per BN layer). The running statistics
+    are then the same on every rank. torch runs SyncBatchNorm on GPUs only.
+
+    Raises:
+        UserError: the module normalises per ghost batch (``GhostBatchNorm``) or with the
+            fused BN + activation, both of which define their statistics per slice of a
+            rank's batch: synchronising them would train another function.
+    """
+    from fastgraph.core.modules import GhostBatchNorm
+    from fastgraph.kernels.bn_act import BatchNormActivation
+
+    for name, m in module.named_modules():
+        if isinstance(m, (GhostBatchNorm, BatchNormActivation)):
+            raise UserError(f"--sync-bn: {name} is a {type(m).__name__}, which normalises each ghost "
+                            "batch on its own; SyncBatchNorm would normalise the global batch instead. "
+                            "Drop --sync-bn (ghost batches stay exact across ranks) or use a recipe "
+                            "without ghost BN")
+    return nn.SyncBatchNorm.convert_sync_batchnorm(module)
+
+
 @torch.no_grad()
 def average_running_stats(modules: list[nn.Module], ctx: DistributedContext) -> None:
     """Replace every BatchNorm running mean and variance (buffers named ``running_mean`` /

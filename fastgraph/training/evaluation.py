@@ -3,14 +3,14 @@
 The test-time augmentation is the ``tta_flip`` pass applied to the evaluated module (the
 graph evaluates the images and their mirror and averages the logits), so what is measured
 here is what ``fastgraph export`` folds into an engine. :class:`Evaluator` holds the
-test images on the device and the TTA module, refreshed with the current weights instead
-of rebuilt at every evaluation; its :meth:`Evaluator.warm_up` evaluates every batch shape
-the timed evaluations see, so that they compile and autotune nothing.
+test images (on the device, or streamed from disk) and the TTA module, refreshed with the
+current weights instead of rebuilt at every evaluation; its :meth:`Evaluator.warm_up`
+evaluates every batch shape the timed evaluations see, so that they compile and autotune nothing.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 
 import torch
 from torch import nn
@@ -18,25 +18,49 @@ from torch import nn
 from fastgraph.core import nvtx
 
 
+class TensorBatches:
+    """Test images resident on the device, in batches: uint8 (b, 3, H, W) and int64 (b,)
+    slices of ``images`` (N, 3, H, W) and ``labels`` (N,), the last batch smaller. Re-iterable;
+    ``len`` is N (what :class:`fastgraph.data.imagenet_stream.TestStream` gives for streamed images)."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int):
+        self.images, self.labels, self.batch_size = images, labels, batch_size
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for i in range(0, len(self.labels), self.batch_size):
+            yield self.images[i:i + self.batch_size], self.labels[i:i + self.batch_size]
+
+
 @torch.no_grad()
-def evaluate(module: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, batch_size: int,
+def evaluate(module: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], *,
              mean: torch.Tensor, std: torch.Tensor, autocast, channels_last: bool) -> float:
-    """Top-1 accuracy (fraction) of ``module`` in eval mode on uint8 (N, 3, H, W) ``images``.
+    """Top-1 accuracy (fraction) of ``module`` in eval mode over ``batches`` of uint8
+    (b, 3, H, W) images and int64 (b,) labels on one device.
 
     ``mean``/``std``: float32 (1, 3, 1, 1) on the images' device, 0..255 units;
     ``autocast``: a context-manager factory (``torch.autocast`` or a null one).
+
+    Raises:
+        ValueError: ``batches`` is empty.
     """
     module.eval()
-    correct = torch.zeros((), dtype=torch.int64, device=images.device)
+    correct, seen = None, 0
     with nvtx.range("evaluation"):
-        for i in range(0, len(images), batch_size):
-            x = (images[i:i + batch_size].float() - mean) / std
+        for images, labels in batches:
+            x = (images.float() - mean) / std
             if channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             with autocast():
                 logits = module(x)
-            correct += (logits.argmax(1) == labels[i:i + batch_size]).sum()
-    return correct.item() / len(images)
+            right = (logits.argmax(1) == labels).sum()
+            correct = right if correct is None else correct + right
+            seen += len(labels)
+    if not seen:
+        raise ValueError("no test images to evaluate")
+    return correct.item() / seen
 
 
 class FlipTTA:
@@ -70,32 +94,35 @@ class Evaluator:
     """Accuracy on the test images, plain or with the recipe's TTA.
 
     Args:
-        images, labels: uint8 (N, 3, H, W) and int64 (N,) test images and labels on the device.
+        batches: the test images, re-iterable, with ``len`` the number of images: a
+            :class:`TensorBatches` of uint8 (N, 3, H, W) images and int64 (N,) labels on the
+            device, or a :class:`fastgraph.data.imagenet_stream.TestStream`, in batches of
+            the recipe's ``[eval] batch_size``.
         mean, std: float32 (1, 3, 1, 1) on the same device, 0..255 units.
-        batch_size: the recipe's ``[eval] batch_size``.
         tta_level: the recipe's ``[eval] tta_level`` (0: no TTA; the TTA accuracy is the plain one).
         autocast: a context-manager factory (see :func:`fastgraph.training.options.autocast_for`).
         channels_last: feed channels-last batches.
     """
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, *, mean: torch.Tensor, std: torch.Tensor,
-                 batch_size: int, tta_level: int, autocast: Callable, channels_last: bool):
-        self.images, self.labels = images, labels
-        self.batch_size = batch_size
+    def __init__(self, batches, *, mean: torch.Tensor, std: torch.Tensor, tta_level: int,
+                 autocast: Callable, channels_last: bool):
+        self.batches = batches
         self.tta = FlipTTA(tta_level) if tta_level else None
         self._common = {"mean": mean, "std": std, "autocast": autocast, "channels_last": channels_last}
 
     def accuracy(self, module: nn.Module, tta: bool) -> float:
         """Top-1 accuracy (fraction) of ``module`` on all test images, with TTA when ``tta``."""
         evaluated = self.tta(module) if tta and self.tta is not None else module
-        return evaluate(evaluated, self.images, self.labels, batch_size=self.batch_size, **self._common)
+        return evaluate(evaluated, self.batches, **self._common)
 
     def warm_up(self, module: nn.Module) -> None:
-        """Evaluate ``module`` (and its TTA form) on a full test batch and the last, smaller
-        one: every shape the timed evaluations see, so that they compile nothing."""
-        n, bs = len(self.images), self.batch_size
-        k = n if n <= bs else bs + n % bs
-        images, labels = self.images[:k], self.labels[:k]
+        """Evaluate ``module`` (and its TTA form) on a full test batch and one of the last,
+        smaller batch's size: every shape the timed evaluations see, so that they compile nothing."""
+        images, labels = next(iter(self.batches))
+        shapes = [(images, labels)]
+        rest = len(self.batches) % len(labels)
+        if rest and len(self.batches) > len(labels):
+            shapes.append((images[:rest], labels[:rest]))
         modules = [module, self.tta(module)] if self.tta is not None else [module]
         for m in modules:
-            evaluate(m, images, labels, batch_size=bs, **self._common)
+            evaluate(m, shapes, **self._common)

@@ -110,6 +110,7 @@ class _Run:
     loss_sum: torch.Tensor | None = None  # on the device: summed without synchronising
     correct: torch.Tensor | None = None
     agreed_stop: bool = False  # distributed: every rank stopped at this step boundary
+    classes_checked: bool = False  # the logits' width against the data's classes, at the first step
 
     def new_epoch(self, epoch: int, done: int, aug_state: dict, before: float) -> None:
         """Enter ``epoch`` with ``done`` of its steps behind (a resume keeps their statistics)."""
@@ -118,6 +119,10 @@ class _Run:
         self.epoch, self.done, self.aug_state, self.before, self.steps = epoch, done, aug_state, before, 0
         self.loss_sum = torch.zeros((), device=self.device)
         self.correct = torch.zeros((), dtype=torch.int64, device=self.device)
+
+
+# Settings a checkpoint written before they existed holds implicitly, at these values.
+SETTINGS_ADDED = {"data_format": "cifar10", "sync_bn": False}
 
 
 class Trainer:
@@ -167,6 +172,10 @@ class Trainer:
         self.interrupt = InterruptGuard()
         if self.dist is not None:  # the global batch splits evenly, or nothing starts
             dp.check_split(self.batch_size, self.dist.world_size)
+        if opts.sync_bn and (self.dist is None or not cuda):
+            raise UserError("--sync-bn synchronises BatchNorm over the processes of a data-parallel "
+                            "training on GPUs (torch runs SyncBatchNorm on CUDA only): use it with "
+                            "--nproc N or torchrun on CUDA devices")
         # distributed: the DDP wrapper is compiled, not the module (see _start_run)
         self.builder = ModelBuilder(opts, self.device, channels_last=self.channels_last,
                                     compile=self.compile and self.dist is None,
@@ -184,7 +193,9 @@ class Trainer:
                 "runs": o.runs, "seed": o.seed, "subset": o.subset, "test_subset": o.test_subset,
                 "device": str(self.device), "precision": self.precision, "compile": bool(self.compile),
                 "compile_backend": o.compile_backend, "compile_mode": self.compile_mode,
-                "stochastic_depth": o.stochastic_depth, "fused_kernels": o.fused_kernels, "target": o.target,
+                "stochastic_depth": o.stochastic_depth, "fused_kernels": o.fused_kernels,
+                "sync_bn": o.sync_bn, "target": o.target,
+                "data_format": self.recipe["data"]["format"],
                 "world_size": self.dist.world_size if self.dist else 1,
                 "backend": self.dist.backend if self.dist else None}
 
@@ -194,17 +205,26 @@ class Trainer:
         return self.dist is None or self.dist.is_main
 
     def _load_data(self, timer: Timer) -> None:
-        """Put the (subset of the) data on the device; build the evaluator over its test images."""
+        """Put the (subset of the) data on the device, or index the folders it streams from
+        (``[data] format``); build the evaluator over its test images."""
         o = self.opts
-        if self.dist is not None and not self.is_main:
-            dp.barrier()  # rank 0 decodes the archive into the cache once; the others then read it
-        self.data = data = load_device_data(o.data, self.device, timer, batch_size=self.batch_size,
-                                            subset=o.subset, test_subset=o.test_subset)
-        if self.dist is not None and self.is_main:
-            dp.barrier()
-        self.evaluator = Evaluator(data.test_images, data.test_labels, mean=data.mean, std=data.std,
-                                   batch_size=self.recipe["eval"]["batch_size"], tta_level=self.tta_level,
-                                   autocast=self.autocast, channels_last=self.channels_last)
+        cfg = self.recipe["data"]
+        if cfg["format"] == "imagefolder":
+            from fastgraph.training.streaming import load_streamed_data
+
+            self.data = load_streamed_data(o.data, cfg, self.device, timer, batch_size=self.batch_size,
+                                           subset=o.subset, test_subset=o.test_subset)
+        else:
+            if self.dist is not None and not self.is_main:
+                dp.barrier()  # rank 0 decodes the archive into the cache once; the others then read it
+            self.data = load_device_data(o.data, self.device, timer, batch_size=self.batch_size,
+                                         subset=o.subset, test_subset=o.test_subset)
+            if self.dist is not None and self.is_main:
+                dp.barrier()
+        data = self.data
+        self.evaluator = Evaluator(data.test_batches(self.recipe["eval"]["batch_size"]), mean=data.mean,
+                                   std=data.std, tta_level=self.tta_level, autocast=self.autocast,
+                                   channels_last=self.channels_last)
 
     def _step(self, r: _Run, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Forward and backward of one training step of run ``r`` on batch ``x`` (the
@@ -217,6 +237,9 @@ class Trainer:
         # NVTX ranges per phase for Nsight Systems; free when no profiler listens.
         with nvtx.range("forward"), self.autocast():
             out = r.call(x)
+            if not r.classes_checked:  # before the loss: a label past the logits is a device assert on CUDA
+                self._check_classes(out)
+                r.classes_checked = True
             loss = F.cross_entropy(out.float(), y, label_smoothing=label_smoothing)
         for opt in r.optimizers:
             opt.zero_grad(set_to_none=True)
@@ -224,9 +247,29 @@ class Trainer:
             (r.scaler.scale(loss) if r.scaler is not None else loss).backward()
         return out, loss
 
+    def _check_classes(self, logits: torch.Tensor) -> None:
+        """Raise ``UserError`` unless the model's logits (B, K) have one column per class of the data."""
+        classes = self.data.classes
+        if classes and logits.shape[-1] != len(classes):
+            raise UserError(f"the model outputs {logits.shape[-1]} logits per image but the data has "
+                            f"{len(classes)} classes ({', '.join(classes[:3])}...): build the model with "
+                            f"{len(classes)} outputs (e.g. num_classes={len(classes)})")
+
     def _warm_up_batches(self, augmenter, steps: int = 3) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """The batches the warm-up trains on: see :func:`fastgraph.training.batches.warm_up_batches`."""
-        return warm_up_batches(augmenter, steps)
+        """The batches the warm-up trains on: see :func:`fastgraph.training.batches.warm_up_batches`;
+        with progressive resizing also one batch at each later resolution of the run."""
+        batches = warm_up_batches(augmenter, steps)
+        resolution = getattr(self.data, "resolution", None)
+        if resolution is not None:
+            later = {resolution(e): e for e in range(math.ceil(self.epochs) - 1, 0, -1)}
+            state = augmenter.state_dict()
+            try:
+                for res, epoch in sorted(later.items()):
+                    if res != resolution(0):
+                        batches += list(augmenter.epoch(epoch, steps=1))
+            finally:
+                augmenter.load_state_dict(state)
+        return batches
 
     def _warm_up(self, r: _Run) -> None:
         """Compile and autotune outside the timer: three training steps as the loop runs
@@ -266,8 +309,6 @@ class Trainer:
 
     def _start_run(self, run: int, completed: list[RunRecord], saved: dict | None) -> _Run:
         """Build run ``run``'s module, optimisers, EMA and augmenter; warm up; load ``saved``."""
-        from fastgraph.training.augmentation import DeviceAugmenter
-
         recipe, seed = self.recipe, self.opts.seed + run
         timer = Timer(self.device)
         torch.manual_seed(seed)  # the model's initialisation (file or factory)
@@ -275,6 +316,8 @@ class Trainer:
         module, call = self.builder.training_module(gm)
         positions = None
         if self.dist is not None:
+            if self.opts.sync_bn:
+                module = dp.sync_batchnorm(module)
             call = dp.wrap(module, self.dist)  # broadcasts rank 0's weights: every rank starts alike
             if self.compile:
                 call = self.builder.compiled(call)
@@ -287,12 +330,9 @@ class Trainer:
         ema = (WeightAverage(module, decay=cfg["decay"], every=cfg["every"], warmup_power=cfg["warmup_power"],
                              lookahead=cfg["lookahead"]) if cfg["enabled"] else None)
         evaluated = ema.averaged.module if ema is not None and recipe["eval"]["model"] == "ema" else module
-        aug = recipe["augment"]
-        augmenter = DeviceAugmenter(
-            self.data.train_images, self.data.train_labels, batch_size=self.batch_size, pad=aug["pad"],
-            pad_mode=aug["pad_mode"], flip=aug["flip"], cutout=aug["cutout"], mean=self.data.channel_mean,
-            std=self.data.channel_std, seed=seed, out_dtype=DTYPES[self.precision],
-            channels_last=self.channels_last, positions=positions)
+        augmenter = self.data.augmenter(batch_size=self.batch_size, seed=seed,
+                                        out_dtype=DTYPES[self.precision], channels_last=self.channels_last,
+                                        positions=positions, augment=recipe["augment"])
         scaler = torch.amp.GradScaler(self.device.type) if self.precision == "fp16" else None
         total = max(1, math.ceil(augmenter.steps_per_epoch * self.epochs))
         r = _Run(index=run, seed=seed, device=self.device, timer=timer, module=module, call=call,
@@ -488,6 +528,9 @@ class Trainer:
             consistent = r.boundary and (self.dist is None or r.agreed_stop)
             self._on_interrupt(self._snapshot(r) if consistent else None)
             raise
+        finally:
+            if hasattr(r.augmenter, "close"):  # a streamed data set's decoding workers
+                r.augmenter.close()
         result = RunRecord(run=run, seed=r.seed, epochs=r.records, test_acc=r.records[-1].test_acc,
                            tta_acc=r.records[-1].tta_acc, seconds=r.offset + r.timer.total(),
                            phases=r.timer.as_dict(), passes=r.passes, compiles=r.timer.compiles())
@@ -527,7 +570,7 @@ class Trainer:
         # a training may resume on another number of processes (the same global batches), and
         # each rank's own GPU is another device string than rank 0's
         free = ("runs", "target", "world_size", "backend") + (("device",) if self.dist is not None else ())
-        keys = [k for k in mine if k not in free and mine[k] != theirs.get(k)]
+        keys = [k for k in mine if k not in free and mine[k] != theirs.get(k, SETTINGS_ADDED.get(k))]
         if self.dist is not None and torch.device(mine["device"]).type != torch.device(theirs["device"]).type:
             keys.append("device")
         if not same_recipe(saved["recipe"], self.recipe.to_dict()):

@@ -236,7 +236,8 @@ def build_optimizers(gm: fx.GraphModule, recipe: Recipe, hyper: TorchHyperparame
     ``None``), see the module docstring. With ``[optimizer] name = "lars"`` the groups go to
     :class:`~fastgraph.training.lars.LARS` with the recipe's ``trust_coefficient`` and
     ``eps``, each group also holding ``exclude_from_adaptation``
-    (:func:`excluded_from_adaptation`).
+    (:func:`excluded_from_adaptation`). With ``decay_bn_and_bias = false`` the SGD groups of
+    those same parameters get no weight decay (FFCV's ResNet-50, ``bn_wd = 0``).
 
     Returns:
         ``[torch.optim.SGD]``, ``[torch.optim.SGD, ConvMuon]``, ``[ConvMuon]`` or ``[LARS]``.
@@ -248,6 +249,7 @@ def build_optimizers(gm: fx.GraphModule, recipe: Recipe, hyper: TorchHyperparame
     hints = gm.meta.get(HINTS_KEY, {})
     muon_cfg = recipe["muon"]
     lars = recipe["optimizer"].get("name", "sgd") == "lars"
+    no_1d_decay = not recipe["optimizer"].get("decay_bn_and_bias", True)
     groups: dict[tuple[float, float, float | None, bool, bool], list[nn.Parameter]] = {}
     banks: list[nn.Parameter] = []
     for name, p in gm.named_parameters():
@@ -267,7 +269,8 @@ def build_optimizers(gm: fx.GraphModule, recipe: Recipe, hyper: TorchHyperparame
             banks.append(p)
             continue
         own = bool(hint.get("own_schedule", False)) and epochs is not None
-        excluded = lars and excluded_from_adaptation(gm, name, p, hint)
+        # LARS: no trust ratio and no decay; SGD with decay_bn_and_bias = false: no decay
+        excluded = (lars or no_1d_decay) and excluded_from_adaptation(gm, name, p, hint)
         groups.setdefault((lr_scale, wd_scale, epochs, own, excluded), []).append(p)
     param_groups = [
         {"params": params, "lr": hyper.lr * lr_scale, "peak_lr": hyper.lr * lr_scale,

@@ -50,6 +50,8 @@ class TrainOptions:
     recipe's fused-kernel passes (``fuse_bn_activation``: BatchNorm + activation on one
     Triton kernel on CUDA, its PyTorch reference elsewhere); False drops them from the
     recipe's pass list, the same function on unfused PyTorch ops, for A/B timing.
+    sync_bn: in a data-parallel training on GPUs, BatchNorm statistics over the global
+    batch (``torch.nn.SyncBatchNorm``) instead of each rank's share.
     """
 
     model_path: str | None = None
@@ -73,6 +75,7 @@ class TrainOptions:
     data: str | None = None
     progress_eval: bool = True
     fused_kernels: bool = True
+    sync_bn: bool = False
 
 
 def autocast_for(device: torch.device, precision: str) -> Callable[[], contextlib.AbstractContextManager]:

@@ -74,6 +74,20 @@ def _fraction_below_one(v):
     return _number(0)(v) or (None if v < 1 else ">= 0 and < 1")
 
 
+def _range(lo, hi):
+    """A [low, high] pair of numbers with lo <= low <= high <= hi."""
+    def check(v):
+        ok = (isinstance(v, list) and len(v) == 2 and not any(_number(lo, hi)(x) for x in v)
+              and v[0] <= v[1])
+        return None if ok else f"a [low, high] pair with {lo} <= low <= high <= {hi}"
+    return check
+
+
+def _channel_values(v):
+    ok = isinstance(v, list) and len(v) == 3 and not any(_number(0, 255)(x) for x in v)
+    return None if ok else "three numbers in 0..255 (R, G, B)"
+
+
 SCHEMA: dict[str, dict[str, tuple[Callable[[Any], str | None], Any]]] = {
     "": {
         "name": (_text, REQUIRED),
@@ -100,6 +114,10 @@ SCHEMA: dict[str, dict[str, tuple[Callable[[Any], str | None], Any]]] = {
         "weight_decay": (_number(0), 0.0),
         "trust_coefficient": (_number(0, lo_open=True), 0.001),  # LARS eta (You et al. 2017)
         "eps": (_number(0), 0.0),  # LARS: added to the trust ratio's denominator
+        # Goyal et al.'s linear scaling rule: lr is for this many images per step and is
+        # multiplied by batch_size / reference_batch_size (0: lr as written, at any batch)
+        "reference_batch_size": (_number(0, integer=True), 0),
+        "decay_bn_and_bias": (_boolean, True),  # false: no weight decay on 1-D parameters (BN, biases)
     },
     "muon": {
         "enabled": (_boolean, False),
@@ -141,8 +159,30 @@ SCHEMA: dict[str, dict[str, tuple[Callable[[Any], str | None], Any]]] = {
         "batch_size": (_number(1, integer=True), 1000),
         "model": (_one_of("trained", "ema"), "trained"),
     },
+    "data": {
+        # "cifar10": CIFAR-10 resident on the device (fastgraph.data.load_cifar10);
+        # "imagefolder": ImageNet-format folders or tar shards streamed from disk
+        # (fastgraph.data.imagenet_stream), RandomResizedCrop + flip, progressive resizing
+        "format": (_one_of("cifar10", "imagefolder"), "cifar10"),
+        "train_split": (_text, "train"),
+        "test_split": (_text, "val"),
+        "min_res": (_number(16, 1024, integer=True), 160),  # training resolution (pixels) up to start_ramp
+        "max_res": (_number(16, 1024, integer=True), 192),  # ... from end_ramp on
+        "start_ramp": (_number(0), 0),  # epochs: the resolution ramps linearly between the two
+        "end_ramp": (_number(0), 0),
+        "res_step": (_number(1, 256, integer=True), 32),  # resolutions are multiples of this
+        "test_res": (_number(16, 1024, integer=True), 224),  # centre crop evaluated (pixels)
+        "crop_ratio": (_number(0, 1, lo_open=True), 0.875),  # centre crop side / shorter image side
+        "scale": (_range(0, 1), [0.08, 1.0]),  # RandomResizedCrop area fraction
+        "ratio": (_range(0.01, 100), [0.75, 1.3333333333333333]),  # RandomResizedCrop aspect ratio
+        "mean": (_channel_values, [123.675, 116.28, 103.53]),  # 0..255 units; ImageNet's, torchvision's
+        "std": (_channel_values, [58.395, 57.12, 57.375]),
+        "workers": (_number(0, 256, integer=True), 8),  # decoding processes per rank
+    },
     "stochastic_depth": {
         "survival_last": (_number(0, 1, lo_open=True), 0.5),
+        # absent: Huang et al.'s linear decay from 1; given: linear from it at block 1 to survival_last
+        "survival_first": (lambda v: None if v is None else _number(0, 1, lo_open=True)(v), None),
     },
 }
 # (section, key) -> (selector key, value): keys that exist only when the selector in the
@@ -157,6 +197,20 @@ ONLY_WITH: dict[tuple[str, str], tuple[str, str]] = {
     ("schedule", "power"): ("type", "poly"),
     ("schedule", "start"): ("type", "poly"),
     ("schedule", "end"): ("type", "poly"),
+    ("data", "train_split"): ("format", "imagefolder"),
+    ("data", "test_split"): ("format", "imagefolder"),
+    ("data", "min_res"): ("format", "imagefolder"),
+    ("data", "max_res"): ("format", "imagefolder"),
+    ("data", "start_ramp"): ("format", "imagefolder"),
+    ("data", "end_ramp"): ("format", "imagefolder"),
+    ("data", "res_step"): ("format", "imagefolder"),
+    ("data", "test_res"): ("format", "imagefolder"),
+    ("data", "crop_ratio"): ("format", "imagefolder"),
+    ("data", "scale"): ("format", "imagefolder"),
+    ("data", "ratio"): ("format", "imagefolder"),
+    ("data", "mean"): ("format", "imagefolder"),
+    ("data", "std"): ("format", "imagefolder"),
+    ("data", "workers"): ("format", "imagefolder"),
 }
 PASS_ITEM_KEYS = ("name",)  # every other key of a [[passes]] item is an option of that pass
 
@@ -227,7 +281,10 @@ def torch_hyperparameters(recipe: Recipe, batch_size: int) -> TorchHyperparamete
     """Convert the recipe's optimiser section to PyTorch SGD's conventions (the one place).
 
     units = "torch": lr and weight_decay are already ``torch.optim.SGD``'s for a loss
-    averaged over the batch.
+    averaged over the batch. With ``reference_batch_size`` R > 0, lr is the rate for
+    batches of R images and scales linearly with the batch (Goyal et al., "Accurate, Large
+    Minibatch SGD", 2017, sec. 2.1: "multiply the learning rate by k" for a k times larger
+    minibatch): ``lr_torch = lr * batch_size / R``.
 
     units = "summed" (airbench94_muon.py, Page's code): lr and weight_decay are
     ``torch.optim.SGD``'s for a loss *summed* over the batch (airbench94_muon:
@@ -248,7 +305,8 @@ def torch_hyperparameters(recipe: Recipe, batch_size: int) -> TorchHyperparamete
     """
     opt = recipe["optimizer"]
     if opt["units"] == "torch":
-        return TorchHyperparameters(opt["lr"], opt["momentum"], opt["nesterov"], opt["weight_decay"])
+        scale = batch_size / opt["reference_batch_size"] if opt["reference_batch_size"] else 1.0
+        return TorchHyperparameters(opt["lr"] * scale, opt["momentum"], opt["nesterov"], opt["weight_decay"])
     if opt["units"] == "summed":
         return TorchHyperparameters(opt["lr"] * batch_size, opt["momentum"], opt["nesterov"],
                                     opt["weight_decay"] / batch_size)
@@ -364,12 +422,16 @@ def _check_knots(label: str, sched: dict) -> None:
 def same_recipe(saved: dict, current: dict) -> bool:
     """Whether ``saved`` (a checkpoint's ``Recipe.to_dict()``) is the recipe ``current``
     (this one's): equal once the keys the schema gained since the checkpoint was written
-    (``optimizer.name``, ``schedule.type``...) are filled in where ``current`` holds their
-    defaults, so an upgrade of fastgraph does not refuse to resume an unchanged recipe."""
+    (``optimizer.name``, ``schedule.type``, the ``[data]`` section...) are filled in where
+    ``current`` holds their defaults, so an upgrade of fastgraph does not refuse to resume an
+    unchanged recipe."""
     filled = {k: dict(v) if isinstance(v, dict) else v for k, v in saved.items()}
     for name, keys in SCHEMA.items():
         section = name or "recipe"
         old, new = filled.get(section), current.get(section)
+        if old is None and isinstance(new, dict) and all(new[k] == keys[k][1] for k in new if k in keys):
+            filled[section] = dict(new)  # a section the schema gained, at its defaults
+            continue
         if not isinstance(old, dict) or not isinstance(new, dict):
             continue
         for key, (_, default) in keys.items():
@@ -422,11 +484,23 @@ def validate(label: str, data: dict) -> Recipe:
     if opt["name"] == "lars" and opt["units"] != "torch":
         raise UserError(f"recipe {label}: 'optimizer.name' \"lars\" takes lr and weight_decay in "
                         f"PyTorch's units (units = \"torch\"), got units = {opt['units']!r}")
+    if opt["reference_batch_size"] and opt["units"] != "torch":
+        raise UserError(f"recipe {label}: 'optimizer.reference_batch_size' scales an lr in PyTorch's units "
+                        f"(units = \"torch\"), got units = {opt['units']!r}")
     if opt["name"] == "lars" and sections["muon"]["enabled"]:
         raise UserError(f"recipe {label}: 'optimizer.name' \"lars\" does not combine with [muon] enabled")
     sched = sections["schedule"]
     if sched["type"] == "piecewise":
         _check_knots(label, sched)
+    data_cfg = sections["data"]
+    if data_cfg["format"] == "imagefolder":
+        aug = sections["augment"]
+        if aug["pad"] or aug["cutout"] or aug["flip"] == "alternate":
+            raise UserError(f"recipe {label}: [data] format \"imagefolder\" augments with RandomResizedCrop "
+                            "and a random flip: set augment.pad = 0, augment.cutout = 0 and augment.flip to "
+                            "\"random\" or \"none\"")
+        if data_cfg["min_res"] > data_cfg["max_res"] or data_cfg["start_ramp"] > data_cfg["end_ramp"]:
+            raise UserError(f"recipe {label}: [data] needs min_res <= max_res and start_ramp <= end_ramp")
     if sections["eval"]["model"] == "ema" and not sections["ema"]["enabled"]:
         raise UserError(f"recipe {label}: 'eval.model' is \"ema\" but [ema] is not enabled")
 
