@@ -20,18 +20,27 @@ _ADDS = (operator.add, torch.add)
 
 def _identity(gm: fx.GraphModule, options: dict, batch_size: int) -> Identity:
     """Every branch survives (p = 1): the blocks compute what they did, in training too."""
-    return Identity({"survival_last": 1.0})
+    if options.get("survival_first") is None:
+        return Identity({"survival_last": 1.0})
+    return Identity({"survival_first": 1.0, "survival_last": 1.0})
 
 
 @register(exact=False, modes=("train",), identity=_identity)
 def stochastic_depth(
-    gm: fx.GraphModule, *, survival_last: float = 0.5, per: str = "sample"
+    gm: fx.GraphModule, *, survival_last: float = 0.5, survival_first: float | None = None,
+    per: str = "sample",
 ) -> fx.GraphModule:
     """Training-time: each residual branch is kept with a linearly decaying survival probability.
 
     Source: Huang, Sun, Liu, Sedra and Weinberger, "Deep Networks with Stochastic Depth",
     ECCV 2016: block l of L survives with p_l = 1 - (l / L) * (1 - p_L), p_L = 0.5 in the
     paper; on CIFAR-10 ResNet-110 it trained about 25% faster and generalised better.
+    With ``survival_first`` the survival runs linearly from p_1 = survival_first at the
+    first block to p_L = survival_last at the last, p_l = p_1 + (l - 1) / (L - 1) *
+    (p_L - p_1) (one block: p_L), the "probability range" of PyTorch implementations
+    (``prob_0_L = (p_1, p_L)``) and of Solomatov and Stepanov, "Speeding up ResNet
+    training" (../shared/sources/000, "The Best Model": "stochastic depth with probability
+    range of 0.5-0.5", every block 0.5).
 
     A residual block is an ``add`` (``+``, ``torch.add``, ``Tensor.add`` with alpha 1) of two
     graph values that share an ancestor, where the nodes only one side depends on (its
@@ -48,16 +57,23 @@ def stochastic_depth(
     Options:
         survival_last: p_L, the survival probability of the last block, in (0, 1];
             1.0 keeps every branch (the function is unchanged, in training too).
+        survival_first: p_1, the survival probability of the first block, in (0, 1], or
+            None (Huang et al.'s rule above, whose first block gets 1 - (1 - p_L) / L).
+            Equal to ``survival_last``: every block survives with that probability (Huang
+            et al.'s "uniform" rule); 1.0 and 1.0 keep every branch.
         per: "sample" (the paper draws per mini-batch; per sample is the common modern
             choice, e.g. timm's DropPath) or "batch".
 
     Guards: adds whose two sides share no ancestor (e.g. a bias) or whose sides hold as
     many convolutions each are not residual blocks; a graph whose branches already pass
-    through StochasticDepth is returned unchanged. Raises ``PassOptionError`` for
-    survival_last outside (0, 1] or an unknown ``per``.
+    through StochasticDepth is returned unchanged. The survival options change only the
+    probabilities, never which adds are rewritten. Raises ``PassOptionError`` for
+    survival_last or survival_first outside (0, 1] (or not a number) or an unknown ``per``.
     """
-    require(0.0 < survival_last <= 1.0, "stochastic_depth",
-            f"survival_last must be in (0, 1], got {survival_last}")
+    require(_probability(survival_last), "stochastic_depth",
+            f"survival_last must be a number in (0, 1], got {survival_last!r}")
+    require(survival_first is None or _probability(survival_first), "stochastic_depth",
+            f"survival_first must be a number in (0, 1] or None, got {survival_first!r}")
     require(per in ("sample", "batch"), "stochastic_depth", f"per must be 'sample' or 'batch', got {per!r}")
 
     if any(isinstance(m, StochasticDepth) for m in gm.modules()):
@@ -71,7 +87,7 @@ def stochastic_depth(
     total = len(blocks)
     for index, (add_name, branch_name) in enumerate(blocks, start=1):
         add, branch = nodes[add_name], nodes[branch_name]
-        survival = 1.0 - index / total * (1.0 - survival_last)
+        survival = _survival(index, total, survival_first, survival_last)
         name = unique_name(out, f"stochastic_depth_{index}")
         # A new module starts in training mode: match the graph's, or eval would drop.
         out.add_submodule(name, StochasticDepth(survival, per).train(gm.training))
@@ -79,6 +95,19 @@ def stochastic_depth(
             dropped = out.graph.call_module(name, args=(branch,))
         add.args = tuple(dropped if a is branch else a for a in add.args)
     return finish(out, rewrites=total, rewritten=[add for add, _ in blocks])
+
+
+def _probability(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and 0.0 < value <= 1.0
+
+
+def _survival(index: int, total: int, first: float | None, last: float) -> float:
+    """p_l of block ``index`` (1..total): Huang et al.'s linear rule, or linear from ``first``."""
+    if first is None:
+        return 1.0 - index / total * (1.0 - last)
+    if total == 1:
+        return float(last)
+    return first + (index - 1) / (total - 1) * (last - first)
 
 
 def _residual_blocks(gm: fx.GraphModule) -> list[tuple[str, str]]:

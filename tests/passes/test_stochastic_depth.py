@@ -10,7 +10,7 @@ import torch.fx as fx
 from torch import nn
 
 from fastgraph.core.modules import StochasticDepth
-from fastgraph.passes import get, rewrite_count
+from fastgraph.passes import declared_rewritten, get, rewrite_count
 from fastgraph.passes._options import PassOptionError
 
 
@@ -142,3 +142,94 @@ def test_negative_cases(example):
         get("stochastic_depth").fn(once, survival_last=0.0)
     with pytest.raises(PassOptionError, match="per"):
         get("stochastic_depth").fn(once, per="layer")
+
+
+# ---------------------------------------------------------------- survival_first
+
+
+def rewritten_adds(gm) -> list[str]:
+    """Names of the adds whose branch passes through a StochasticDepth, in graph order."""
+    return [next(iter(n.users)).name for n in gm.graph.nodes
+            if n.op == "call_module" and isinstance(gm.get_submodule(n.target), StochasticDepth)]
+
+
+def test_uniform_range_gives_every_block_the_same_survival(example):
+    # The seed paper's best model: "stochastic depth with probability range of 0.5-0.5".
+    out = get("stochastic_depth").fn(example("preact_resnet20"), survival_first=0.5, survival_last=0.5)
+    assert [m.survival for m in drops(out)] == [0.5] * 9
+
+
+@pytest.mark.parametrize(("name", "blocks"), [("resnet20", 9), ("resnet9", 2)])
+def test_survival_first_is_linear_from_the_first_block_to_the_last(example, name, blocks):
+    out = get("stochastic_depth").fn(example(name), survival_first=0.9, survival_last=0.3)
+    expected = [0.9 + (block - 1) / (blocks - 1) * (0.3 - 0.9) for block in range(1, blocks + 1)]
+    assert [m.survival for m in drops(out)] == pytest.approx(expected)
+    assert drops(out)[0].survival == pytest.approx(0.9) and drops(out)[-1].survival == pytest.approx(0.3)
+
+
+class TwoBlocks(nn.Module):
+    """Two residual blocks (conv -> BN -> ReLU branches) and a linear head: a small real ResNet."""
+
+    def __init__(self, blocks: int = 2):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.branches = nn.ModuleList(
+            nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU()) for _ in range(blocks))
+        self.head = nn.Linear(8, 10)
+
+    def forward(self, x):
+        x = self.stem(x)
+        for branch in self.branches:
+            x = x + branch(x)
+        return self.head(x.mean((2, 3)))
+
+
+def test_one_block_takes_survival_last():
+    out = get("stochastic_depth").fn(fx.symbolic_trace(TwoBlocks(1)), survival_first=0.9, survival_last=0.6)
+    assert [m.survival for m in drops(out)] == [0.6]
+
+
+def test_survival_first_changes_the_probabilities_only(example):
+    # Default, None and a range rewrite the same adds, in the same places, with the same
+    # declared nodes; None is Huang et al.'s rule, the default.
+    gm = example("preact_resnet20")
+    default = get("stochastic_depth").fn(gm)
+    huang = get("stochastic_depth").fn(gm, survival_first=None, survival_last=0.5)
+    ranged = get("stochastic_depth").fn(gm, survival_first=0.5, survival_last=0.5, per="batch")
+    assert rewritten_adds(default) == rewritten_adds(huang) == rewritten_adds(ranged)
+    assert len(rewritten_adds(default)) == 9
+    assert declared_rewritten(gm, default) == declared_rewritten(gm, ranged)
+    assert [m.survival for m in drops(huang)] == [m.survival for m in drops(default)]
+    assert [m.survival for m in drops(default)] == pytest.approx([1 - b / 9 * 0.5 for b in range(1, 10)])
+    assert all(m.per == "batch" for m in drops(ranged))
+    once = get("stochastic_depth").fn(ranged, survival_first=0.9)
+    assert once is ranged  # already dropped: left alone, whatever the options
+
+
+@pytest.mark.parametrize("bad", [0.0, -0.5, 1.5, float("nan"), "0.5", True])
+def test_survival_first_out_of_range_is_refused(example, bad):
+    gm = example("resnet20")
+    for option in ("survival_first", "survival_last"):
+        message = rf"stochastic_depth: {option} must be a number in \(0, 1\]"
+        with pytest.raises(PassOptionError, match=message):
+            get("stochastic_depth").fn(gm, **{option: bad})
+
+
+def test_range_is_checked_exact_in_its_identity_configuration(real_batch):
+    # The identity configuration keeps every branch whatever the range: (1, 1); the pass
+    # manager checks it in float64 on real images (8x8 crops keep the check cheap).
+    from fastgraph.core.pass_manager import run_passes
+
+    x, y = real_batch
+    gm = fx.symbolic_trace(TwoBlocks())
+    options = {"stochastic_depth": {"survival_first": 0.5, "survival_last": 0.5}}
+    out, report = run_passes(gm, ["stochastic_depth"], mode="train", batch=(x[:32, :, :8, :8], y[:32]),
+                             options=options)
+    outcome = report.outcomes[0]
+    assert outcome.status == "applied", outcome
+    assert outcome.identity == {"survival_first": 1.0, "survival_last": 1.0}
+    assert "identity configuration exact (train mode)" in outcome.message
+    assert [m.survival for m in drops(out)] == [0.5, 0.5]
+    _, huang = run_passes(gm, ["stochastic_depth"], mode="train", batch=(x[:32, :, :8, :8], y[:32]),
+                          options={"stochastic_depth": {"survival_last": 0.5}})
+    assert huang.outcomes[0].identity == {"survival_last": 1.0}  # as before the option existed
