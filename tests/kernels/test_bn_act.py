@@ -315,6 +315,106 @@ def test_bad_arguments_raise(kw, match):
             fn(**args)
 
 
+@pytest.mark.parametrize("dtype, tol", [(torch.float16, 1e-3), (torch.bfloat16, 1e-2)])
+@pytest.mark.parametrize("param_dtype", ["float32", "same"])
+def test_half_precision_on_the_pytorch_path(dtype, tol, param_dtype):
+    """float16 and bfloat16 inputs (fp32 parameters as under autocast, or a .half() module's):
+    on the CPU the operator's PyTorch path, computing in float32, against the reference."""
+    x, weight, bias, running, dy = _inputs((6, 5, 3, 3))
+    pdt = torch.float32 if param_dtype == "float32" else dtype
+    x, dy = x.to(dtype), dy.to(dtype)
+    weight, bias = weight.to(pdt), bias.to(pdt)
+    running = tuple(r.to(pdt) for r in running)
+    kw = dict(training=True, momentum=0.3, activation="gelu", ghost_splits=3)
+    got = _run(bn_act, x, weight, bias, running, dy, **kw)
+    want = _run(bn_act_reference, x, weight, bias, running, dy, **kw)
+    names = ("y", "dx", "dweight", "dbias", "running_mean", "running_var")
+    for name, a, b in zip(names, got, want, strict=True):
+        assert a.dtype == b.dtype == (dtype if name in ("y", "dx") else pdt), name
+        assert_close(a.float(), b.float(), rtol=tol, atol=tol * b.float().abs().max().item(), msg=name)
+
+
+# ----------------------------------------------------------------------------- eager path and operator
+
+
+@interpreted_loops
+@pytest.mark.parametrize("training", [True, False])
+def test_eager_function_and_operator_give_the_same_bits(training):
+    """Eager calls run _BnActFunction, traced ones the fastgraph::bn_act operator with its
+    registered autograd: the same implementations, hence bit-identical outputs, saved
+    statistics, new running statistics and gradients."""
+    x, weight, bias, running, dy = _inputs((6, 5, 3, 3), channels_last=True)
+    rest = (training, 0.3, 1e-5, "celu", 0.3, 2 if training else 1)
+    results = []
+    for op in (bn._BnActFunction.apply, bn._bn_act_op):
+        xx, w, b = (t.clone().requires_grad_() for t in (x, weight, bias))
+        outputs = op(xx, *(r.clone() for r in running), w, b, *rest)
+        outputs[0].backward(dy)
+        results.append((*outputs, xx.grad, w.grad, b.grad))
+    for i, (a, b) in enumerate(zip(*results, strict=True)):
+        assert torch.equal(a, b), i
+
+
+class _Ops(TorchDispatchMode):
+    """Records the names of the operators that reach the dispatcher."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.add(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+def test_eager_calls_skip_the_operator_and_traced_calls_keep_it():
+    """Eager, the autograd node is _BnActFunction's and no fastgraph operator is dispatched;
+    under a dispatch mode (make_fx, fake tensors, FlopCounterMode) and in Dynamo's graph the call
+    is the fastgraph::bn_act operator, which is what Inductor lowers to the Triton kernels.
+    float64 (the PyTorch path): the choice does not depend on the dtype."""
+    x, weight, bias, running, _ = _inputs((4, 3, 2, 2))
+    x, weight, bias = (t.double() for t in (x, weight, bias))
+    running = tuple(r.double() for r in running)
+    x.requires_grad_()
+
+    def call(x):
+        return bn_act(x, *(r.clone() for r in running), weight, bias, training=True, activation="gelu")
+
+    with _Ops() as seen:
+        traced = call(x)
+    assert "bn_act" in seen.names
+    eager = call(x)
+    assert type(eager.grad_fn).__name__ == "_BnActFunctionBackward"
+    assert type(traced.grad_fn).__name__ != "_BnActFunctionBackward"
+    graphs = []
+
+    def capture(gm, example_inputs):
+        graphs.append(gm)
+        return gm
+
+    torch.compile(call, backend=capture, fullgraph=True)(x)
+    targets = [n.target for n in graphs[0].graph.nodes if n.op == "call_function"]
+    assert torch.ops.fastgraph.bn_act.default in targets
+    torch._dynamo.reset()
+
+
+def _noop_kernel(x_ptr):
+    pass
+
+
+def test_eager_launches_bypass_wrap_triton():
+    """On a GPU the kernels are JIT functions: traced launches go through wrap_triton (so that
+    torch.compile records them), eager ones launch directly, not through its higher-order
+    operator. Checked on a JIT function built without the interpreter."""
+    from triton.runtime.jit import JITFunction
+
+    kernel = JITFunction(_noop_kernel)
+    if hasattr(torch.library, "wrap_triton"):
+        assert bn._wrap(kernel) is not kernel
+    assert bn._launched_directly(bn._wrap, kernel) is kernel
+    assert not bn._launch.direct
+
+
 # ----------------------------------------------------------------------------- the module
 
 
@@ -381,7 +481,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from fastgraph.kernels.bn_act import bn_act, bn_act_reference, BatchNormActivation
 torch.manual_seed(0)
 for shape, splits in (((512, 64, 32, 32), 16), ((64, 24, 7, 7), 2), ((33, 5, 4, 4), 1)):
-    for dtype, tol in ((torch.float32, 1e-4), (torch.bfloat16, 3e-2)):
+    for dtype, tol in ((torch.float32, 1e-4), (torch.bfloat16, 3e-2), (torch.float16, 1e-2)):
         for cl in (True, False):
             for act in ("celu", "gelu", "silu"):
                 x = (torch.randn(shape, device="cuda") * 2 + 1).to(dtype)
@@ -447,11 +547,10 @@ def test_kernels_compile_for_h100(compile_for_gpu, tiles):
     """Every bn_act kernel compiles to an sm_90 cubin for bfloat16 (the GPU path cannot run
     here); with the divisibility Triton's launcher infers, channels_last tiles load and store
     as vectors: rows read linearly (one ghost batch, airbench94's shapes) and per sample
-    (ghost batches, Page's ResNet-9)."""
+    (ghost batches, Page's ResNet-9). The linear tiles are compiled for float16 storage too."""
     ints = ["C", "HW", "G", "M", "K", "s_n", "s_c", "s_p", "tiles_per_chunk"]
     sig = {n: "i32" for n in ints} | {n: "fp32" for n in ("momentum", "eps", "alpha", "inv_alpha")}
     ptrs = ["x_ptr", "y_ptr", "dy_ptr", "dx_ptr"]
-    sig |= {n: "*bf16" for n in ptrs}
     tables = ["part_ptr", "w_ptr", "b_ptr", "rm_ptr", "rv_ptr", "mean_ptr", "invstd_ptr", "new_rm_ptr",
               "new_rv_ptr", "dw_ptr", "db_ptr"]
     sig |= {n: "*fp32" for n in tables}
@@ -467,17 +566,21 @@ def test_kernels_compile_for_h100(compile_for_gpu, tiles):
         act = 1
     flags = dict(HAS_WEIGHT=True, HAS_BIAS=True, ACT=act)
     mod = "fastgraph.kernels.bn_act"
-    specs = [
-        (mod, "_bn_stats_partial", sig, tile, divisible, 8),
-        (mod, "_bn_act_fwd", sig, dict(tile, **flags, TRAINING=True, HAS_RUNNING=True,
-                                       BLOCK_K=merge["BLOCK_K"], BLOCK_G=merge["BLOCK_G"]), divisible, 8),
-        (mod, "_bn_act_bwd_partial", sig, dict(tile, **flags), divisible, 8),
-        (mod, "_bn_act_bwd_dx", sig, dict(tile, **flags, TRAINING=True, BLOCK_K=merge["BLOCK_K"],
-                                          BLOCK_J=merge["BLOCK_J"]), divisible, 8),
-    ]
-    results = {r["kernel"]: r for r in compile_for_gpu(specs)}
-    assert all(r["cubin_bytes"] > 0 for r in results.values())
-    for name in results:
-        assert results[name]["vector_loads"] > 0, f"Triton {triton.__version__}: {results[name]}"
-    for name in ("_bn_act_fwd", "_bn_act_bwd_dx"):
-        assert results[name]["vector_stores"] > 0, f"Triton {triton.__version__}: {results[name]}"
+    constexprs = {
+        "_bn_stats_partial": tile,
+        "_bn_act_fwd": dict(tile, **flags, TRAINING=True, HAS_RUNNING=True, BLOCK_K=merge["BLOCK_K"],
+                            BLOCK_G=merge["BLOCK_G"]),
+        "_bn_act_bwd_partial": dict(tile, **flags),
+        "_bn_act_bwd_dx": dict(tile, **flags, TRAINING=True, BLOCK_K=merge["BLOCK_K"],
+                               BLOCK_J=merge["BLOCK_J"]),
+    }
+    specs = [(mod, kernel, sig | {n: f"*{storage}" for n in ptrs}, consts, divisible, 8)
+             for storage in (("bf16", "fp16") if tiles == "linear" else ("bf16",))
+             for kernel, consts in constexprs.items()]
+    results = compile_for_gpu(specs)
+    assert len(results) == len(specs)
+    for spec, r in zip(specs, results, strict=True):
+        where = f"Triton {triton.__version__}, {spec[2]['x_ptr']}: {r}"
+        assert r["cubin_bytes"] > 0 and r["vector_loads"] > 0, where
+        if r["kernel"] in ("_bn_act_fwd", "_bn_act_bwd_dx"):
+            assert r["vector_stores"] > 0, where
