@@ -1,4 +1,4 @@
-"""Check fastgraph on one CUDA GPU in one command, in under 8 minutes (H100/H200 class).
+"""Check fastgraph on one CUDA GPU in one command, in under 9.5 minutes (H100/H200 class).
 
     python bench/gpu_check.py /path/to/cifar10-jpeg.tar.xz       # run every step
     python bench/gpu_check.py /path/to/cifar10-jpeg.tar.xz --plan   # print the plan, run nothing
@@ -19,7 +19,14 @@ after another, each as its own process with a time budget (killed when it runs o
 5. ``ddp``: ``torchrun --nproc-per-node 1 -m fastgraph train examples/resnet9.py --recipe
    page2019 --epochs 1``: the data-parallel path (DistributedDataParallel over NCCL) on one
    GPU, a smoke test.
-6. ``train <recipe> fused`` and ``train <recipe> unfused`` for each recipe of ``--recipes``
+6. ``imagenet loader``: ``bench/imagenet_loader.py``: decode + augment images/s of the
+   ImageNet-format stream on a folder it builds (2,560 CIFAR-10 images upscaled to
+   320..480 px), Pillow workers and nvJPEG; the folder is kept for the next step.
+7. ``resnet50``: ``examples/resnet50.py`` with the ``resnet50_ffcv16`` recipe on that
+   folder, 2 epochs at batch 256 in bf16, through torchrun on one GPU with
+   ``--sync-bn``: the streamed path, SyncBatchNorm and the ResNet-50 training throughput
+   (images/s of the counted training time, decoding included).
+8. ``train <recipe> fused`` and ``train <recipe> unfused`` for each recipe of ``--recipes``
    (default ``fast``, airbench94's network with 6 BN + GELU pairs, and ``page2019``, Page's
    ResNet-9 with 8 ghost-BN + CELU pairs, each on its own model file): 3 epochs, 2 runs,
    with the fused kernels and with ``--no-fused-kernels``. They run without
@@ -34,8 +41,8 @@ every step, so a check stopped from outside keeps the steps it finished.
 Prints one table and writes ``bench/results/gpu_check-<device>-<date>.json``: device, torch,
 Triton and CUDA versions, commit, date, the timing method, and each step's command, budget,
 status (passed, failed, timeout, skipped), seconds and numbers (kernel goals, test counts,
-measured step speed-up, training accuracy and counted seconds). Without a CUDA device it
-exits with status 2 and one line: GPU numbers are never taken on a CPU.
+measured step speed-up, training accuracy and counted seconds, loader and ResNet-50
+images/s). Without a CUDA device it exits with status 2 and one line: GPU numbers are never taken on a CPU.
 """
 
 from __future__ import annotations
@@ -62,17 +69,18 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
 DATA_DIR = REPO / ".data"
-TOTAL_BUDGET_S = 480  # the whole check: 8 minutes of device time
+TOTAL_BUDGET_S = 560  # the whole check: 9 1/3 minutes of device time
 TRAIN_ARGS = ["--epochs", "3", "--runs", "2", "--no-compile", "--no-progress-eval", "--device", "cuda"]
 # the model file each recipe trains (the recipe's own network)
 RECIPE_MODELS = {"fast": "bench/models/airbench94_net.py", "page2019": "examples/resnet9.py"}
 RECIPES = ("fast", "page2019")  # trained by default
+IMAGENET_IMAGES = 2560  # the built ImageNet-format folder: 10 classes of 320..480 px JPEGs
 
 
 def step_names(recipes=RECIPES) -> tuple[str, ...]:
     """The names of the check's steps, in order, for the training ``recipes``."""
     trains = [f"train {r} {kind}" for r in recipes for kind in ("fused", "unfused")]
-    return ("data", "kernels", "gpu tests", "optimize", "ddp", *trains)
+    return ("data", "kernels", "gpu tests", "optimize", "ddp", "imagenet loader", "resnet50", *trains)
 NO_FLAG = "flag not available in this checkout"
 TIMING_METHOD = ("steps: wall-clock seconds of each step's process (time.perf_counter), killed past its "
                  "budget; kernels: bench/kernels.py's (triton.testing.do_bench, CUDA events, L2 flushed, "
@@ -136,8 +144,8 @@ def plan(data: str | Path, work: str | Path, *, fused_flag: bool, results: str |
     steps = [
         Step("data", "decode CIFAR-10 into the cache", (*fastgraph, "data", "info", "--data", data), 25),
         Step("kernels", "bn_act at the recipes' shapes vs eager, Inductor and copy bandwidth",
-             (py, "bench/kernels.py", "--only", "bn_act", "--out", str(results)), 140),
-        Step("gpu tests", "pytest -m gpu", (py, "-m", "pytest", "-q", "-m", "gpu", "tests"), 100),
+             (py, "bench/kernels.py", "--only", "bn_act", "--out", str(results)), 120),
+        Step("gpu tests", "pytest -m gpu", (py, "-m", "pytest", "-q", "-m", "gpu", "tests"), 90),
         Step("optimize", "fastgraph optimize examples/resnet9.py --device cuda",
              (*fastgraph, "optimize", "examples/resnet9.py", "--device", "cuda", "--data", data,
               "--out", str(work / "resnet9.optimized.pt"), "--json", str(work / "optimize.json")),
@@ -147,6 +155,16 @@ def plan(data: str | Path, work: str | Path, *, fused_flag: bool, results: str |
               "train", RECIPE_MODELS["page2019"], "--recipe", "page2019", "--epochs", "1", "--no-compile",
               "--device", "cuda", "--data", data, "--json", str(work / "ddp.json")),
              38, output=str(work / "ddp.json")),
+        Step("imagenet loader", "ImageNet-format decode + augment images/s, Pillow workers and nvJPEG",
+             (py, "bench/imagenet_loader.py", "--images", str(IMAGENET_IMAGES), "--batch-size", "256",
+              "--keep-input", str(work / "imagenet"), "--out", str(results)), 45),
+        Step("resnet50", "examples/resnet50.py, resnet50_ffcv16, DDP + SyncBatchNorm on one GPU, bf16",
+             (py, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "1", "-m", "fastgraph",
+              "train", "examples/resnet50.py", "--recipe", "resnet50_ffcv16",
+              "--data", str(work / "imagenet"), "--epochs", "2", "--batch-size", "256", "--precision", "bf16",
+              "--no-compile", "--sync-bn", "--no-progress-eval", "--device", "cuda",
+              "--json", str(work / "resnet50.json")),
+             60, output=str(work / "resnet50.json")),
     ]
     budget = (TOTAL_BUDGET_S - sum(step.budget_s for step in steps)) // (2 * len(recipes))
     for recipe in recipes:
@@ -206,14 +224,36 @@ def _train_numbers(record: dict) -> dict:
             "backend": record.get("settings", {}).get("backend")}
 
 
+def _loader_numbers(text: str) -> dict:
+    written = re.search(r"wrote (\S+\.json)", text)
+    if not written:
+        return {}
+    record = json.loads(Path(written.group(1)).read_text())
+    return {"file": written.group(1), "images_per_s": {f"{r['decoder']} {r['stage']} {r['res']}":
+                                                       round(r["images_per_s"]) for r in record["results"]}}
+
+
+def _throughput(record: dict) -> dict:
+    """Training images/s of a run's counted training seconds (steps x batch / train phase)."""
+    run = (record.get("runs") or [{}])[0]
+    train = run.get("phases", {}).get("phases", {}).get("train", {}).get("seconds")
+    steps = run["epochs"][-1]["step"] if run.get("epochs") else None
+    batch = record.get("settings", {}).get("batch_size")
+    return {"train_images_per_s": steps * batch / train if train and steps and batch else None}
+
+
 def _numbers(step: Step, text: str) -> dict:
     if step.name == "kernels":
         return _kernels_numbers(text)
+    if step.name == "imagenet loader":
+        return _loader_numbers(text)
     if step.name.endswith("tests"):
         return _pytest_counts(text)
     if step.output and Path(step.output).is_file():
         record = json.loads(Path(step.output).read_text())
-        return _optimize_numbers(record) if step.name == "optimize" else _train_numbers(record)
+        if step.name == "optimize":
+            return _optimize_numbers(record)
+        return {**_train_numbers(record), **_throughput(record)}
     return {}
 
 
@@ -262,6 +302,11 @@ def _summary(record: dict, fused_seconds: dict[str, float]) -> str:
     if name == "optimize" and n:
         speedup = "-" if n["speedup"] is None else f"{n['speedup']:.2f}x"
         return f"applied {', '.join(n['applied']) or 'nothing'}; step {speedup} ({n['verdict']})"
+    if name == "imagenet loader" and n:
+        return "; ".join(f"{k} {v}/s" for k, v in n["images_per_s"].items() if k.endswith(("160", "224")))
+    if name == "resnet50" and n.get("train_images_per_s"):
+        return (f"{n['train_images_per_s']:.0f} images/s training (decode included), "
+                f"{n['world_size']} process, {n['backend']}, SyncBatchNorm")
     if (name.startswith("train") or name == "ddp") and n.get("seconds_mean") is not None:
         acc = n["tta_acc_mean"]
         text = f"TTA {100 * acc:.2f}%, {n['seconds_mean']:.2f} s mean of {n['runs']} runs"

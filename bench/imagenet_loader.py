@@ -102,6 +102,8 @@ def parse_args(argv):
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--resolutions", type=int, nargs="+", default=list(RESOLUTIONS))
     p.add_argument("--out", type=Path, default=RESULTS, help="results folder (default bench/results)")
+    p.add_argument("--keep-input", type=Path, metavar="DIR",
+                   help="build the input into DIR and keep it (for a training run after this one)")
     return p.parse_args(argv)
 
 
@@ -126,7 +128,7 @@ def main(argv=None) -> int:
     load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     with tempfile.TemporaryDirectory() as tmp:
         try:
-            root = args.data if args.data else build_input(Path(tmp) / "imagenet", args.images)
+            root = args.data or build_input(args.keep_input or Path(tmp) / "imagenet", args.images)
             train, val = scan_imagenet(root, "train"), scan_imagenet(root, "val")
         except UserError as exc:
             print(f"bench/imagenet_loader.py: {exc}", file=sys.stderr)

@@ -65,10 +65,11 @@ def test_plan_lists_every_step_with_its_command_and_budget(gpu_check, tmp_path):
     data, work = tmp_path / "cifar10.tar.xz", tmp_path / "work"
     steps = gpu_check.plan(data, work, fused_flag=True)
     names = [s.name for s in steps]
-    assert names == ["data", "kernels", "gpu tests", "optimize", "ddp", "train fast fused",
+    assert names == ["data", "kernels", "gpu tests", "optimize", "ddp", "imagenet loader", "resnet50",
+                     "train fast fused",
                      "train fast unfused", "train page2019 fused", "train page2019 unfused"]
     assert names == list(gpu_check.step_names())
-    assert sum(s.budget_s for s in steps) <= gpu_check.TOTAL_BUDGET_S == 480
+    assert sum(s.budget_s for s in steps) <= gpu_check.TOTAL_BUDGET_S == 560
     assert all(s.budget_s >= 25 and s.skip is None and s.command[0] == sys.executable for s in steps)
     by_name = {s.name: " ".join(s.command) for s in steps}
     assert "bench/kernels.py --only bn_act" in by_name["kernels"]
@@ -76,6 +77,11 @@ def test_plan_lists_every_step_with_its_command_and_budget(gpu_check, tmp_path):
     assert "optimize examples/resnet9.py --device cuda" in by_name["optimize"]
     # DistributedDataParallel on one GPU, through torchrun's launcher
     assert "-m torch.distributed.run --standalone --nproc-per-node 1 -m fastgraph train" in by_name["ddp"]
+    # the ImageNet-format loader builds the folder the ResNet-50 run then streams, with SyncBatchNorm
+    assert f"--keep-input {work / 'imagenet'}" in by_name["imagenet loader"]
+    assert (f"train examples/resnet50.py --recipe resnet50_ffcv16 --data {work / 'imagenet'}"
+            in by_name["resnet50"])
+    assert "--sync-bn" in by_name["resnet50"] and "--nproc-per-node 1" in by_name["resnet50"]
     # each recipe on its own network, fused and unfused
     models = {"fast": "bench/models/airbench94_net.py", "page2019": "examples/resnet9.py"}
     for recipe, model in models.items():
@@ -85,7 +91,7 @@ def test_plan_lists_every_step_with_its_command_and_budget(gpu_check, tmp_path):
             assert f"--data {data}" in command
             assert ("--no-fused-kernels" in command) == (kind == "unfused")
     # every file a step names is in the checkout, and each JSON lands in the work folder
-    for path in ("bench/kernels.py", *models.values()):
+    for path in ("bench/kernels.py", "bench/imagenet_loader.py", "examples/resnet50.py", *models.values()):
         assert (REPO / path).exists()
     assert all(Path(s.output).parent == work for s in steps if s.output)
 
