@@ -18,6 +18,7 @@ folders is not counted).
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -58,6 +59,12 @@ class StreamedData:
                                       start_ramp=c["start_ramp"], end_ramp=c["end_ramp"], step=c["res_step"])
 
     @property
+    def workers(self) -> int:
+        """Decoding processes per stream: the recipe's ``workers``, at most one per CPU core
+        (more only queue for the same cores)."""
+        return min(self.cfg["workers"], os.cpu_count() or 1)
+
+    @property
     def train_size(self) -> int:
         """Number of training images."""
         return len(self.train)
@@ -74,7 +81,7 @@ class StreamedData:
                            resolution=self.resolution, mean=self.channel_mean, std=self.channel_std,
                            out_dtype=out_dtype, channels_last=channels_last, positions=positions,
                            scale=tuple(c["scale"]), ratio=tuple(c["ratio"]), flip=augment["flip"] == "random",
-                           workers=c["workers"])
+                           workers=self.workers)
 
     def test_batches(self, batch_size: int, res: int | None = None):
         """The test images in order, centre-cropped at ``res`` (default the recipe's
@@ -84,7 +91,7 @@ class StreamedData:
 
         c = self.cfg
         return TestStream(self.test, batch_size=batch_size, device=self.device,
-                          res=res or c["test_res"], crop_ratio=c["crop_ratio"], workers=c["workers"])
+                          res=res or c["test_res"], crop_ratio=c["crop_ratio"], workers=self.workers)
 
     def pass_images(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``n`` training images (a class-balanced pick), centre-cropped at the first
