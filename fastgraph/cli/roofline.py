@@ -30,6 +30,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mode", choices=("train", "infer"), default="train",
                    help="a training step (default) or an inference batch")
     p.add_argument("--batch-size", type=positive(int), default=512, help="images per step (default 512)")
+    p.add_argument("--input-shape", default="3,32,32", metavar="C,H,W",
+                   help="one input image: channels, height, width (default 3,32,32, CIFAR-10; "
+                        "3,224,224 for ImageNet)")
     p.add_argument("--out", default="roofline.png", help="the PNG to write (default roofline.png)")
     p.add_argument("--json", metavar="FILE",
                    help="write one entry per node, the step (and with --gpus the communication) as JSON")
@@ -50,10 +53,12 @@ def run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from fastgraph import roofline
+    from fastgraph.compiler.optimize import parse_input_shape
     from fastgraph.core.figures import check_figure_path
     from fastgraph.perf.record import read_measured
     from fastgraph.perf.roofline import load_profile
 
+    input_shape = parse_input_shape(args.input_shape)
     profile = load_profile(args.profile)
     profile.peak(args.precision)
     if args.gpus is not None:
@@ -69,7 +74,8 @@ def run(args: argparse.Namespace) -> int:
     check_figure_path(args.out, "--out")
     record = roofline(args.model, profile=profile, precision=args.precision, mode=args.mode,
                       batch_size=args.batch_size, measured=measured, entry=args.entry,
-                      gpus=args.gpus, nodes=args.nodes, gradient_precision=args.grad_precision)
+                      gpus=args.gpus, nodes=args.nodes, gradient_precision=args.grad_precision,
+                      input_shape=input_shape)
     plot = record.plot(args.out)
     if args.json:
         write_json(args.json, record.to_dict())

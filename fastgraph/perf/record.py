@@ -21,6 +21,7 @@ import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+import torch
 from rich.console import Console, Group
 from rich.table import Table
 from torch import nn
@@ -58,8 +59,9 @@ def read_measured(path: str | os.PathLike) -> dict:
 
 
 def roofline_record(gm, profile: HardwareProfile, precision: str, mode: str, batch_size: int,
-                    measured: dict | None = None) -> dict:
-    """The roofline of ``gm`` as a JSON-ready dict: profile, one entry per node, the step.
+                    measured: dict | None = None, input_shape: tuple[int, int, int] = (3, 32, 32)) -> dict:
+    """The roofline of ``gm`` as a JSON-ready dict: profile, one entry per node, the step,
+    for batches of ``batch_size`` images of ``input_shape`` (C, H, W pixels).
 
     With ``measured`` (a profile record), nodes gain ``measured_seconds`` (per step),
     ``achieved_flops_per_second`` and ``fraction_of_attainable``, matched by label
@@ -71,7 +73,8 @@ def roofline_record(gm, profile: HardwareProfile, precision: str, mode: str, bat
     """
     from fastgraph.perf.nodes import node_points, step_point
 
-    points = node_points(gm, profile, precision, mode=mode, batch_size=batch_size)
+    points = node_points(gm, profile, precision, mode=mode, batch_size=batch_size,
+                         example=torch.randn(2, *input_shape))
     nodes = [p.as_dict() for p in points]
     step = step_point(points, profile, precision)
     if measured is not None:
@@ -93,7 +96,8 @@ def roofline_record(gm, profile: HardwareProfile, precision: str, mode: str, bat
             step["measured_seconds"] = step_seconds
             step["achieved_flops_per_second"] = step["flops"] / step_seconds
     return {"profile": profile.name, "display_name": profile.display_name, "precision": precision,
-            "mode": mode, "batch_size": batch_size, "peak_flops_per_second": profile.peak(precision),
+            "mode": mode, "batch_size": batch_size, "input_shape": list(input_shape),
+            "peak_flops_per_second": profile.peak(precision),
             "memory_bandwidth": profile.memory_bandwidth, "ridge_point": profile.ridge_point(precision),
             "nodes": nodes, "step": step}
 
@@ -103,7 +107,8 @@ def roofline_table(record: dict) -> Table:
     from fastgraph.core.console import fitting_table, number, si
 
     measured = any("measured_seconds" in n for n in record["nodes"])
-    title = (f"Roofline per node: {record['mode']} step of {record['batch_size']} images on "
+    side = "x".join(map(str, record.get("input_shape", [3, 32, 32])[1:]))
+    title = (f"Roofline per node: {record['mode']} step of {record['batch_size']} {side} images on "
              f"{record['display_name']} at {record['precision']} "
              f"(ridge {record['ridge_point']:.3g} FLOPs/B); "
              "roof: the node's time on the roofline" + ("; meas: measured time, achieved rate and its share "
@@ -198,6 +203,7 @@ class Roofline:
     precision: str
     mode: str
     batch_size: int
+    input_shape: list[int]
     peak_flops_per_second: float
     memory_bandwidth: float
     ridge_point: float
@@ -235,7 +241,8 @@ class Roofline:
         check_figure_path(path, "the roofline plot")
         measured = [n for n in self.nodes if "achieved_flops_per_second" in n] or None
         if title is None:
-            title = (f"{Path(self.model).name}: {self.mode} step of {self.batch_size} images on "
+            side = "x".join(map(str, self.input_shape[1:]))
+            title = (f"{Path(self.model).name}: {self.mode} step of {self.batch_size} {side} images on "
                      f"{self.display_name}, {self.precision}"
                      + (f" (measured: {self.measured_device})" if measured else ""))
         written = plot_roofline(path, profile=hardware, precision=self.precision,
@@ -257,7 +264,8 @@ def roofline(model: nn.Module | str | os.PathLike, *, profile: str | HardwarePro
              precision: str = "bf16", mode: str = "train", batch_size: int = 512,
              measured: dict | str | os.PathLike | None = None, entry: str | None = None,
              gpus: int | None = None, nodes: int | None = None,
-             gradient_precision: str | None = None) -> Roofline:
+             gradient_precision: str | None = None,
+             input_shape: tuple[int, int, int] = (3, 32, 32)) -> Roofline:
     """Every graph node of ``model`` on ``profile``'s roofline at ``precision``, and the whole step.
 
     Counts come from :func:`fastgraph.perf.nodes.node_points` (FLOPs by
@@ -283,6 +291,9 @@ def roofline(model: nn.Module | str | os.PathLike, *, profile: str | HardwarePro
         gradient_precision: dtype of the gradients all-reduced; default ``precision``
             (the roofline's byte model holds every tensor at it). Mixed precision with
             fp32 master weights all-reduces fp32 gradients: pass ``"fp32"``.
+        input_shape: one image, (channels, height, width) in pixels: CIFAR-10's (3, 32, 32)
+            by default, (3, 224, 224) for an ImageNet ResNet-50. Measured profiles are of
+            CIFAR-10 steps, so ``measured`` needs the default.
 
     Returns:
         :class:`Roofline`; its ``to_dict()`` is the JSON ``fastgraph roofline --json``
@@ -312,6 +323,12 @@ def roofline(model: nn.Module | str | os.PathLike, *, profile: str | HardwarePro
         batch_size = int(measured["batch_size"])  # FLOPs per step must be those of the measured steps
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise UserError(f"batch_size must be a positive integer, got {batch_size!r}")
+    input_shape = tuple(input_shape)
+    if len(input_shape) != 3 or not all(isinstance(v, int) and v >= 1 for v in input_shape):
+        raise UserError(f"input_shape must be (C, H, W) positive integers, got {input_shape!r}")
+    if measured is not None and input_shape != (3, 32, 32):
+        raise UserError("--measured profiles are of CIFAR-10 steps (3x32x32 images): drop --input-shape "
+                        f"{','.join(map(str, input_shape))} or --measured")
     if gpus is None and (nodes is not None or gradient_precision is not None):
         raise UserError("nodes and gradient_precision describe data-parallel training: give gpus too")
     if gpus is not None:
@@ -328,7 +345,7 @@ def roofline(model: nn.Module | str | os.PathLike, *, profile: str | HardwarePro
         gm, label = trace(model), f"{type(model).__name__} (nn.Module)"
     else:
         gm, label = trace(load_model(model, entry), model), str(Path(model).resolve())
-    record = roofline_record(gm, hardware, precision, mode, batch_size, measured)
+    record = roofline_record(gm, hardware, precision, mode, batch_size, measured, input_shape)
     communication = None
     if gpus is not None:
         from fastgraph.perf.communication import communication_record

@@ -77,3 +77,27 @@ def test_bad_input_is_one_line(tmp_path, capsys):
     bad = tmp_path / "bad.json"
     bad.write_text("{not json")
     assert "not valid JSON" in cli_error(capsys, "roofline", str(MODEL), "--measured", str(bad))
+
+
+def test_the_input_shape_sets_the_counts_resnet50_at_imagenet_resolution(tmp_path):
+    """ResNet-50 at 224x224: FlopCounterMode's count of the file's model at that shape, per
+    image about He et al.'s 3.8-4.1 G multiply-adds forward (x2 FLOPs, x3 for a training step)."""
+    model = EXAMPLES / "resnet50.py"
+    png, js = tmp_path / "r50.png", tmp_path / "r50.json"
+    assert main(["roofline", str(model), "--input-shape", "3,224,224", "--batch-size", "4", "--mode", "infer",
+                 "--out", str(png), "--json", str(js)]) == 0
+    record = json.loads(js.read_text())
+    flops = count_flops(fx.symbolic_trace(load_model(model)), torch.zeros(2, 3, 224, 224))
+    assert record["input_shape"] == [3, 224, 224]
+    assert record["step"]["flops"] == pytest.approx(flops.forward * 4, rel=1e-9)
+    assert 8.0e9 < flops.forward < 8.4e9  # 4.09 G multiply-adds per 224x224 image
+
+
+def test_input_shape_errors_are_one_line(capsys):
+    from fastgraph.core.errors import UserError
+    from fastgraph.perf.record import roofline as roofline_api
+
+    assert "C,H,W" in cli_error(capsys, "roofline", str(MODEL), "--input-shape", "224,224")
+    # a measured profile is of CIFAR-10 steps: its times cannot sit beside counts at another shape
+    with pytest.raises(UserError, match="3x32x32"):
+        roofline_api(MODEL, measured={"batch_size": 4, "rows": []}, input_shape=(3, 64, 64))
