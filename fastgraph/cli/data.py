@@ -4,7 +4,8 @@
 into DIR (default ``$FASTGRAPH_DATA``, else ``~/.cache/fastgraph/cifar10``), checks
 its md5 and extracts it. ``info [--data PATH]`` loads the data (decoding and caching
 it the first time) and prints counts per split and class, the source, the cache and
-the load time.
+the load time. On an ImageNet-format folder (``train/`` and ``val/`` class folders or tar
+shards) it indexes both splits without decoding and prints their image and class counts.
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                     help="folder to extract into (default $FASTGRAPH_DATA, else ~/.cache/fastgraph/cifar10)")
     dl.add_argument("--url", default=pickled.URL, help="archive URL (default: the official one)")
     dl.add_argument("--md5", default=pickled.ARCHIVE_MD5, help="expected md5 of the archive")
-    info = actions.add_parser("info", help="load CIFAR-10 and print what it holds")
+    info = actions.add_parser("info", help="load CIFAR-10 (or index an ImageNet-format folder) and print "
+                                           "what it holds")
     info.add_argument("--data", type=Path, default=None,
                       help="folder or archive (default $FASTGRAPH_DATA, else ~/.cache/fastgraph/cifar10)")
 
@@ -46,12 +48,32 @@ def _download(args: argparse.Namespace) -> int:
     return 0
 
 
+def _imagenet_info(root: Path) -> int:
+    from rich.console import Console
+
+    from fastgraph.core.console import fitting_table
+    from fastgraph.data.imagenet import SPLITS, scan_imagenet
+
+    rows = []
+    for split in SPLITS:
+        images = scan_imagenet(root, split)
+        rows.append([split, str(len(images)), str(len(images.classes)),
+                     f"{len(images) / max(1, len(images.classes)):.0f}", "tar shards" if images.shards else "folders",
+                     str(images.source)])
+    Console().print(fitting_table(f"ImageNet-format data in {root} (indexed, not decoded)",
+                                  {"split": "left", "images": "right", "classes": "right",
+                                   "per class": "right", "layout": "left", "source": "left"}, rows))
+    return 0
+
+
 def _info(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from fastgraph.data import load_cifar10
+    from fastgraph.data import is_imagenet_layout, load_cifar10
 
+    if args.data is not None and is_imagenet_layout(args.data):
+        return _imagenet_info(args.data)
     ds = load_cifar10(args.data)
     table = Table(title="CIFAR-10")
     table.add_column("class")

@@ -117,3 +117,21 @@ def test_info_corrupt_batch_file(tmp_path, sample, capsys):
     (folder / "data_batch_1").write_bytes(data[:-100])
     assert main(["data", "info", "--data", str(tmp_path)]) == 2
     _one_line_error(capsys, str(folder / "data_batch_1"), "md5", "re-download")
+
+
+@pytest.mark.parametrize("shards", [False, True])
+def test_info_indexes_an_imagenet_format_folder_without_decoding(tmp_path, capsys, shards):
+    import re
+
+    from imagenet_builders import write_imagenet_folder
+
+    root = write_imagenet_folder(tmp_path / "imagenet", classes=3, per_class_train=5, per_class_val=2,
+                                 shards=shards)
+    before = sorted(root.rglob("*"))
+    assert main(["data", "info", "--data", str(root)]) == 0
+    out = capsys.readouterr().out
+    layout = "tar shards" if shards else "folders"
+    # split, images, classes, images per class, layout
+    assert re.search(rf"train\W+15\W+3\W+5\W+{layout}", out), out
+    assert re.search(rf"val\W+6\W+3\W+2\W+{layout}", out), out
+    assert sorted(root.rglob("*")) == before  # indexed only: no cache written beside the images
