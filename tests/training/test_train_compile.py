@@ -124,7 +124,7 @@ def test_example_models_train_on_bf16_batches_under_cpu_autocast(name):
         out = model(x)
         loss = F.cross_entropy(out.float(), torch.arange(8) % 10, label_smoothing=0.2)
     loss.backward()
-    assert out.shape == (8, 10) and torch.isfinite(loss)
+    assert out.shape == (8, 1000 if name == "resnet50.py" else 10) and torch.isfinite(loss)  # ImageNet's
     grads = [p.grad for p in model.parameters() if p.requires_grad]
     assert grads and all(g is not None and torch.isfinite(g).all() for g in grads)
 
