@@ -5,6 +5,9 @@ ImageNet recipes validate; bad use is one line."""
 
 from __future__ import annotations
 
+import inspect
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -15,7 +18,7 @@ from torch import nn
 from fastgraph.core.errors import UserError
 from fastgraph.training.loop import TrainOptions, train
 from fastgraph.training.recipes import load_recipe, lr_factor, torch_hyperparameters
-from support import EXAMPLES, cli_error
+from support import EXAMPLES, REPO, cli_error
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "data"))
 from imagenet_builders import write_imagenet_folder  # noqa: E402
@@ -162,3 +165,35 @@ def test_the_resnet50_example_builds_for_any_class_count():
     assert sum(p.numel() for p in load_model(EXAMPLES / "resnet50.py").parameters()) == 25_557_032
     with torch.no_grad():
         assert model.eval()(torch.randn(1, 3, 64, 64)).shape == (1, 3)
+
+
+def test_two_processes_stream_what_one_process_streams(folder, tmp_path):
+    """``--nproc 2`` (gloo, torchrun) on streamed data: each rank decodes its share of every
+    global batch, so after 3 steps the weights equal one process at the same global batch
+    to float rounding (ghost batches of 8 keep the BatchNorm statistics those of one process;
+    measured 3e-6 of each tensor's scale; a wrong image, crop or flip changes them by ~1e-2)."""
+    from fastgraph.training import checkpoint as ckpt
+
+    model = tmp_path / "tiny.py"
+    model.write_text("from torch import nn\n\n\n" + inspect.getsource(TinyNet)
+                     + "\n\ndef build_model(num_classes=10):\n    return TinyNet(num_classes)\n")
+    recipe = tmp_path / "recipe.toml"
+    recipe.write_text(RECIPE.format(epochs=6, start=2, end=4)
+                      + '\n[[passes]]\nname = "ghost_batchnorm"\nghost_batch_size = 8\n')
+    common = ["--recipe", str(recipe), "--data", str(folder), "--epochs", "0.25", "--device", "cpu",
+              "--no-progress-eval"]
+    train(TrainOptions(model_path=str(model), recipe=load_recipe(str(recipe)), data=str(folder), device="cpu",
+                       epochs=0.25, progress_eval=False, checkpoint_dir=str(tmp_path / "one")))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    done = subprocess.run([sys.executable, "-m", "fastgraph", "train", str(model), *common, "--nproc", "2",
+                           "--checkpoint", str(tmp_path / "two")], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    one, two = ckpt.load_checkpoint(tmp_path / "one"), ckpt.load_checkpoint(tmp_path / "two")
+    assert one["step"] == two["step"] == 3 and two["settings"]["world_size"] == 2
+    # the correct predictions summed over the ranks are one process's: each rank took its half
+    assert two["epochs"][-1]["train_acc"] == pytest.approx(one["epochs"][-1]["train_acc"])
+    for name, a in one["model"].items():
+        if a.is_floating_point():
+            b = two["model"][name]
+            assert float((a - b).abs().max() / a.abs().max().clamp_min(1e-12)) < 1e-4, name
