@@ -58,7 +58,8 @@ def _imagenet_info(root: Path) -> int:
     for split in SPLITS:
         images = scan_imagenet(root, split)
         rows.append([split, str(len(images)), str(len(images.classes)),
-                     f"{len(images) / max(1, len(images.classes)):.0f}", "tar shards" if images.shards else "folders",
+                     f"{len(images) / max(1, len(images.classes)):.0f}",
+                     "tar shards" if images.shards else "folders",
                      str(images.source)])
     Console().print(fitting_table(f"ImageNet-format data in {root} (indexed, not decoded)",
                                   {"split": "left", "images": "right", "classes": "right",
