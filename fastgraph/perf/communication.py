@@ -30,9 +30,19 @@ For S bytes on n GPUs, link bandwidth B (bytes/s, one direction) and latency alp
   minibatch SGD: training ImageNet in 1 hour" (2017, section 4), and the hierarchical
   all-reduce of Jia et al., "Highly scalable deep learning training system with
   mixed-precision" (2018). On one node it is the flat ring over the intra-node link.
+- the network stage takes the faster of the ring and NCCL's double binary tree (NCCL 2.4
+  and later choose between them per call): a reduction up two complementary binary
+  trees, each carrying half the data, then a broadcast down them, pipelined, so every
+  rank sends and receives at full bandwidth (Sanders, Speck and Träff, "Two-tree
+  algorithms for full bandwidth broadcast, reduction and scan", Parallel Computing
+  2009; Jeaugey, "Massively scale your deep learning training with NCCL 2.4", NVIDIA
+  2019, https://developer.nvidia.com/blog/massively-scale-deep-learning-training-nccl-2-4/):
+  2 S / B + 2 ceil(log2 n) * alpha. The ring's latency grows with n, the tree's with
+  log2 n: on hundreds of nodes the ring's latency term alone outlasts a ResNet-50 step
+  (at 448 nodes, 2 x 447 x 10 us = 8.9 ms), the tree's is 0.18 ms.
 
-What the model leaves out: NCCL's tree and NVLink SHARP (in-switch reduction)
-algorithms, which can beat the ring; protocol overheads; contention with the step's
+What the model leaves out: NVLink SHARP and InfiniBand SHARP (in-switch reduction),
+which can beat both; the tree inside a node; protocol overheads; contention with the step's
 own memory traffic; and the buckets DDP splits the gradients into (25 MiB by default),
 each of which pays the latency term again. The time is a lower bound of the same kind as
 the roofline's.
@@ -109,6 +119,20 @@ def ring_reduce_scatter_seconds(nbytes: float, ranks: int, bandwidth: float, lat
     return (ranks - 1) / ranks * nbytes / bandwidth + (ranks - 1) * latency
 
 
+def tree_allreduce_seconds(nbytes: float, ranks: int, bandwidth: float, latency: float) -> float:
+    """Seconds of a double-binary-tree all-reduce of ``nbytes`` over ``ranks`` GPUs (NCCL's
+    tree; Sanders, Speck and Träff 2009): 2 nbytes / bandwidth + 2 ceil(log2 ranks) latency,
+    a pipelined reduce and broadcast through trees of depth ceil(log2 ranks), each tree
+    carrying half the bytes. 0 for one rank.
+
+    Args and raises: as :func:`ring_reduce_scatter_seconds`.
+    """
+    _check_link(nbytes, ranks, bandwidth, latency)
+    if ranks == 1:
+        return 0.0
+    return 2 * nbytes / bandwidth + 2 * math.ceil(math.log2(ranks)) * latency
+
+
 def ring_allreduce_seconds(nbytes: float, ranks: int, bandwidth: float, latency: float) -> float:
     """Seconds of a ring all-reduce of ``nbytes`` over ``ranks`` GPUs (Patarasuk and Yuan 2009).
 
@@ -133,6 +157,8 @@ class AllReduce:
         inter_node_seconds: seconds of the network all-reduce of nbytes / gpus_per_node
             (0 on one node).
         seconds: the total, seconds per step.
+        network_algorithm: ``"ring"`` or ``"tree"``, the faster for the network stage
+            (``""`` on one node).
     """
 
     algorithm: str
@@ -143,6 +169,7 @@ class AllReduce:
     intra_node_seconds: float
     inter_node_seconds: float
     seconds: float
+    network_algorithm: str = ""
 
     def as_dict(self) -> dict:
         """Plain dict for JSON reports."""
@@ -178,9 +205,10 @@ def allreduce(nbytes: float, profile: HardwareProfile, gpus: int, nodes: int = 1
     """Time of an all-reduce of ``nbytes`` bytes on ``gpus`` GPUs spread over ``nodes`` nodes.
 
     One node: the flat ring over the intra-node link. Several nodes, g = gpus / nodes:
-    intra-node ring reduce-scatter of nbytes, network ring all-reduce of nbytes / g among
-    ``nodes`` GPUs, intra-node ring all-gather of nbytes (see the module docstring for the
-    formulas and their sources). Bandwidths and latencies are the profile's.
+    intra-node ring reduce-scatter of nbytes, network all-reduce of nbytes / g among
+    ``nodes`` GPUs (the faster of the ring and the double binary tree), intra-node ring
+    all-gather of nbytes (see the module docstring for the formulas and their sources).
+    Bandwidths and latencies are the profile's.
 
     Raises:
         UserError: see :func:`check_system`. ValueError: negative nbytes.
@@ -195,9 +223,11 @@ def allreduce(nbytes: float, profile: HardwareProfile, gpus: int, nodes: int = 1
         return AllReduce("ring", gpus, 1, gpus, float(nbytes), intra, 0.0, intra)
     intra = 2 * ring_reduce_scatter_seconds(nbytes, per_node, profile.intra_node_bandwidth,
                                             profile.intra_node_latency) if per_node > 1 else 0.0
-    inter = ring_allreduce_seconds(nbytes / per_node, nodes, profile.network_bandwidth,
-                                   profile.network_latency)
-    return AllReduce("hierarchical", gpus, nodes, per_node, float(nbytes), intra, inter, intra + inter)
+    link = (nbytes / per_node, nodes, profile.network_bandwidth, profile.network_latency)
+    ring, tree = ring_allreduce_seconds(*link), tree_allreduce_seconds(*link)
+    inter, network = (ring, "ring") if ring <= tree else (tree, "tree")
+    return AllReduce("hierarchical", gpus, nodes, per_node, float(nbytes), intra, inter, intra + inter,
+                     network)
 
 
 @dataclass(frozen=True)
@@ -254,7 +284,8 @@ def communication_record(parameters: torch.nn.Module | Iterable[torch.nn.Paramet
         gradient_precision: dtype of the gradients all-reduced (fp32, tf32, fp16, bf16).
 
     Returns:
-        dict: ``gpus``, ``nodes``, ``gpus_per_node``, ``algorithm``, ``gradient_precision``,
+        dict: ``gpus``, ``nodes``, ``gpus_per_node``, ``algorithm``, ``network_algorithm``
+        (``"ring"`` or ``"tree"`` across nodes, None on one), ``gradient_precision``,
         ``parameters`` (trainable, count), ``gradient_bytes`` (bytes), the links
         (``intra_node_link``, ``intra_node_bandwidth`` bytes/s, ``intra_node_latency`` s,
         and the ``network_*`` ones, None when unused), ``allreduce_seconds``,
@@ -277,7 +308,8 @@ def communication_record(parameters: torch.nn.Module | Iterable[torch.nn.Paramet
     network = nodes > 1
     return {
         "gpus": gpus, "nodes": nodes, "gpus_per_node": reduce.gpus_per_node,
-        "algorithm": reduce.algorithm, "gradient_precision": gradient_precision,
+        "algorithm": reduce.algorithm, "network_algorithm": reduce.network_algorithm or None,
+        "gradient_precision": gradient_precision,
         "parameters": nbytes // ELEMENT_BYTES[gradient_precision], "gradient_bytes": nbytes,
         "intra_node_link": profile.intra_node_link if gpus > nodes else None,
         "intra_node_bandwidth": profile.intra_node_bandwidth if gpus > nodes else None,

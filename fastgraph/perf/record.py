@@ -145,7 +145,8 @@ def communication_table(comm: dict, display_name: str) -> Table:
     if comm["intra_node_link"]:
         links.append(f"{comm['intra_node_link']}: {seconds(comm['intra_node_seconds'])}")
     if comm["network_link"]:
-        links.append(f"{comm['network_link']}: {seconds(comm['inter_node_seconds'])}")
+        how = f", {comm['network_algorithm']}" if comm.get("network_algorithm") else ""
+        links.append(f"{comm['network_link']}: {seconds(comm['inter_node_seconds'])}{how}")
     reduce = f"{seconds(comm['allreduce_seconds'])} per step, {comm['algorithm']}"
     reduce += f" ({'; '.join(links)})" if links else ""
     rows = [
@@ -165,7 +166,8 @@ def communication_table(comm: dict, display_name: str) -> Table:
                          f"{si(comm['images_per_second_full_overlap'])} images/s in all"],
     ]
     title = (f"Data-parallel training on {comm['gpus']} x {display_name} (prediction: ring "
-             "all-reduce, hierarchical across nodes; scaling against one GPU at the same batch)")
+             "all-reduce, hierarchical across nodes with the faster of ring and tree between "
+             "them; scaling against one GPU at the same batch)")
     return fitting_table(title, {"what": "left", "prediction": "left"}, rows)
 
 

@@ -1,4 +1,4 @@
-"""The gradient all-reduce model: ring and hierarchical times by hand, the scaling bounds,
+"""The gradient all-reduce model: ring, tree and hierarchical times by hand, the scaling bounds,
 gradient bytes of a real model, the interconnect figures of the profiles, and
 `fastgraph roofline --gpus N --nodes M` (JSON, an 80-column table, one-line errors)."""
 
@@ -22,6 +22,7 @@ from fastgraph.perf.communication import (
     ring_allreduce_seconds,
     ring_reduce_scatter_seconds,
     scaling,
+    tree_allreduce_seconds,
 )
 from fastgraph.perf.roofline import HardwareProfile, list_profiles, load_profile
 from support import build_example, cli_error, write_model
@@ -89,6 +90,25 @@ def test_hierarchical_on_four_nodes_of_eight_by_hand():
     assert result.intra_node_seconds == pytest.approx(intra)
     assert result.inter_node_seconds == pytest.approx(inter)
     assert result.seconds == pytest.approx(intra + inter)
+
+
+def test_tree_by_hand():
+    # 2 x 10 MB / 10 GB/s + 2 x ceil(log2 448) = 18 hops of 8 us
+    assert tree_allreduce_seconds(10 * MB, 448, 10e9, 8e-6) == pytest.approx(2e-3 + 18 * 8e-6)
+    assert tree_allreduce_seconds(10 * MB, 1, 10e9, 8e-6) == 0.0
+    with pytest.raises(ValueError):
+        tree_allreduce_seconds(-1.0, 4, 10e9, 0.0)
+
+
+def test_the_network_stage_takes_the_tree_where_the_rings_latency_dominates():
+    hw = system()
+    few = allreduce(80 * MB, hw, 32, 4)  # 10 MB per local rank over 4 nodes: the ring's bandwidth wins
+    assert few.network_algorithm == "ring"
+    many = allreduce(80 * MB, hw, 8 * 448, 448)  # 447 ring hops of 8 us against 9 tree levels
+    assert many.network_algorithm == "tree"
+    assert many.inter_node_seconds == pytest.approx(tree_allreduce_seconds(10 * MB, 448, 10e9, 8e-6))
+    assert many.inter_node_seconds < ring_allreduce_seconds(10 * MB, 448, 10e9, 8e-6)
+    assert allreduce(80 * MB, hw, 8, 1).network_algorithm == ""  # one node: no network stage
 
 
 def test_one_gpu_per_node_is_the_flat_ring_over_the_network():
@@ -217,6 +237,7 @@ def test_cli_gpus_and_nodes(tmp_path, capsys):
     comm = record["communication"]
     assert comm["gpus"] == 32 and comm["nodes"] == 4 and comm["gpus_per_node"] == 8
     assert comm["algorithm"] == "hierarchical" and comm["gradient_precision"] == "fp32"
+    assert comm["network_algorithm"] in ("ring", "tree")
     count = sum(p.numel() for p in load_model(model).parameters() if p.requires_grad)
     assert comm["parameters"] == count and comm["gradient_bytes"] == count * 4
     hw = load_profile("h100")
@@ -248,6 +269,7 @@ def test_api_gpus_nodes(tmp_path):
     roof = fastgraph.roofline(net, profile="a100", batch_size=128, gpus=8)
     comm = roof.to_dict()["communication"]
     assert (comm["algorithm"], comm["nodes"], comm["gradient_precision"]) == ("ring", 1, "bf16")
+    assert comm["network_algorithm"] is None
     assert comm["gradient_bytes"] == gradient_bytes(net, "bf16")
     assert comm["intra_node_link"] == "NVLink 3" and comm["network_link"] is None
     assert "Data-parallel training on 8 x NVIDIA A100" in " ".join(str(roof).split())
