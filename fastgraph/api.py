@@ -20,22 +20,26 @@ from fastgraph.training.recipes import Recipe, load_recipe
 
 def train(model: str | os.PathLike | Callable[[], nn.Module], recipe: str | os.PathLike | Recipe = "fast",
           data: str | os.PathLike | None = None, runs: int = 1, *, reporter=None, **options) -> TrainResult:
-    """Train ``model`` on CIFAR-10 with ``recipe`` for ``runs`` independent runs, as ``fastgraph train`` does.
+    """Train ``model`` with ``recipe`` for ``runs`` independent runs, as ``fastgraph train`` does.
 
     The model is traced, rewritten by the recipe's passes (each checked in float64),
-    trained on the uint8 dataset resident on the device (augmented per epoch) and
-    evaluated plain and with TTA; see :mod:`fastgraph.training.loop` for what the
+    trained on CIFAR-10 resident on the device as uint8 (augmented per epoch), or on an
+    ImageNet-format folder streamed from disk for a recipe with ``[data] format =
+    "imagefolder"``, and evaluated plain and with TTA; see :mod:`fastgraph.training.loop` for what the
     counted time includes.
 
     Args:
         model: a plain PyTorch model file (``entry=`` names its entry point), or a
             zero-argument function returning a fresh ``nn.Module`` (airbench's
             ``make_net``), called by every run after seeding it. Not a module instance:
-            each run needs its own fresh weights.
+            each run needs its own fresh weights. An entry or function with a
+            ``num_classes`` parameter is given the data's class count.
         recipe: a shipped recipe (``fast``, ``fast_muon``, ``page2019``,
-            ``resnet20_seed_baseline``), a ``.toml`` file, or a loaded
+            ``resnet20_seed_baseline``, ``resnet20_seed_4gpu``, ``resnet20_seed_best``,
+            ``resnet50_lars``, ``resnet50_ffcv16``), a ``.toml`` file, or a loaded
             :class:`~fastgraph.training.recipes.Recipe`.
-        data: CIFAR-10 (default ``$FASTGRAPH_DATA``, then ``~/.cache/fastgraph/cifar10``).
+        data: CIFAR-10 (default ``$FASTGRAPH_DATA``, then ``~/.cache/fastgraph/cifar10``),
+            or the ImageNet-format root a streaming recipe reads (required for those).
         runs: independent runs (seeds ``seed, seed + 1, ...``).
         reporter: a :class:`fastgraph.training.loop.Reporter` receiving progress
             callbacks (default: none; ``fastgraph.training.report.RichReporter`` draws
