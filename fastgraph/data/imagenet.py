@@ -193,8 +193,10 @@ def _scan_folder(split_dir: Path) -> ImageSet:
         raise DataError(f"{split_dir}: no class folders (expected {split_dir}/<class>/*.jpg)")
     files, labels = [], []
     for label, cls in enumerate(classes):
-        names = sorted((p.name for p in (split_dir / cls).iterdir() if p.is_file() and _is_image(p.name)),
-                       key=_natural_key)
+        # os.scandir's entries know their type from the directory listing: no stat per image
+        # (ImageNet's train split has 1.28 million)
+        with os.scandir(split_dir / cls) as entries:
+            names = sorted((e.name for e in entries if _is_image(e.name) and e.is_file()), key=_natural_key)
         if not names:
             raise DataError(f"{split_dir / cls}: empty class folder (no .jpg/.jpeg/.png images); "
                             "add its images or remove the folder")
