@@ -20,7 +20,7 @@ after another, each as its own process with a time budget (killed when it runs o
    page2019 --epochs 1``: the data-parallel path (DistributedDataParallel over NCCL) on one
    GPU, a smoke test.
 6. ``imagenet loader``: ``bench/imagenet_loader.py``: decode + augment images/s of the
-   ImageNet-format stream on a folder it builds (2,560 CIFAR-10 images upscaled to
+   ImageNet-format stream on a folder it builds (1,536 CIFAR-10 images upscaled to
    320..480 px), Pillow workers and nvJPEG; the folder is kept for the next step.
 7. ``resnet50``: ``examples/resnet50.py`` with the ``resnet50_ffcv16`` recipe on that
    folder, 2 epochs at batch 256 in bf16, through torchrun on one GPU with
@@ -74,7 +74,7 @@ TRAIN_ARGS = ["--epochs", "3", "--runs", "2", "--no-compile", "--no-progress-eva
 # the model file each recipe trains (the recipe's own network)
 RECIPE_MODELS = {"fast": "bench/models/airbench94_net.py", "page2019": "examples/resnet9.py"}
 RECIPES = ("fast", "page2019")  # trained by default
-IMAGENET_IMAGES = 2560  # the built ImageNet-format folder: 10 classes of 320..480 px JPEGs
+IMAGENET_IMAGES = 1536  # the built ImageNet-format folder: 10 classes of 320..480 px JPEGs
 
 
 def step_names(recipes=RECIPES) -> tuple[str, ...]:
@@ -157,6 +157,7 @@ def plan(data: str | Path, work: str | Path, *, fused_flag: bool, results: str |
              38, output=str(work / "ddp.json")),
         Step("imagenet loader", "ImageNet-format decode + augment images/s, Pillow workers and nvJPEG",
              (py, "bench/imagenet_loader.py", "--images", str(IMAGENET_IMAGES), "--batch-size", "256",
+              "--resolutions", "160", "224",
               "--keep-input", str(work / "imagenet"), "--out", str(results)), 45),
         Step("resnet50", "examples/resnet50.py, resnet50_ffcv16, DDP + SyncBatchNorm on one GPU, bf16",
              (py, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "1", "-m", "fastgraph",
