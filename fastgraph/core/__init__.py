@@ -5,7 +5,7 @@ output files and errors.
 Owns: ``loading`` (model files and entry points), ``tracing`` (symbolic_trace in the
 mode of use, refusals naming the line), ``pass_manager`` (runs a pass list, checks each
 pass, returns a report), ``verification`` (the float64 check against the user's eager
-module), ``modules`` (GhostBatchNorm, PatchWhitening, StochasticDepth, TTA views),
+module), ``modules`` (GhostBatchNorm, PatchWhitening, BlurPool2d, StochasticDepth, TTA views),
 ``timing`` (CUDA events or perf_counter, counted phases), ``nvtx``, ``console`` (tables
 that fit the terminal, progress bars), ``outputs`` (checked output paths, the JSON
 header), ``figures`` (image paths and files), ``devices``, ``errors``, ``version``.

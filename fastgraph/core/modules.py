@@ -199,6 +199,63 @@ class PatchWhitening(nn.Module):
         return f"{c_in}, {c_out}, kernel_size={k}, padding={self.padding}"
 
 
+# --------------------------------------------------------------------------- anti-aliasing blur
+
+
+class BlurPool2d(nn.Module):
+    """A fixed depthwise 3x3 low-pass filter, put before a strided convolution to anti-alias it.
+
+    Input (N, C, H, W) with C = ``channels``; output the same shape, dtype, device and
+    (as ``F.conv2d`` keeps it) memory format: each channel convolved with the (3, 3)
+    filter :meth:`filter` names, stride 1, zero padding 1. The filter is a buffer
+    ``blur_filter`` (C, 1, 3, 3), repeated per channel: never trained, carried by ``.to()``
+    and ``.half()``; it is not persistent (a fixed function of ``kernel``), so the model's
+    ``state_dict`` keeps the keys it had without the blur.
+
+    ``kernel="binomial3"`` computes FFCV's ``BlurPoolConv2d`` blur
+    (libffcv/ffcv-imagenet ``train_imagenet.py``: ``F.conv2d(x, blur_filter, stride=1,
+    padding=(1, 1), groups=in_channels)`` with ``[[1, 2, 1], [2, 4, 2], [1, 2, 1]] / 16``),
+    the "Tri-3" filter of Zhang, "Making Convolutional Networks Shift-Invariant Again",
+    ICML 2019. ``kernel="delta"`` returns finite inputs unchanged (exactly in float64; a
+    convolution computed in TF32 rounds them).
+
+    Raises ``ValueError`` for ``channels`` < 1 or an unknown ``kernel``.
+    """
+
+    # "binomial3": FFCV's [1 2 1] x [1 2 1] / 16 low-pass; "delta": a 1 at the centre, the
+    # identity (the blurpool pass's identity configuration).
+    KERNELS = ("binomial3", "delta")
+
+    def __init__(self, channels: int, kernel: str = "binomial3"):
+        super().__init__()
+        if isinstance(channels, bool) or not isinstance(channels, int) or channels < 1:
+            raise ValueError(f"channels must be a positive integer, got {channels!r}")
+        filt = self.filter(kernel)
+        self.channels, self.kernel = channels, kernel
+        self.register_buffer("blur_filter", filt.expand(channels, 1, 3, 3).clone(), persistent=False)
+
+    @staticmethod
+    def filter(kernel: str) -> Tensor:
+        """The float32 (3, 3) filter named ``kernel`` (one of :attr:`KERNELS`); it sums to 1.
+
+        Raises ``ValueError`` for another name.
+        """
+        if kernel == "binomial3":
+            row = torch.tensor([1.0, 2.0, 1.0])
+            return torch.outer(row, row) / 16.0
+        if kernel == "delta":
+            delta = torch.zeros(3, 3)
+            delta[1, 1] = 1.0
+            return delta
+        raise ValueError(f"blur kernel must be one of {BlurPool2d.KERNELS}, got {kernel!r}")
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.conv2d(x, self.blur_filter, None, 1, 1, 1, self.channels)
+
+    def extra_repr(self) -> str:
+        return f"{self.channels}, kernel={self.kernel!r}"
+
+
 # --------------------------------------------------------------------------- stochastic depth
 
 
