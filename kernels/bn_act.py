@@ -164,6 +164,15 @@ if HAS_TRITON:
         return mean, invstd, b, w[None, :] * invstd
 
     @triton.jit
+    def _tile_dz(x_ptr, dy_ptr, ptrs, m, mean, scale, b, inv_alpha, ACT: tl.constexpr):
+        """A backward tile: (x - mean, dz) as float32, dz = dy * act'(z) at the forward's
+        z = (x - mean) * scale + b; dy loads 0 where masked, so dz is 0 there."""
+        x = tl.load(x_ptr + ptrs, mask=m, other=0.0).to(tl.float32)
+        dy = tl.load(dy_ptr + ptrs, mask=m, other=0.0).to(tl.float32)
+        xc = x - mean
+        return xc, dy * _activation_grad(xc * scale + b[None, :], inv_alpha, ACT)
+
+    @triton.jit
     def _chunk_counts(ks, K, M, rows_per_chunk):
         """Rows in chunks ``ks`` of a ghost batch (the last chunk may be short; 0 past K)."""
         return tl.where(ks < K, tl.minimum(M - ks * rows_per_chunk, rows_per_chunk), 0).to(tl.float32)
@@ -320,10 +329,7 @@ if HAS_TRITON:
             offs, rmask = _rows(r_start + t * BLOCK_R, M, HW, g, G, s_n, s_p, BLOCK_R, IN_SAMPLE, LINEAR)
             ptrs = offs[:, None] + (cols * s_c)[None, :]
             m = rmask[:, None] & cmask[None, :]
-            x = tl.load(x_ptr + ptrs, mask=m, other=0.0).to(tl.float32)
-            dy = tl.load(dy_ptr + ptrs, mask=m, other=0.0).to(tl.float32)  # 0 where masked: dz = 0
-            xc = x - mean
-            dz = dy * _activation_grad(xc * scale + b[None, :], inv_alpha, ACT)  # the forward's z
+            xc, dz = _tile_dz(x_ptr, dy_ptr, ptrs, m, mean, scale, b, inv_alpha, ACT)
             acc_dz += dz
             acc_dzx += dz * (xc * invstd)
         dst = (g * K + k) * C + cols
@@ -361,10 +367,7 @@ if HAS_TRITON:
             offs, rmask = _rows(r_start + t * BLOCK_R, M, HW, g, G, s_n, s_p, BLOCK_R, IN_SAMPLE, LINEAR)
             ptrs = offs[:, None] + (cols * s_c)[None, :]
             m = rmask[:, None] & cmask[None, :]
-            x = tl.load(x_ptr + ptrs, mask=m, other=0.0).to(tl.float32)
-            dy = tl.load(dy_ptr + ptrs, mask=m, other=0.0).to(tl.float32)
-            xc = x - mean
-            dz = dy * _activation_grad(xc * scale + b[None, :], inv_alpha, ACT)
+            xc, dz = _tile_dz(x_ptr, dy_ptr, ptrs, m, mean, scale, b, inv_alpha, ACT)
             if TRAINING:
                 dz = dz - mean_dz - (xc * invstd) * mean_dzx
             tl.store(dx_ptr + ptrs, (scale * dz).to(dx_ptr.dtype.element_ty), mask=m)
