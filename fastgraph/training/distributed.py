@@ -40,6 +40,7 @@ from __future__ import annotations
 import datetime
 import os
 import signal
+import traceback
 from dataclasses import dataclass, field
 
 import torch
@@ -51,7 +52,7 @@ from fastgraph.core.errors import UserError
 DEFAULT_TIMEOUT_S = 300
 
 
-@dataclass(frozen=True)
+@dataclass
 class DistributedContext:
     """This process's place in a data-parallel training.
 
@@ -106,6 +107,12 @@ def initialise(device: torch.device) -> DistributedContext | None:
                             "start at most that many processes per node")
         torch.cuda.set_device(local_rank)
     backend = "nccl" if cuda else "gloo"
+    # DDP imports this module lazily; its functions take ``group=group.WORLD`` as a default
+    # argument, so imported after the group exists they hold it for good: destroying it then
+    # frees nothing and its gloo threads live into interpreter shutdown, where one can abort
+    # the finished process ("terminate called without an active exception", SIGABRT).
+    # Imported before, those defaults are None.
+    import torch.distributed.nn.functional as _world_default_args  # noqa: F401
     if not dist.is_initialized():
         seconds = float(os.environ.get("FASTGRAPH_DIST_TIMEOUT", DEFAULT_TIMEOUT_S))
         timeout = datetime.timedelta(seconds=seconds)
@@ -116,8 +123,21 @@ def initialise(device: torch.device) -> DistributedContext | None:
     return DistributedContext(rank, local_rank, world_size, backend, control)
 
 
-def shutdown() -> None:
-    """Leave the process group (at the end of a distributed training)."""
+def shutdown(ctx: DistributedContext, failure: BaseException | None = None) -> None:
+    """Leave the process groups at the end of a distributed training, releasing them so
+    that their threads end here and not during interpreter shutdown (see :func:`initialise`).
+
+    The models wrapped by :func:`wrap` hold the groups: they must be released first. Where
+    the training ends in ``failure`` (an error or a stop on a signal), the frames of its
+    traceback still hold them; their local variables are cleared (the traceback still
+    prints: it needs the code and lines, not the values).
+    """
+    seen = set()
+    while failure is not None and id(failure) not in seen:
+        seen.add(id(failure))
+        traceback.clear_frames(failure.__traceback__)
+        failure = failure.__cause__ or failure.__context__
+    ctx.control = None
     if dist.is_initialized():
         dist.destroy_process_group()
 

@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import copy
 import math
+import sys
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -594,7 +595,7 @@ class Trainer:
                             f"({first[:200]}){where}") from None
         finally:
             if self.dist is not None:
-                dp.shutdown()
+                dp.shutdown(self.dist, sys.exc_info()[1])
 
     def _train(self) -> TrainResult:
         opts = self.opts
