@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import signal
 import sys
 
@@ -135,6 +136,13 @@ def run(args: argparse.Namespace) -> int:
             result = train(opts, reporter if tensorboard is None else Reporters(reporter, tensorboard))
             if tensorboard is not None:
                 tensorboard.finish(result)
+    except distributed.PeerLost as exc:
+        # one line and out, past the destructors: a broken process group's waits for
+        # collectives the lost process never joins (see distributed.shutdown)
+        print(f"fastgraph: error: {exc}", file=sys.stderr)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(2)
     except Interrupted as exc:
         if exc.signum != signal.SIGTERM:
             raise  # Ctrl-C: the CLI's KeyboardInterrupt exit, 130

@@ -591,8 +591,8 @@ class Trainer:
             where = (f"; the checkpoint in {self.opts.checkpoint_dir} is of the last finished epoch: "
                      "continue with --resume") if self.opts.checkpoint_dir else ""
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise UserError(f"rank {self.dist.rank}: another process of the training stopped "
-                            f"({first[:200]}){where}") from None
+            raise dp.PeerLost(f"rank {self.dist.rank}: another process of the training stopped "
+                              f"({first[:200]}){where}") from None
         finally:
             if self.dist is not None:
                 dp.shutdown(self.dist, sys.exc_info()[1])
@@ -651,6 +651,7 @@ def train(opts: TrainOptions, reporter: Reporter | None = None) -> TrainResult:
     Raises:
         UserError: bad options (neither or both of ``model_path`` and ``model``...), model
             file or factory, data, recipe passes, or checkpoint.
+        PeerLost: (a ``UserError``) in a distributed training, another process went away.
         TrainingDiverged: a NaN or infinite loss (names the epoch and step).
         Interrupted: Ctrl-C or SIGTERM (``signum`` says which), after writing a checkpoint
             when ``opts.checkpoint_dir`` is set.
