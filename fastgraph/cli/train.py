@@ -137,8 +137,8 @@ def run(args: argparse.Namespace) -> int:
             if tensorboard is not None:
                 tensorboard.finish(result)
     except distributed.PeerLost as exc:
-        # one line and out, past the destructors: a broken process group's waits for
-        # collectives the lost process never joins (see distributed.shutdown)
+        # one line and out, past the destructors: a broken process group's destructor
+        # waits for collectives the lost process never joins (see distributed.shutdown)
         print(f"fastgraph: error: {exc}", file=sys.stderr)
         sys.stdout.flush()
         sys.stderr.flush()

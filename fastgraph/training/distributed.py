@@ -58,7 +58,8 @@ class DistributedContext:
 
     rank: 0..world_size-1 over all nodes; local_rank: index on this node (its GPU);
     world_size: number of processes; backend: "nccl" or "gloo"; control: the gloo group
-    small CPU messages go through (None: the default group, already gloo).
+    small CPU messages go through (None: the default group, already gloo; None after
+    :func:`shutdown`, which releases it).
     """
 
     rank: int
