@@ -44,9 +44,10 @@ def _accuracy(text: str) -> float:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the ``fastgraph train`` options to its subparser."""
     parser.add_argument("model", help="plain PyTorch model file (.py)")
+    from fastgraph.training.recipes import shipped_recipes  # no torch import: help stays quick
+
     parser.add_argument("--recipe", required=True,
-                        help="shipped recipe (fast, fast_muon, page2019, resnet20_seed_baseline) "
-                             "or a .toml file")
+                        help=f"shipped recipe ({', '.join(shipped_recipes())}) or a .toml file")
     parser.add_argument("--entry", help="function or class in the model file that builds the model")
     parser.add_argument("--epochs", type=positive(float), help="override the recipe's epochs "
                         "(the lr schedule stretches with it)")

@@ -120,3 +120,17 @@ def test_a_bar_inside_a_live_display_stays_silent(monkeypatch, capsys):
         with progress("pass checks", total=1) as update:
             update(advance=1)
     assert "pass checks" not in capsys.readouterr().err
+
+
+def test_train_help_names_every_shipped_recipe(capsys):
+    """``fastgraph train --help`` lists the recipes read from the package, not a list that
+    falls behind when one is added."""
+    from fastgraph.training.recipes import shipped_recipes
+
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    recipes = shipped_recipes()
+    assert {"page2019", "resnet50_ffcv16", "resnet20_seed_best"} <= set(recipes)
+    for name in recipes:
+        assert name in text, name
