@@ -8,16 +8,18 @@ under rounding: CELU and max pooling.
   check must not inherit (:func:`celu_float64`).
 - **Max pooling at ties.** At a window whose largest values are equal, max has no gradient,
   and PyTorch routes the whole gradient to the first maximum it meets. Which one that is
-  depends on the last bit of each value: two computations of the same function that round
-  differently (a conv computed as conv + 1x1 conv by the whitening pass, cuDNN's
-  position-dependent algorithms on a GPU, a Dirac-initialised network copying one value
-  into neighbouring positions) send the input gradient to different pixels, and the check
-  reads a difference of order one where there is none. Here the forward value is exactly
-  PyTorch's maximum, and the gradient is shared equally among the window's values within
-  ``TIE_RTOL`` of the maximum (relative to the largest magnitude of the pooled tensor):
-  the symmetric subgradient, which both modules agree on whatever their rounding. Without
-  ties the gradient is PyTorch's. A wrong rewrite still shows: its values differ by far
-  more than ``TIE_RTOL``.
+  depends on the last bit of each value: two float64 computations of the same function that
+  round differently (a conv computed as conv + 1x1 conv by the whitening pass, a
+  Dirac-initialised network copying one value into neighbouring positions, a flat image
+  region) send the input gradient to different pixels, and the check reads a difference of
+  order one where there is none. Here the forward value is exactly PyTorch's maximum, and
+  the gradient is shared equally among the window's values within ``TIE_RTOL`` of the
+  maximum (relative to the largest magnitude of the pooled tensor): the symmetric
+  subgradient, which both modules agree on whatever their rounding. Without ties the
+  gradient is PyTorch's. A wrong rewrite still shows: its values differ by far more than
+  ``TIE_RTOL``. Values a float32 rounding apart (~1e-8) are not ties: a rewrite whose
+  weights were rounded to float32 moves them past each other, which is why the pass
+  manager builds identity configurations in float64 (``_check_identity``).
 
 Forms PyTorch computes that these do not cover (``return_indices=True``, ``ceil_mode=True``)
 run as PyTorch has them.
@@ -31,8 +33,8 @@ from torch.nn.modules.utils import _pair
 from torch.overrides import TorchFunctionMode
 
 # Values this close to a window's maximum (relative to the tensor's largest magnitude) are
-# ties: exact rewrites round float64 values by ~1e-13 of the scale, and values a real
-# network separates differ by far more than 1e-9 of it.
+# ties: exact rewrites built in float64 round values by ~1e-15 of the scale, and values a
+# real network separates differ by far more than 1e-9 of it.
 TIE_RTOL = 1e-9
 
 

@@ -27,6 +27,7 @@ clean-up) that drops a statement it did not mean to, such as an in-place residua
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
@@ -92,9 +93,27 @@ def lost_nodes(before: fx.GraphModule, after: fx.GraphModule, declared: frozense
     return lost
 
 
+def _float64(gm: fx.GraphModule, options: dict) -> tuple[fx.GraphModule, dict]:
+    """A float64 copy of ``gm`` and ``options`` with its floating tensors in float64."""
+    def widen(v):
+        return v.double() if isinstance(v, torch.Tensor) and v.is_floating_point() else v
+
+    return copy.deepcopy(gm).double(), {k: widen(v) for k, v in options.items()}
+
+
 def _check_identity(info, gm: fx.GraphModule, options: dict, batch, outcome: PassOutcome) -> str | None:
     """Check ``info``'s identity configuration on ``gm`` (the module or its calibrated
-    twin); fill ``outcome``; return why it is refused, or None."""
+    twin); fill ``outcome``; return why it is refused, or None.
+
+    The identity configuration is built on a float64 copy of ``gm``, from float64 options:
+    a pass that computes weights (whitening's 1x1 conv reproducing the stem) would otherwise
+    round them to the model's float32, and the float64 check would compare two functions
+    about 4e-8 apart, where a max-pool window with two values that close sends the gradient
+    to another pixel: ResNet-9 under page2019 was refused that way on real CIFAR-10, its
+    input gradient off by 0.0165 (on a CPU, and in the H200 check of
+    bench/results/gpu_check-nvidia-h200-2026-12-04.json). In float64 it is exact to ~1e-15.
+    """
+    gm, options = _float64(gm, options)
     identity = info.identity(gm, options, len(batch[0]))
     if isinstance(identity, str):
         outcome.message = f"no identity configuration for this graph ({identity}); "
