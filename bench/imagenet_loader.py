@@ -114,7 +114,7 @@ def main(argv=None) -> int:
 
     from fastgraph.core.console import fitting_table
     from fastgraph.core.errors import UserError
-    from fastgraph.core.outputs import environment, write_json
+    from fastgraph.core.outputs import check_outputs, environment, write_json
     from fastgraph.data.imagenet import image_header, scan_imagenet
     from fastgraph.data.imagenet_stream import TestStream, TrainStream, default_workers, gpu_decode_available
 
@@ -125,6 +125,12 @@ def main(argv=None) -> int:
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     env = environment(str(device))
     out = args.out / f"imagenet-loader-{_slug(env['device']) if cuda else 'cpu'}-{env['date'][:10]}.json"
+    try:  # before the slow work: the results folder, made as the other benchmarks make theirs
+        args.out.mkdir(parents=True, exist_ok=True)
+        check_outputs({"--out": out})
+    except (OSError, UserError) as exc:
+        print(f"bench/imagenet_loader.py: {exc}", file=sys.stderr)
+        return 2
     load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     with tempfile.TemporaryDirectory() as tmp:
         try:
