@@ -237,7 +237,9 @@ def build_optimizers(gm: fx.GraphModule, recipe: Recipe, hyper: TorchHyperparame
     :class:`~fastgraph.training.lars.LARS` with the recipe's ``trust_coefficient`` and
     ``eps``, each group also holding ``exclude_from_adaptation``
     (:func:`excluded_from_adaptation`). With ``decay_bn_and_bias = false`` the SGD groups of
-    those same parameters get no weight decay (FFCV's ResNet-50, ``bn_wd = 0``).
+    those same parameters get no weight decay; with ``no_decay_names`` the parameters whose
+    qualified name contains one of those strings get none (FFCV's ResNet-50: ``["bn"]``,
+    ffcv-imagenet train_imagenet.py ``create_optimizer``).
 
     Returns:
         ``[torch.optim.SGD]``, ``[torch.optim.SGD, ConvMuon]``, ``[ConvMuon]`` or ``[LARS]``.
@@ -250,7 +252,8 @@ def build_optimizers(gm: fx.GraphModule, recipe: Recipe, hyper: TorchHyperparame
     muon_cfg = recipe["muon"]
     lars = recipe["optimizer"].get("name", "sgd") == "lars"
     no_1d_decay = not recipe["optimizer"].get("decay_bn_and_bias", True)
-    groups: dict[tuple[float, float, float | None, bool, bool], list[nn.Parameter]] = {}
+    no_decay_names = tuple(recipe["optimizer"].get("no_decay_names", ()))
+    groups: dict[tuple[float, float, float | None, bool, bool, bool], list[nn.Parameter]] = {}
     banks: list[nn.Parameter] = []
     for name, p in gm.named_parameters():
         hint = hints.get(name, {})
@@ -271,13 +274,14 @@ def build_optimizers(gm: fx.GraphModule, recipe: Recipe, hyper: TorchHyperparame
         own = bool(hint.get("own_schedule", False)) and epochs is not None
         # LARS: no trust ratio and no decay; SGD with decay_bn_and_bias = false: no decay
         excluded = (lars or no_1d_decay) and excluded_from_adaptation(gm, name, p, hint)
-        groups.setdefault((lr_scale, wd_scale, epochs, own, excluded), []).append(p)
+        no_decay = excluded or any(part in name for part in no_decay_names)
+        groups.setdefault((lr_scale, wd_scale, epochs, own, excluded, no_decay), []).append(p)
     param_groups = [
         {"params": params, "lr": hyper.lr * lr_scale, "peak_lr": hyper.lr * lr_scale,
-         "weight_decay": 0.0 if excluded else hyper.weight_decay * wd_scale, "train_epochs": epochs,
+         "weight_decay": 0.0 if no_decay else hyper.weight_decay * wd_scale, "train_epochs": epochs,
          "own_schedule": own,
          **({"exclude_from_adaptation": excluded} if lars else {})}
-        for (lr_scale, wd_scale, epochs, own, excluded), params in groups.items()
+        for (lr_scale, wd_scale, epochs, own, excluded, no_decay), params in groups.items()
     ]
     optimizers: list = []
     if param_groups and lars:

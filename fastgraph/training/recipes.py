@@ -64,6 +64,11 @@ def _texts(v):
     return None if ok else "a non-empty list of strings"
 
 
+def _substrings(v):
+    ok = isinstance(v, list) and all(isinstance(s, str) and s.strip() for s in v)
+    return None if ok else "a list of non-empty strings"
+
+
 def _numbers(v):
     ok = isinstance(v, list) and len(v) >= 2 and all(
         not isinstance(x, bool) and isinstance(x, (int, float)) and math.isfinite(x) for x in v)
@@ -118,6 +123,8 @@ SCHEMA: dict[str, dict[str, tuple[Callable[[Any], str | None], Any]]] = {
         # multiplied by batch_size / reference_batch_size (0: lr as written, at any batch)
         "reference_batch_size": (_number(0, integer=True), 0),
         "decay_bn_and_bias": (_boolean, True),  # false: no weight decay on 1-D parameters (BN, biases)
+        # no weight decay on parameters whose name contains one of these (FFCV: ["bn"])
+        "no_decay_names": (_substrings, []),
     },
     "muon": {
         "enabled": (_boolean, False),

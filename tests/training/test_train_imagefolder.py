@@ -142,19 +142,44 @@ def test_the_imagenet_recipes_validate_with_their_sources_numbers():
     ffcv = load_recipe("resnet50_ffcv16")
     assert (ffcv["data"]["min_res"], ffcv["data"]["max_res"], ffcv["data"]["test_res"]) == (160, 192, 256)
     assert lr_factor(ffcv, 2 / 16) == pytest.approx(1.0) and lr_factor(ffcv, 1.0) == 0.0
-    assert not ffcv["optimizer"]["decay_bn_and_bias"]
+    assert ffcv["optimizer"]["no_decay_names"] == ["bn"] and ffcv["optimizer"]["decay_bn_and_bias"]
+
+
+def _decayed(gm, recipe) -> set[str]:
+    from fastgraph.training.optim import build_optimizers
+
+    (sgd,) = build_optimizers(gm, recipe, torch_hyperparameters(recipe, 4096))
+    decayed = {id(p) for g in sgd.param_groups if g["weight_decay"] > 0 for p in g["params"]}
+    return {name for name, p in gm.named_parameters() if id(p) in decayed}
+
+
+def test_resnet50_ffcv16_decays_what_ffcv_decays():
+    """FFCV's create_optimizer (train_imagenet.py) exempts the parameters with "bn" in their
+    name: bn1..bn3 of every block. The downsample BatchNorms ("downsample.1") and the fc
+    bias are decayed, like every conv weight."""
+    from fastgraph.core.loading import load_model
+    from fastgraph.core.tracing import trace
+
+    gm = trace(load_model(EXAMPLES / "resnet50.py"), mode="train")
+    names = {name for name, _ in gm.named_parameters()}
+    decayed = _decayed(gm, load_recipe("resnet50_ffcv16"))
+    assert decayed == {n for n in names if "bn" not in n}
+    assert {"layer1.0.downsample.1.weight", "layer1.0.downsample.1.bias", "fc.bias"} <= decayed
+    assert "layer1.0.bn1.weight" not in decayed and "bn1.bias" not in decayed
 
 
 def test_no_weight_decay_on_bn_and_biases_when_the_recipe_says_so(tmp_path):
     from fastgraph.core.tracing import trace
-    from fastgraph.training.optim import build_optimizers
 
-    recipe = load_recipe("resnet50_ffcv16")
+    path = tmp_path / "recipe.toml"
+    path.write_text(RECIPE.format(epochs=1, start=0, end=1).replace(
+        "weight_decay = 5e-4\n", "weight_decay = 5e-4\ndecay_bn_and_bias = false\n"))
+    recipe = load_recipe(str(path))
+    assert not recipe["optimizer"]["decay_bn_and_bias"]
     gm = trace(TinyNet(3), mode="train")
-    (sgd,) = build_optimizers(gm, recipe, torch_hyperparameters(recipe, 4096))
-    decayed = {id(p) for g in sgd.param_groups if g["weight_decay"] > 0 for p in g["params"]}
+    decayed = _decayed(gm, recipe)
     for name, p in gm.named_parameters():
-        assert (id(p) in decayed) == (p.dim() > 1), name  # conv and linear weights only
+        assert (name in decayed) == (p.dim() > 1), name  # conv and linear weights only
 
 
 def test_the_resnet50_example_builds_for_any_class_count():
