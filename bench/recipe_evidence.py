@@ -10,9 +10,11 @@ n seeds), their difference and Welch's t-test p-value (``scipy.stats.ttest_ind``
 everything else.
 
 The scale (narrow nets, 2,560 training images, 3-4 epochs, batch 128-256) is chosen so
-the whole run takes about 20 minutes on two CPU cores; its accuracies are far below the
-recipes' full-scale ones and say nothing about them in absolute terms, only about the
-direction of each difference at this scale.
+a CPU runs it: with ``--runs 5`` on a 2-thread x86_64 CPU the timed training and evaluation
+of the seven variants took 727 s in all (the sum of their ``wall_seconds`` in
+``bench/results/recipe-evidence-cpu-2026-12-04.json``; loading the data is not in it). Its
+accuracies are far below the recipes' full-scale ones and say nothing about them in
+absolute terms, only about the direction of each difference at this scale.
 
 Writes ``bench/results/recipe-evidence-cpu-<date>.json`` and ``.md`` (device, torch,
 commit, date, the scale, every run's accuracy). Run ``python bench/recipe_evidence.py
