@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from fastgraph.cli.common import positive
+from fastgraph.cli.common import data_input, positive
 from fastgraph.compiler.optimize import parse_input_shape
 from fastgraph.core.outputs import check_outputs, write_json
 from fastgraph.perf.roofline import DEFAULT_PROFILE
@@ -40,7 +40,7 @@ def run(args: argparse.Namespace) -> int:
     shape = parse_input_shape(args.input_shape)
     load_profile(args.profile).peak(args.precision)  # one line for a bad profile or precision
     # An unwritable --json fails here, before the model is traced and costed.
-    check_outputs({"--json": args.json}, inputs={"model file": args.model, "data": args.data})
+    check_outputs({"--json": args.json}, inputs={"model file": args.model, "data": data_input(args.data)})
     advice = advise(args.model, mode=args.mode, profile=args.profile, precision=args.precision,
                     batch_size=args.batch_size, data=args.data, input_shape=shape, entry=args.entry)
     if args.json:

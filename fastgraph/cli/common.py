@@ -1,10 +1,12 @@
-"""What the ``fastgraph`` subcommands share beyond the library: argparse option types."""
+"""What the ``fastgraph`` subcommands share beyond the library: argparse option types and
+the data location a command reads."""
 
 from __future__ import annotations
 
 import argparse
 import math
 from collections.abc import Callable
+from pathlib import Path
 
 
 def positive(kind: type = int) -> Callable[[str], int | float]:
@@ -25,3 +27,14 @@ def positive(kind: type = int) -> Callable[[str], int | float]:
         return value
 
     return parse
+
+
+def data_input(data: str | None) -> Path:
+    """The CIFAR-10 file or folder a command reads: ``--data`` when given, else where
+    :func:`fastgraph.data.load_cifar10` looks (``$FASTGRAPH_DATA``, then
+    ``~/.cache/fastgraph/cifar10``). Named among a command's inputs to
+    :func:`fastgraph.core.outputs.check_outputs`, so no output overwrites the data, however
+    it was found. Whether it exists is not checked here: the loader says so when it reads."""
+    from fastgraph.data import default_data_dir
+
+    return Path(data) if data is not None else default_data_dir()

@@ -12,9 +12,12 @@ import sys
 import warnings
 from pathlib import Path
 
-from fastgraph.cli.common import positive
+from fastgraph.cli.common import data_input, positive
+from fastgraph.core.errors import UserError
 from fastgraph.core.outputs import check_outputs, write_json
 from fastgraph.deploy.pipeline import TTA_LEVELS, UntrainedWeightsWarning, check_export_options
+
+SUFFIXES = {"onnx": ".onnx", "tensorrt": ".ep"}  # --format -> the engine file's suffix (--out)
 
 
 def _batch_arg(text: str) -> int | None:
@@ -34,18 +37,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", metavar="CKPT", help="trained weights: a state_dict file, or a "
                    "`fastgraph train --checkpoint` folder or file (default: the file's initial weights)")
     p.add_argument("--weights", choices=("auto", "trained", "ema"), default="auto",
-                   help="of a training checkpoint: the trained or the EMA weights "
-                        "(default: those the recipe evaluates)")
-    p.add_argument("--format", choices=("onnx", "tensorrt"), default="onnx",
-                   help="engine format (default onnx)")
+                   help="of a training checkpoint (needs --checkpoint): the trained or the EMA "
+                        "weights (default: those the recipe evaluates)")
+    p.add_argument("--format", choices=tuple(SUFFIXES), default="onnx",
+                   help="engine format: onnx (a .onnx file, the default) or tensorrt (a .ep file)")
     p.add_argument("--tta", choices=tuple(TTA_LEVELS), default="flip",
                    help="test-time augmentation folded into the graph (default flip)")
     p.add_argument("--precision", choices=("fp32", "fp16"), default="fp32",
                    help="engine precision (default fp32)")
     p.add_argument("--batch", type=_batch_arg, default=None, metavar="N|dynamic",
                    help="fixed batch size, or dynamic (default)")
-    p.add_argument("--opset", type=int, default=18, help="ONNX opset, >= 17 (default 18)")
-    p.add_argument("--out", help="engine file (default <model>.onnx or <model>.ep in the current folder)")
+    p.add_argument("--opset", type=int, default=18,
+                   help="ONNX opset, from 17 to the newest the installed onnx knows (default 18)")
+    p.add_argument("--out", help="engine file, named .onnx or .ep as --format writes (default <model>.onnx "
+                   "or <model>.ep in the current folder)")
     p.add_argument("--data", help="CIFAR-10 (folder or archive; default $FASTGRAPH_DATA)")
     p.add_argument("--verify-images", type=int, default=10_000, metavar="N",
                    help="test images to verify on, spread over all classes (default all 10,000)")
@@ -69,12 +74,17 @@ def run(args: argparse.Namespace) -> int:
 
     from fastgraph import export
 
+    if args.weights != "auto" and args.checkpoint is None:
+        raise UserError(f"--weights {args.weights} chooses among the weights of a training checkpoint: "
+                        "give --checkpoint, or drop --weights to export the model file's initial weights")
     device = check_export_options(args.format, args.opset, args.device)
     # Unwritable outputs are named before the model, the checkpoint and the data are read.
-    suffix = ".onnx" if args.format == "onnx" else ".ep"
-    inputs = {"model file": args.model, "checkpoint": args.checkpoint, "data": args.data}
+    suffix = SUFFIXES[args.format]
+    inputs = {"model file": args.model, "checkpoint": args.checkpoint, "data": data_input(args.data)}
     out = check_outputs({"--out": args.out or Path.cwd() / f"{Path(args.model).stem}{suffix}",
                          "--json": args.json}, inputs=inputs)["--out"]
+    if out.suffix.lower() != suffix:
+        raise UserError(f"--out {out}: --format {args.format} writes a {suffix} file; name it *{suffix}")
     with warnings.catch_warnings():  # the API's warning, said as one line of the command's
         warnings.simplefilter("always", UntrainedWeightsWarning)
         warnings.showwarning = _say_untrained

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from fastgraph.cli.common import data_input
 from fastgraph.compiler.optimize import DEFAULT_PASSES, parse_input_shape
 from fastgraph.core.devices import resolve_device
 from fastgraph.core.errors import UserError
@@ -68,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
     # Unwritable outputs fail here, before the slow work.
     outputs = check_outputs({"--out": args.out or Path.cwd() / f"{Path(args.model).stem}.optimized.pt",
                              "--emit-code": args.emit_code, "--json": args.json, "--plot": args.plot},
-                            inputs={"model file": args.model, "data": args.data})
+                            inputs={"model file": args.model, "data": data_input(args.data)})
     _, report = optimize(args.model, mode=args.mode, passes=args.passes, data=args.data, profile=profile,
                          precision=args.precision, batch_size=args.batch_size, input_shape=shape,
                          measure_steps=args.steps, epochs=args.epochs, device=device, entry=args.entry,

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 
+from fastgraph.cli.common import data_input
 from fastgraph.core.devices import resolve_device
 from fastgraph.core.errors import UserError
 from fastgraph.core.outputs import check_outputs, write_json
@@ -54,7 +55,8 @@ def run(args: argparse.Namespace) -> int:
     # Outputs and the model file are checked before the data is looked for (it may be absent,
     # or take seconds to decode).
     out = check_outputs({"--out": args.out, "--json": args.json},
-                        inputs={"model file": args.model, "data": args.data}, folders=("--out",))["--out"]
+                        inputs={"model file": args.model, "data": data_input(args.data)},
+                        folders=("--out",))["--out"]
     options = {"recipe": args.recipe, "steps": args.steps, "warmup": args.warmup,
                "batch_size": args.batch_size, "data": args.data, "device": args.device, "profile": hardware,
                "precision": args.precision, "entry": args.entry}

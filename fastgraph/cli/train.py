@@ -25,7 +25,7 @@ import os
 import signal
 import sys
 
-from fastgraph.cli.common import positive
+from fastgraph.cli.common import data_input, positive
 from fastgraph.core.errors import UserError
 from fastgraph.core.outputs import check_outputs, environment, write_json
 
@@ -38,6 +38,20 @@ def _accuracy(text: str) -> float:
     value = value / 100 if value > 1 else value  # 94 and 0.94 both mean 94%
     if not 0 < value <= 1:
         raise argparse.ArgumentTypeError(f"accuracy must be in (0, 1] or (0, 100]%, got {text}")
+    return value
+
+
+MAX_SEED = 2**64 - 1  # the largest seed torch.manual_seed accepts (an unsigned 64-bit integer)
+
+
+def _seed(text: str) -> int:
+    """``--seed``: an integer in [0, :data:`MAX_SEED`] (argparse's one-line usage error, exit 2, else)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an int: {text!r}") from None
+    if not 0 <= value <= MAX_SEED:
+        raise argparse.ArgumentTypeError(f"must be an integer in [0, 2**64 - 1], got {text}")
     return value
 
 
@@ -56,7 +70,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "its lr with it, as airbench does; one in torch units keeps its lr)")
     parser.add_argument("--runs", type=positive(int), default=1,
                         help="independent runs (seeds seed, seed+1, ...)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the first run (default 0)")
+    parser.add_argument("--seed", type=_seed, default=0,
+                        help="seed of the first run, 0 to 2**64 - 1 (default 0)")
     parser.add_argument("--target", type=_accuracy, metavar="ACC",
                         help="report the time at which the mean TTA accuracy first reaches ACC "
                              "(e.g. 0.94 or 94)")
@@ -102,6 +117,9 @@ def run(args: argparse.Namespace) -> int:
     from fastgraph.training.recipes import load_recipe
     from fastgraph.training.report import RichReporter, print_summary
 
+    if args.seed + args.runs - 1 > MAX_SEED:
+        raise UserError(f"--seed {args.seed} with --runs {args.runs}: the last run's seed "
+                        f"{args.seed + args.runs - 1} is above 2**64 - 1, the largest torch accepts")
     started = distributed.from_environment()
     if args.nproc and args.nproc > 1 and started is None:
         return distributed.launch(args.nproc, args._argv)
@@ -113,7 +131,12 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("--plot draws the accuracy of every epoch: drop --no-progress-eval")
     # Before the training, not after it: the results of hours must have somewhere to go.
     check_outputs({"--json": args.json, "--plot": args.plot, "--tensorboard": args.tensorboard},
-                  inputs={"model file": args.model, "data": args.data}, folders=("--tensorboard",))
+                  inputs={"model file": args.model, "data": data_input(args.data)},
+                  folders=("--tensorboard",))
+    if args.checkpoint:
+        from fastgraph.training.checkpoint import check_writable
+
+        check_writable(args.checkpoint)  # a missing parent folder is refused, not created
     if args.plot:
         from fastgraph.core.figures import check_figure_path
 

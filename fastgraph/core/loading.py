@@ -35,12 +35,23 @@ def _user_line(exc: BaseException, path: Path) -> str:
     return f" (line {frames[-1].lineno})" if frames else ""
 
 
+def _exited(exc: SystemExit, path: Path) -> str:
+    """Where and how the user's file exited, and the fix: the end of a ``ModelError``."""
+    return (f"{_user_line(exc, path)} with SystemExit({exc.code!r}) (sys.exit(), or argparse refusing "
+            "the arguments): run such code only under `if __name__ == \"__main__\":`")
+
+
 def import_model_file(path: str | Path) -> types.ModuleType:
     """Execute a model file as a private module and return it.
 
+    While it runs, ``sys.argv`` is ``[path]``, as for ``python path`` with no arguments:
+    fastgraph's own arguments are not the file's, and an argparse parser in it names the
+    file, not fastgraph, in what it prints.
+
     Raises ``ModelError`` (one line) when the file is missing, is not a ``.py`` file, has
-    a syntax error (with its line number) or raises while it is imported (with the line
-    that raised).
+    a syntax error (with its line number), raises while it is imported (with the line
+    that raised) or exits while it is imported (``sys.exit()``, or argparse refusing the
+    arguments; with the line).
     """
     path = Path(path).expanduser().resolve()
     if not path.is_file():
@@ -53,6 +64,7 @@ def import_model_file(path: str | Path) -> types.ModuleType:
     # Sibling imports (a helper file next to the model) resolve as they would for the user.
     sys.path.insert(0, str(path.parent))
     sys.modules[name] = module  # dataclasses and pickling look the module up while it runs
+    argv, sys.argv = sys.argv, [str(path)]
     try:
         spec.loader.exec_module(module)
     except SyntaxError as exc:
@@ -61,7 +73,10 @@ def import_model_file(path: str | Path) -> types.ModuleType:
         raise ModelError(
             f"importing {path} failed{_user_line(exc, path)}: {type(exc).__name__}: {exc}"
         ) from None
+    except SystemExit as exc:
+        raise ModelError(f"{path} exited while being imported{_exited(exc, path)}") from None
     finally:
+        sys.argv = argv
         sys.path.remove(str(path.parent))
         sys.modules.pop(name, None)
     return module
@@ -156,7 +171,8 @@ def load_model(path: str | Path, entry: str | None = None, num_classes: int | No
 
     Raises:
         ModelError: file missing, syntax error, import error, no or ambiguous entry point,
-            the constructor raising (with its line), or an entry that returns no ``nn.Module``.
+            the file or the constructor raising or exiting (``SystemExit``; with its line),
+            or an entry that returns no ``nn.Module``.
     """
     path = Path(path).expanduser().resolve()
     module = import_model_file(path)
@@ -169,6 +185,8 @@ def load_model(path: str | Path, entry: str | None = None, num_classes: int | No
     except Exception as exc:
         raise ModelError(f"constructing {label} from {path} raised{_user_line(exc, path)}: "
                          f"{type(exc).__name__}: {exc}") from None
+    except SystemExit as exc:
+        raise ModelError(f"constructing {label} from {path} exited{_exited(exc, path)}") from None
     if not isinstance(model, nn.Module):
         raise ModelError(f"{label} in {path} returned {type(model).__name__}, not an nn.Module")
     return model

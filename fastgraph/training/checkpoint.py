@@ -84,25 +84,38 @@ def _remove_orphans(path: Path) -> None:
 
 
 def check_writable(directory: str | os.PathLike) -> None:
-    """Raise ``UserError`` now, not after the first epoch, when ``directory`` cannot hold checkpoints."""
-    path = checkpoint_path(directory)
-    probe = path.with_name(f".{path.name}.{os.getpid()}.probe")
+    """Raise ``UserError`` now, not after the first epoch, when ``directory`` cannot hold checkpoints.
+
+    ``directory`` must be a folder, or not exist yet inside an existing folder: as for every
+    output of fastgraph, a mistyped parent folder is reported, not created. Nothing is
+    created here (the first checkpoint creates ``directory``), so a training that fails
+    before it leaves no empty folder behind.
+    """
+    folder = Path(directory).expanduser()
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"cannot write checkpoints to {folder}: it is a file, not a folder")
+    where = folder if folder.is_dir() else folder.parent
+    if not where.is_dir():
+        what = "is not a folder" if where.exists() else "does not exist"
+        raise UserError(f"cannot write checkpoints to {folder}: {where} {what}")
+    probe = where / f".{FILE_NAME}.{os.getpid()}.probe"
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
         try:
             probe.write_bytes(b"")
         finally:
             probe.unlink(missing_ok=True)
     except OSError as exc:
-        raise UserError(f"cannot write checkpoints to {path.parent}: {exc.strerror or exc}") from None
+        raise UserError(f"cannot write checkpoints to {folder}: {exc.strerror or exc}") from None
 
 
 def load_checkpoint(directory: str | os.PathLike) -> dict:
     """Read ``<directory>/checkpoint.pt`` (tensors land on the CPU) and check it can be resumed.
 
     Raises:
-        UserError: no checkpoint there, or a file that is not a complete fastgraph
-            training checkpoint (see :func:`check_state`).
+        UserError: no checkpoint there, a file ``torch.load`` cannot read with
+            ``weights_only=True`` (corrupt, cut short, or holding pickled objects other than
+            tensors and containers), or one that is not a complete fastgraph training
+            checkpoint (see :func:`check_state`).
     """
     path = checkpoint_path(directory)
     if not path.is_file():
@@ -110,9 +123,20 @@ def load_checkpoint(directory: str | os.PathLike) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # truncated, not a torch file, or foreign pickled objects
-        raise UserError(f"cannot read checkpoint {path}: {type(exc).__name__}: "
-                        f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''}") from None
+        raise UserError(f"{path} is not a readable fastgraph checkpoint ({_unreadable(exc)}): it is "
+                        "corrupt, cut short, or was not written by `fastgraph train --checkpoint`") from None
     return check_state(state, path)
+
+
+def _unreadable(exc: Exception) -> str:
+    """Why ``torch.load`` failed, in a few words. Not torch's advice for pickled objects, to
+    load with ``weights_only=False``: that runs whatever code the file holds."""
+    text = str(exc)
+    if "WeightsUnpickler error:" in text:
+        text = text.split("WeightsUnpickler error:", 1)[1]
+    first = next((line.strip() for line in text.splitlines() if line.strip()), "")
+    first = first.split(". ")[0].rstrip(".")[:200]
+    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
 
 
 def check_state(state: object, path: Path, keys: Mapping[str, type | tuple[type, ...]] = RESUME_KEYS) -> dict:

@@ -118,6 +118,23 @@ def test_outputs_never_overwrite_an_input_or_each_other(tmp_path, capsys):
     assert not same.exists()
 
 
+DATA_COMMANDS = ["train", "optimize", "advise", "profile", "export"]
+
+
+@pytest.mark.parametrize("command", DATA_COMMANDS)
+def test_an_output_never_overwrites_the_data_found_through_fastgraph_data(tmp_path, capsys, monkeypatch,
+                                                                          command):
+    data = tmp_path / "cifar10-jpeg.tar.xz"  # refused before it is read: its contents do not matter
+    data.write_bytes(b"the only copy")
+    monkeypatch.setenv("FASTGRAPH_DATA", str(data))
+    monkeypatch.chdir(tmp_path)
+    argv = {**_commands("unused"), "advise": ["advise", str(MODEL)]}[command]
+    argv = argv[:argv.index("--data")] if "--data" in argv else argv  # the data comes from the variable
+    line = cli_error(capsys, *argv, "--json", str(data))
+    assert "--json" in line and "is the data" in line and str(data) in line, line
+    assert data.read_bytes() == b"the only copy"
+
+
 # ---------------------------------------------------------------------- options
 
 
@@ -138,6 +155,39 @@ def test_non_finite_epochs_through_the_python_api(tmp_path):
         with pytest.raises(UserError, match="--epochs must be a finite number > 0"):
             train(TrainOptions(model_path=str(MODEL), recipe=load_recipe("resnet20_seed_baseline"),
                                epochs=value, data=str(tmp_path / "no-data"), device="cpu"))
+
+
+@pytest.mark.parametrize("seed", ["99999999999999999999", "18446744073709551616", "-1"])
+def test_a_seed_torch_cannot_take_is_a_usage_error(tmp_path, capsys, seed):
+    line = usage_error(capsys, *_commands(str(tmp_path / "no-data"))["train"], f"--seed={seed}")
+    assert "--seed" in line and seed in line and "2**64 - 1" in line, line
+
+
+def test_the_last_run_seed_must_fit_too(tmp_path, capsys):
+    from fastgraph.cli.main import build_parser
+
+    argv = _commands(str(tmp_path / "no-data"))["train"]
+    assert build_parser().parse_args([*argv, "--seed", str(2**64 - 1)]).seed == 2**64 - 1
+    line = cli_error(capsys, *argv, "--seed", str(2**64 - 1), "--runs", "2")
+    assert "--seed" in line and "--runs 2" in line and str(2**64) in line, line
+    assert "no-data" not in line, line
+
+
+def test_export_weights_without_a_checkpoint_is_one_line(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for choice in ("ema", "trained"):
+        line = cli_error(capsys, *_commands(str(tmp_path / "no-data"))["export"], "--weights", choice)
+        assert f"--weights {choice}" in line and "--checkpoint" in line and "no-data" not in line, line
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("name", ["engine.txt", "engine.ep", "engine"])
+def test_export_out_must_have_the_format_suffix(tmp_path, capsys, name):
+    out = tmp_path / name
+    argv = _commands(str(tmp_path / "no-data"))["export"]
+    line = cli_error(capsys, *argv, "--format", "onnx", "--out", str(out))
+    assert "--out" in line and str(out) in line and ".onnx" in line and "no-data" not in line, line
+    assert list(tmp_path.iterdir()) == []
 
 
 # ---------------------------------------------------------------------- model before data
@@ -201,6 +251,27 @@ def test_export_of_a_malformed_checkpoint_is_one_line_before_the_data(tmp_path, 
     torch.save(contents, path)
     line = cli_error(capsys, *_commands(str(tmp_path / "no-data"))["export"], "--checkpoint", str(path))
     assert str(path) in line and expected in line and "no-data" not in line, line
+
+
+def test_resume_from_a_corrupt_checkpoint_names_the_file_and_no_unsafe_load(tmp_path, capsys):
+    folder = tmp_path / "ck"
+    folder.mkdir()
+    (folder / ckpt.FILE_NAME).write_bytes(b"not a checkpoint" * 10)
+    line = cli_error(capsys, *_commands(str(tmp_path / "no-data"))["train"], "--checkpoint", str(folder),
+                     "--resume")
+    assert f"{folder / ckpt.FILE_NAME} is not a readable fastgraph checkpoint" in line, line
+    assert "weights_only" not in line and "no-data" not in line, line
+
+
+def test_a_checkpoint_folder_needs_an_existing_parent_and_is_not_made_by_a_failed_run(tmp_path, capsys):
+    argv = _commands(str(tmp_path / "no-data"))["train"]
+    nested = tmp_path / "no" / "sub"
+    line = cli_error(capsys, *argv, "--checkpoint", str(nested))
+    assert "cannot write checkpoints" in line and f"{tmp_path / 'no'} does not exist" in line, line
+    assert "no-data" not in line, line
+    line = cli_error(capsys, *argv, "--checkpoint", str(tmp_path / "ck"))  # a new folder: fine until the data
+    assert "no-data" in line, line
+    assert list(tmp_path.iterdir()) == []  # neither folder made
 
 
 class _Boom(Exception):

@@ -82,7 +82,8 @@ def test_a_model_that_cannot_take_cifar_images_is_one_line(tmp_path, capsys, dat
             return nn.Sequential(nn.Conv2d(3, 8, 3), nn.Flatten(), nn.Linear(10, 10))
     """)
     extra = {"train": ["--recipe", "resnet20_seed_baseline", "--data", data_path],
-             "roofline": ["--out", str(tmp_path / "roofline.png")]}.get(
+             "roofline": ["--out", str(tmp_path / "roofline.png")],
+             "export": ["--data", data_path, "--out", str(tmp_path / "out.onnx")]}.get(
         command, ["--data", data_path, "--out", str(tmp_path / "out")])
     line = cli_error(capsys, command, str(path), *extra)
     assert "the model fails on an input of shape" in line and "7200 and 10x10" in line
@@ -144,4 +145,59 @@ def test_constructor_raising_names_the_line(tmp_path, capsys):
 def test_entry_returning_no_module(tmp_path):
     path = write(tmp_path, "def model():\n    return 42\n")
     with pytest.raises(ModelError, match="returned int, not an nn.Module"):
+        load_model(path)
+
+
+def test_sys_exit_at_import_is_one_line_naming_the_file(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # where roofline.png would go
+    path = write(tmp_path, """
+        import sys
+        sys.exit(3)
+    """)
+    line = cli_error(capsys, "roofline", str(path))
+    assert str(path) in line and "exited while being imported (line 3)" in line, line
+    assert "SystemExit(3)" in line and '__name__ == "__main__"' in line, line
+
+
+def test_module_level_argparse_sees_the_file_alone(tmp_path):
+    path = write(tmp_path, """
+        import argparse
+        import sys
+        from torch import nn
+        parser = argparse.ArgumentParser()
+        parser.add_argument("--width", type=int, default=4)
+        width = parser.parse_args().width
+        seen = list(sys.argv)
+        def build_model():
+            return nn.Linear(width, len(seen))
+    """)
+    model = load_model(path)  # fastgraph's (here pytest's) arguments are not the file's
+    assert (model.in_features, model.out_features) == (4, 1)
+
+
+def test_argparse_refusing_at_import_ends_in_one_fastgraph_line(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    path = write(tmp_path, """
+        import argparse
+        parser = argparse.ArgumentParser()
+        parser.add_argument("--lr", type=float, required=True)
+        args = parser.parse_args()
+    """)
+    from fastgraph.cli.main import main
+
+    assert main(["roofline", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "usage: fastgraph" not in err and "usage: model.py" in err, err  # argparse names the file
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("fastgraph: error: ") and str(path) in last and "(line 5)" in last, last
+    assert "SystemExit(2)" in last and "argparse" in last, last
+
+
+def test_constructor_calling_sys_exit_is_a_model_error(tmp_path):
+    path = write(tmp_path, """
+        import sys
+        def build_model():
+            sys.exit("no model today")
+    """)
+    with pytest.raises(ModelError, match=r"constructing build_model from .* exited \(line 4\)"):
         load_model(path)
