@@ -6,6 +6,11 @@ written by onnxscript), and, when it fails on a graph, the TorchScript-based one
 axis is dynamic unless a fixed batch is asked for. ``onnx.checker.check_model`` (with
 shape inference) must accept the file. Optional packages (``onnx``, ``onnxruntime``,
 ``onnxscript``: extra ``export``) are imported inside the functions.
+
+The dynamo exporter writes opset 18 and converts the model to the asked opset with
+onnxscript's version converter: up (19 to the newest the installed onnx knows) works;
+down to 17 fails on some operators (a Pad, a ReduceMean), and then the TorchScript
+exporter, which writes opset 17 itself, is used. The file's opset is always the one asked.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import re
 import warnings
 from pathlib import Path
 
@@ -36,7 +42,46 @@ def require_package(package: str):
                         "pip install 'fastgraph[export]'") from None
 
 
+def check_opset(opset: int) -> None:
+    """``UserError`` unless ``opset`` is between 17 and the newest the installed onnx knows."""
+    onnx = require_package("onnx")
+    newest = onnx.defs.onnx_opset_version()
+    if isinstance(opset, bool) or not isinstance(opset, int) or not MIN_OPSET <= opset <= newest:
+        raise UserError(f"--opset must be between {MIN_OPSET} and {newest} (the newest the installed "
+                        f"onnx {onnx.__version__} knows), got {opset!r}")
+
+
+class _Records(logging.Handler):
+    """Keeps the log records of a logger instead of printing them (onnxscript's version
+    converter logs a warning, with a traceback, when it cannot convert a model)."""
+
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+    def reason(self) -> str:
+        """The last error the records carry, one line, without the C++ assertion's location."""
+        for record in reversed(self.records):
+            if record.exc_info and record.exc_info[1] is not None:
+                text = str(record.exc_info[1]).strip().splitlines()[0]
+                return re.sub(r"^.*Assertion `.*` failed: ", "", text)[:200]
+        return self.records[-1].getMessage().splitlines()[0][:200] if self.records else "no reason given"
+
+
+class _OpsetNotWritten(Exception):
+    """The dynamo exporter wrote a file of another opset than the one asked."""
+
+
+def _opset_of(proto) -> int | None:
+    return next((int(o.version) for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
+
+
 def _first_line(exc: BaseException) -> str:
+    if isinstance(exc, _OpsetNotWritten):
+        return str(exc)
     text = str(exc).strip()
     return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"[:300]
 
@@ -49,17 +94,18 @@ def export_onnx(module: nn.Module, path: str | Path, *, batch: int | None, opset
         module: the inference module, on the CPU; its input/output dtypes are kept.
         path: the ``.onnx`` file to write.
         batch: a fixed batch size, or ``None`` for a dynamic batch axis named ``batch``.
-        opset: ONNX opset (>= 17).
+        opset: ONNX opset, 17 to the newest the installed onnx knows; the file has exactly it.
 
     Returns:
         ``{"exporter", "fallback_reason", "opset", "dynamic_batch", "bytes"}``.
 
     Raises:
-        UserError: opset below 17, or onnx/onnxscript missing.
-        ModelError: both exporters failed, or ``onnx.checker`` rejects the model.
+        UserError: an opset out of range (see :func:`check_opset`), onnx/onnxscript missing,
+            or a file of another opset than ``opset`` (removed).
+        ModelError: both exporters failed (the dynamo one also when it cannot convert the
+            model to ``opset``), or ``onnx.checker`` rejects the model.
     """
-    if opset < MIN_OPSET:
-        raise UserError(f"--opset must be >= {MIN_OPSET}, got {opset}")
+    check_opset(opset)
     onnx = require_package("onnx")
     require_package("onnxscript")
     path = Path(path)
@@ -73,6 +119,11 @@ def export_onnx(module: nn.Module, path: str | Path, *, batch: int | None, opset
     torch_logger = logging.getLogger("torch.onnx")
     level = torch_logger.level
     torch_logger.setLevel(logging.ERROR)
+    # The version converter's failures (a warning with a traceback) become the fallback reason.
+    converter_logger, converter_log = logging.getLogger("onnxscript"), _Records()
+    propagate = converter_logger.propagate
+    converter_logger.addHandler(converter_log)
+    converter_logger.propagate = False
     try:
         with warnings.catch_warnings(), contextlib.redirect_stdout(quiet):
             warnings.simplefilter("ignore")
@@ -80,6 +131,10 @@ def export_onnx(module: nn.Module, path: str | Path, *, batch: int | None, opset
             torch.onnx.export(module, (example,), str(path), dynamo=True, opset_version=opset,
                               input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
                               dynamic_shapes=dynamic, verbose=False, external_data=False)
+        written = _opset_of(onnx.load(str(path), load_external_data=False))
+        if written != opset:
+            raise _OpsetNotWritten(f"it wrote opset {written} and could not convert this model to opset "
+                                   f"{opset}: {converter_log.reason()}")
     except Exception as exc:  # noqa: BLE001 - any failure sends us to the other exporter
         first_error = _first_line(exc)
         exporter = "TorchScript (dynamo=False)"
@@ -95,12 +150,18 @@ def export_onnx(module: nn.Module, path: str | Path, *, batch: int | None, opset
                              f"{_first_line(exc2)}") from None
     finally:
         torch_logger.setLevel(level)
+        converter_logger.removeHandler(converter_log)
+        converter_logger.propagate = propagate
     try:
         onnx.checker.check_model(str(path), full_check=True)
     except Exception as exc:  # noqa: BLE001 - onnx raises its own ValidationError types
         raise ModelError(f"onnx.checker rejects {path}: {_first_line(exc)}") from None
     proto = onnx.load(str(path), load_external_data=False)
-    opset_used = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), opset)
+    opset_used = _opset_of(proto)
+    if opset_used != opset:  # never silently another opset than the one asked
+        path.unlink(missing_ok=True)
+        raise UserError(f"ONNX export wrote opset {opset_used}, not the --opset {opset} asked; "
+                        "the exporter writes 18 and converts: try --opset 18")
     dims = proto.graph.input[0].type.tensor_type.shape.dim
     return {"exporter": exporter, "fallback_reason": first_error, "opset": int(opset_used),
             "dynamic_batch": bool(dims and dims[0].dim_param), "bytes": path.stat().st_size,

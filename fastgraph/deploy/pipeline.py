@@ -228,13 +228,22 @@ class UntrainedWeightsWarning(UserWarning):
     """:func:`export` of a model file without a checkpoint: the engine holds the file's initial weights."""
 
 
+def verification_batch_sizes(images: int, batch: int | None, chunk: int) -> set[int]:
+    """The batch sizes an engine runs at on ``images`` images: ``batch`` when fixed (the last
+    batch is padded to it), else chunks of ``chunk`` images and what is left after them."""
+    if batch is not None:
+        return {batch}
+    return {min(chunk, images - start) for start in range(0, images, chunk)}
+
+
 def check_export_options(format: str, opset: int, device: str | torch.device | None, *, tta: str = "flip",
                          precision: str = "fp32", batch: int | None = None, weights: str = "auto"):
     """The ``torch.device`` to export on, once every option is known to work here.
 
     Raises:
         UserError: an unknown format, TTA, precision or weights choice, a batch that is
-            not a positive integer, an ONNX opset below 17, a missing extra (``onnx``,
+            not a positive integer, an ONNX opset below 17 or above the newest the installed
+            onnx knows (see :func:`fastgraph.deploy.onnx.check_opset`), a missing extra (``onnx``,
             ``onnxscript``, ``onnxruntime``; ``torch_tensorrt``), TensorRT without CUDA, or a
             device that is not there (see :func:`fastgraph.core.devices.resolve_device`).
     """
@@ -252,12 +261,11 @@ def check_export_options(format: str, opset: int, device: str | torch.device | N
 
         require_tensorrt()
     else:
-        from fastgraph.deploy.onnx import MIN_OPSET, require_package
+        from fastgraph.deploy.onnx import check_opset, require_package
 
-        if opset < MIN_OPSET:
-            raise UserError(f"--opset must be >= {MIN_OPSET}, got {opset}")
         for package in ("onnx", "onnxscript", "onnxruntime"):
             require_package(package)
+        check_opset(opset)
     device = resolve_device(device)
     if format == "tensorrt" and device.type != "cuda":
         raise UserError("--format tensorrt runs on a CUDA device; drop --device cpu")
@@ -291,8 +299,9 @@ def summary_table(result: dict) -> Table:
         ("TTA, precision", f"{result['tta']}, {result['precision']}"),
         ("runtime", f"{e['provider']} on {result['device']}"),
         ("verified on", f"{v['images']} real CIFAR-10 test images, batch sizes {v['batch_sizes_run']}"),
-        ("max |logit diff|", f"{v['max_abs_logit_diff']:.3g} "
-                             f"(other batch size: {v['max_abs_logit_diff_other_batch']:.3g})"),
+        ("max |logit diff|", f"{v['max_abs_logit_diff']:.3g}" + (
+            f" (batch size {v['other_batch_size']}: {v['max_abs_logit_diff_other_batch']:.3g})"
+            if v.get("max_abs_logit_diff_other_batch") is not None else "")),
         ("top-1 agreement", f"{100 * v['top1_agreement']:.2f}%"),
         ("accuracy PyTorch / engine",
          f"{100 * v['accuracy_pytorch']:.2f}% / {100 * v['accuracy_engine']:.2f}%"),
@@ -320,7 +329,10 @@ class ExportReport:
         engine: the exporter's record (exporter or compiler, opset, operators, bytes,
             dynamic batch, runtime ``provider``).
         verification: against PyTorch on real test images (:func:`compare`, plus
-            ``batch_sizes_run`` and ``max_abs_logit_diff_other_batch``).
+            ``batch_sizes_run``: every batch size the engine ran on, ``other_batch_size``:
+            the one a dynamic engine was also checked at, beyond those of the main run
+            (None when there is none: a fixed batch), and ``max_abs_logit_diff_other_batch``
+            at it (None likewise)).
         header: schema, versions, commit and date (``fastgraph.core.outputs.report_header``).
     """
 
@@ -385,7 +397,7 @@ def export(model: nn.Module | str | os.PathLike, path: str | os.PathLike, *, tta
             ``"auto"`` (those the recipe evaluates). Default: the model's own weights.
         precision: ``"fp32"`` or ``"fp16"`` (the engine takes and returns float32).
         batch: a fixed batch size, or None for a dynamic batch axis.
-        opset: ONNX opset (>= 17).
+        opset: ONNX opset, 17 to the newest the installed onnx knows (the file has exactly it).
         data: CIFAR-10 (default ``$FASTGRAPH_DATA``, then ``~/.cache/fastgraph/cifar10``).
         verify_images: test images to verify on, spread over all classes (1..10,000).
         device: where PyTorch and the engine run (default CUDA if present).
@@ -429,25 +441,29 @@ def export(model: nn.Module | str | os.PathLike, path: str | os.PathLike, *, tta
     module = HalfPrecision(graph) if precision == "fp16" else graph
 
     reference = pytorch_logits(graph, test_x, device)
-    probe = 1 if batch is None else batch  # a second batch size on a dynamic axis
+    sizes = verification_batch_sizes(len(test_x), batch, REFERENCE_CHUNK)
+    # A dynamic axis is also checked at batch size 1, unless the main run already had it.
+    probe = 1 if batch is None and 1 not in sizes else None
     if format == "onnx":
         from fastgraph.deploy.onnx import export_onnx, run_session, session
 
         engine_info = export_onnx(copy.deepcopy(module).cpu(), out, batch=batch, opset=opset)
         sess = session(out, device)
         engine_info["provider"] = sess.get_providers()[0]
-        logits = run_session(sess, test_x, batch=batch)
-        probe_logits = run_session(sess, test_x[:probe], batch=batch, chunk=probe)
+        logits = run_session(sess, test_x, batch=batch, chunk=REFERENCE_CHUNK)
+        probe_logits = probe and run_session(sess, test_x[:probe], batch=batch, chunk=probe)
     else:
         from fastgraph.deploy.tensorrt import compile_tensorrt
 
         engine, engine_info = compile_tensorrt(module, out, batch=batch, precision=precision, device=device)
         engine_info["provider"] = "TensorRT"
-        logits = run_engine(engine, test_x, batch, device)
-        probe_logits = run_engine(engine, test_x[:probe], batch, device, chunk=probe)
+        logits = run_engine(engine, test_x, batch, device, chunk=REFERENCE_CHUNK)
+        probe_logits = probe and run_engine(engine, test_x[:probe], batch, device, chunk=probe)
     check = compare(reference, logits, test_y)
-    check["batch_sizes_run"] = sorted({batch or REFERENCE_CHUNK, probe})
-    check["max_abs_logit_diff_other_batch"] = (probe_logits - reference[:probe]).abs().max().item()
+    check["batch_sizes_run"] = sorted(sizes | ({probe} if probe else set()))
+    check["other_batch_size"] = probe
+    check["max_abs_logit_diff_other_batch"] = (
+        (probe_logits - reference[:probe]).abs().max().item() if probe else None)
     return ExportReport(
         model=str(Path(source).resolve()) if source is not None else f"{type(model).__name__} (nn.Module)",
         weights=weights_info, format=format, tta=tta, precision=precision, batch=batch or "dynamic",
