@@ -128,3 +128,54 @@ def cli_error(capsys, *argv) -> str:
     assert len(lines) == 1, err
     assert lines[0].startswith("fastgraph: error: ")
     return lines[0]
+
+
+# Model files of the shapes fastgraph must refuse or handle: a small conv net whose forward
+# returns RETURN, with ``logits`` (N, num_classes), ``features`` (N, 8) and ``aux`` (N, 4) in
+# scope (``outputs_model("(logits, features)")``), and a net without trainable parameters.
+_OUTPUTS_MODEL = """\
+import torch
+from torch import nn
+
+
+class Net(nn.Module):
+    def __init__(self, num_classes=10):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(8, num_classes)
+        self.aux = nn.Linear(8, 4)
+
+    def forward(self, x):
+        features = self.pool(torch.relu(self.conv(x))).flatten(1)
+        logits, aux = self.fc(features), self.aux(features)
+        return RETURN
+
+
+def model():
+    return Net()
+"""
+
+NO_PARAMETERS_MODEL = """\
+import torch
+from torch import nn
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.flat = nn.Flatten()
+        self.register_buffer("w", torch.randn(3 * 32 * 32, 10) * 0.01)
+
+    def forward(self, x):
+        return self.flat(x) @ self.w
+
+
+def model():
+    return Net()
+"""
+
+
+def outputs_model(returned: str) -> str:
+    """The source of a model file whose forward returns ``returned`` (see above)."""
+    return _OUTPUTS_MODEL.replace("RETURN", returned)

@@ -25,11 +25,11 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
-from torch.utils._pytree import tree_leaves
 
 from fastgraph.compiler.report import OptimizeReport
-from fastgraph.core.errors import UserError
+from fastgraph.core.errors import ModelError, UserError
 from fastgraph.perf.roofline import DEFAULT_PROFILE, HardwareProfile
+from fastgraph.training.evaluation import training_loss
 
 # The passes `optimize` runs when --passes is not given: the exact ones for the mode,
 # whose results are verified; training-time passes change the function and are named
@@ -77,31 +77,24 @@ def synthetic_batch(n: int, shape: tuple[int, int, int], classes: int = 10):
             torch.randint(0, classes, (n,), generator=generator))
 
 
-def training_loss(out, y: torch.Tensor) -> torch.Tensor:
-    """A scalar loss of a model output for a timed training step.
-
-    ``out`` is a tensor or a tuple, list or dict of them (nested). Its first floating
-    tensor gets cross-entropy against the int64 labels ``y`` (N,) when it is (N, classes)
-    logits that the labels fit, else its mean; every further floating tensor adds its
-    mean, so the backward reaches every head the model computes, as training would.
-
-    Raises:
-        UserError: the output holds no floating-point tensor (nothing to train).
-    """
-    tensors = [t.float() for t in tree_leaves(out) if isinstance(t, torch.Tensor) and t.is_floating_point()]
-    if not tensors:
-        raise UserError(f"the model returns no floating-point tensor ({type(out).__name__}): "
-                        "nothing to train")
-    first = tensors[0]
-    fits = first.dim() == 2 and first.shape[0] == len(y) and first.shape[1] > int(y.max())
-    loss = F.cross_entropy(first, y) if fits else first.mean()
-    return loss + sum(t.mean() for t in tensors[1:])
+def check_trainable(model: nn.Module, name: str) -> None:
+    """Raise ``ModelError`` unless ``model`` (``name`` in the message) has a parameter that
+    requires grad: a training step of a model without one has no weight to update."""
+    if not any(p.requires_grad for p in model.parameters()):
+        raise ModelError(f"{name}: the model has no trainable parameters, so it has no training step to "
+                         "measure: use --mode infer")
 
 
 def step_fn(gm: fx.GraphModule, mode: str, x: torch.Tensor, y: torch.Tensor, device: torch.device,
              precision: str):
     """A zero-argument training step (forward, :func:`training_loss`, backward, SGD) or inference
-    forward of a copy of ``gm`` on (x, y) on ``device``; ``gm`` is untouched."""
+    forward of a copy of ``gm`` on (x, y) on ``device``; ``gm`` is untouched.
+
+    Raises:
+        ModelError: ``mode`` "train" and ``gm`` has no trainable parameters (see :func:`check_trainable`).
+    """
+    if mode == "train":
+        check_trainable(gm, "the graph")
     model = copy.deepcopy(gm).to(device).train(mode == "train")
     x, y = x.to(device), y.to(device)
     low = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision)
@@ -232,7 +225,8 @@ def optimize(model: nn.Module | str | os.PathLike, *, mode: str = "infer",
             precision, device, sizes), unwritable ``out``/``emit_code``, missing or corrupt
             data (``DataError``), a model file or model that cannot be built, traced, run
             on the input or whose trace differs from it (``ModelError``, one line naming
-            the construct and its source line).
+            the construct and its source line; in train mode, also a model without
+            trainable parameters).
     """
     from fastgraph import passes as registry
     from fastgraph.core.devices import device_name, resolve_device
@@ -259,6 +253,8 @@ def optimize(model: nn.Module | str | os.PathLike, *, mode: str = "infer",
 
     if source is not None:
         model = load_model(source, entry)
+    if mode == "train":
+        check_trainable(model, str(source) if source is not None else type(model).__name__)
     gm = trace(model, source, mode=mode)  # self.training branches as they will run
     batch_size_given, batch_size = batch_size, batch_size or (512 if device.type == "cuda" else 32)
     names = _pass_names(passes, mode)

@@ -20,8 +20,13 @@ def run_in_batches(call, images: torch.Tensor, *, batch: int | None, chunk: int 
     images, the last padded with copies of its first image and the padding's outputs
     dropped; a dynamic one gets chunks of ``chunk``. A transient progress bar in images,
     named ``description``, shows on a terminal only (see :func:`fastgraph.core.console.progress`).
+
+    Raises:
+        ModelError: ``call`` returned something other than one (n, classes) float tensor
+            (a model that returns a tuple or dict of outputs): one line saying what.
     """
     from fastgraph.core.console import progress
+    from fastgraph.training.evaluation import check_logits
 
     size = batch or chunk
     outputs = []
@@ -31,7 +36,7 @@ def run_in_batches(call, images: torch.Tensor, *, batch: int | None, chunk: int 
             n = len(x)
             if batch and n < batch:
                 x = torch.cat([x, x[:1].expand(batch - n, *x.shape[1:])])
-            outputs.append(call(x)[:n].float().cpu())
+            outputs.append(check_logits(call(x), len(x), "fastgraph export")[:n].float().cpu())
             update(advance=n)
     return torch.cat(outputs)
 

@@ -2,11 +2,13 @@
 
 ``fastgraph profile MODEL.py`` traces the model (and applies a recipe's passes with
 ``--recipe``), wraps every module call in a named range (the ``nvtx_ranges`` pass), and
-runs training steps (forward, cross-entropy, backward, SGD with momentum) on real
-CIFAR-10 training batches under ``torch.profiler`` (CPU activity, plus CUDA on a GPU;
-``record_shapes``, ``with_flops``). Each step is itself split into ``step``, ``data``,
-``forward``, ``backward`` and ``optimizer`` ranges. It writes the Chrome trace and prints
-one row per module call of the graph.
+runs training steps (forward, cross-entropy, backward, SGD with momentum; a model that
+returns several outputs gets the loss ``fastgraph optimize`` times,
+:func:`fastgraph.training.evaluation.training_loss`) on real CIFAR-10 training batches
+under ``torch.profiler`` (CPU activity, plus CUDA on a GPU; ``record_shapes``,
+``with_flops``). Each step is itself split into ``step``, ``data``, ``forward``,
+``backward`` and ``optimizer`` ranges. It writes the Chrome trace and prints one row per
+module call of the graph.
 
 Attribution: a node's forward time is its range's; its backward time is that of the
 autograd functions (``autograd::engine::evaluate_function: ...`` events) whose sequence
@@ -40,12 +42,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from rich.console import Console, Group
 from rich.text import Text
 from torch import nn
 
-from fastgraph.core.errors import UserError
+from fastgraph.core.errors import ModelError, UserError
 from fastgraph.core.outputs import report_header
 from fastgraph.perf.record import report_text
 from fastgraph.perf.roofline import DEFAULT_PROFILE, HardwareProfile
@@ -330,6 +331,7 @@ def _steps(model, *, recipe, steps, warmup, batch_size, data, device, profile, p
     from fastgraph.data import CIFAR10_MEAN, CIFAR10_STD, load_cifar10
     from fastgraph.perf.nodes import node_points
     from fastgraph.perf.roofline import load_profile
+    from fastgraph.training.evaluation import training_loss
 
     if steps < 1 or warmup < 0 or (batch_size is not None and batch_size < 2):
         raise UserError(f"steps must be >= 1, warmup >= 0 and batch_size >= 2, got steps={steps}, "
@@ -347,6 +349,9 @@ def _steps(model, *, recipe, steps, warmup, batch_size, data, device, profile, p
     source = None if isinstance(model, nn.Module) else model
     check_outputs({"out": out}, inputs={"model file": source, "data": data}, folders=("out",))
     traced = trace(model) if source is None else traced_model(source, entry)
+    if not any(p.requires_grad for p in traced.parameters()):  # a training step would update nothing
+        raise ModelError(f"{source or type(model).__name__}: the model has no trainable parameters, so "
+                         "it has no training step to profile")
     cifar = load_cifar10(data)
     total = batch_size * (warmup + steps)
     if total > len(cifar.train_images):
@@ -360,6 +365,7 @@ def _steps(model, *, recipe, steps, warmup, batch_size, data, device, profile, p
     order = torch.randperm(len(cifar.train_images), generator=torch.Generator().manual_seed(0))[:total]
     pixels = cifar.train_images[order].to(device)
     targets = cifar.train_labels[order].to(device)
+    top = int(targets.max())  # read once: per step it would wait for the device mid-step
     mean = torch.tensor(CIFAR10_MEAN, device=device).view(1, 3, 1, 1)
     std = torch.tensor(CIFAR10_STD, device=device).view(1, 3, 1, 1)
     optimizer = torch.optim.SGD(module.parameters(), lr=1e-3, momentum=0.9, nesterov=True, weight_decay=5e-4)
@@ -376,7 +382,7 @@ def _steps(model, *, recipe, steps, warmup, batch_size, data, device, profile, p
                 y = targets[i * batch_size:(i + 1) * batch_size]
             with nvtx.range("forward"):
                 with torch.autocast(device.type, dtype=low, enabled=cuda and low is not None):
-                    loss = F.cross_entropy(module(x).float(), y)
+                    loss = training_loss(module(x), y, top)  # also a tuple or dict of outputs
             with nvtx.range("backward"):
                 loss.backward()
             with nvtx.range("optimizer"):
@@ -416,7 +422,8 @@ def profile(model: nn.Module | str | os.PathLike, *, recipe: str | None = None, 
     Raises:
         UserError: bad sizes, unknown profile or precision, a device that is not there,
             an unwritable ``out``, a bad model file or recipe, missing data, or more
-            steps than the training images fill.
+            steps than the training images fill; ``ModelError`` for a model without
+            trainable parameters (nothing for a training step to update).
     """
     from torch import profiler
 

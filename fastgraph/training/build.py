@@ -82,11 +82,17 @@ def check_model(opts: TrainOptions) -> None:
     reported before the data is looked for (it may be absent, or take seconds to decode).
 
     Raises:
-        ModelError: see :func:`user_model` and :func:`fastgraph.core.tracing.trace`.
+        ModelError: see :func:`user_model` and :func:`fastgraph.core.tracing.trace`; the
+            model has no trainable parameters (nothing to train).
     """
     from fastgraph.core.tracing import trace
 
-    trace(user_model(opts), opts.model_path)
+    model = user_model(opts)
+    if not any(p.requires_grad for p in model.parameters()):
+        raise ModelError(f"{model_name(opts)}: the model has no trainable parameters, so fastgraph train "
+                         "has nothing to learn (fixed weights held as buffers, or every parameter "
+                         "frozen with requires_grad=False)")
+    trace(model, opts.model_path)
 
 
 class ModelBuilder:

@@ -38,6 +38,7 @@ Multi-node training is torchrun's rendezvous (``--nnodes``, ``--rdzv-backend c10
 from __future__ import annotations
 
 import datetime
+import math
 import os
 import signal
 import traceback
@@ -90,12 +91,33 @@ def from_environment() -> tuple[int, int, int] | None:
         raise UserError(f"WORLD_SIZE is set but RANK is not a number ({exc}): start with torchrun") from None
 
 
+def timeout_seconds() -> float:
+    """The process groups' timeout: ``FASTGRAPH_DIST_TIMEOUT`` seconds, default
+    :data:`DEFAULT_TIMEOUT_S`.
+
+    Raises:
+        UserError: the variable is set to something other than a number of seconds > 0.
+    """
+    text = os.environ.get("FASTGRAPH_DIST_TIMEOUT")
+    if text is None:
+        return float(DEFAULT_TIMEOUT_S)
+    try:
+        seconds = float(text)
+        datetime.timedelta(seconds=seconds)  # a count of seconds past timedelta's range overflows
+    except (ValueError, OverflowError):
+        seconds = math.nan
+    if not (seconds > 0 and math.isfinite(seconds)):
+        raise UserError(f"FASTGRAPH_DIST_TIMEOUT must be a number of seconds > 0, got {text!r}")
+    return seconds
+
+
 def initialise(device: torch.device) -> DistributedContext | None:
     """Join the process group torchrun set up (NCCL for a CUDA ``device``, else gloo),
     with a timeout of ``FASTGRAPH_DIST_TIMEOUT`` seconds; None when not distributed.
 
     Raises:
-        UserError: a CUDA training with more processes on a node than GPUs.
+        UserError: a CUDA training with more processes on a node than GPUs; a bad
+            ``FASTGRAPH_DIST_TIMEOUT`` (see :func:`timeout_seconds`).
     """
     found = from_environment()
     if found is None:
@@ -115,8 +137,7 @@ def initialise(device: torch.device) -> DistributedContext | None:
     # Imported before, those defaults are None.
     import torch.distributed.nn.functional as _world_default_args  # noqa: F401
     if not dist.is_initialized():
-        seconds = float(os.environ.get("FASTGRAPH_DIST_TIMEOUT", DEFAULT_TIMEOUT_S))
-        timeout = datetime.timedelta(seconds=seconds)
+        timeout = datetime.timedelta(seconds=timeout_seconds())
         dist.init_process_group(backend, timeout=timeout,
                                 device_id=torch.device("cuda", local_rank) if cuda else None)
     # stop requests are host values: through gloo, so reading them never waits for the GPU
@@ -335,13 +356,16 @@ def launch(nproc: int, argv: list[str]) -> int:
     which stop together at a step boundary and write their checkpoint, saying so).
 
     Raises:
-        UserError: a process failed (one line: which, and its exit code or signal); a
-            process that stopped on bad input already said why and exits 2, as does this.
+        UserError: a bad ``FASTGRAPH_DIST_TIMEOUT`` (before any process starts); a process
+            failed (one line: which, and its exit code or signal; where ``argv`` gives
+            ``--checkpoint``, that its folder holds the last finished epoch); a process that
+            stopped on bad input already said why and exits 2, as does this.
     """
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
 
+    timeout_seconds()  # every process reads it: a bad value is said once, here
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
     try:
         run(parse_args(["--standalone", "--nproc-per-node", str(nproc), "-m", "fastgraph",
@@ -357,9 +381,18 @@ def launch(nproc: int, argv: list[str]) -> int:
             raise SystemExit(2) from None
         rank, failure = killed[0] if killed else exc.get_first_failure()
         how = failure.signal_name() if failure.exitcode < 0 else f"exit code {failure.exitcode}"
-        raise UserError(f"process {rank} of {nproc} failed ({how}); the others were stopped. A "
-                        "--checkpoint folder holds the last finished epoch: continue with --resume") from None
+        resume = (" The --checkpoint folder holds the last finished epoch: continue with --resume"
+                  if checkpoint_given(argv) else "")
+        message = f"process {rank} of {nproc} failed ({how}); the others were stopped.{resume}"
+        raise UserError(message) from None
     return 0
+
+
+def checkpoint_given(argv: list[str]) -> bool:
+    """Whether ``argv`` (``fastgraph train ...``) gives ``--checkpoint DIR`` (also as
+    ``--checkpoint=DIR`` or an abbreviation argparse accepts, such as ``--ch``)."""
+    return any(len(option) > len("--c") and "--checkpoint".startswith(option)
+               for option in (arg.split("=", 1)[0] for arg in argv if arg.startswith("--")))
 
 
 def peer_failure(exc: BaseException) -> bool:

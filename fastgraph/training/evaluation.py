@@ -6,6 +6,10 @@ here is what ``fastgraph export`` folds into an engine. :class:`Evaluator` holds
 test images (on the device, or streamed from disk) and the TTA module, refreshed with the
 current weights instead of rebuilt at every evaluation; its :meth:`Evaluator.warm_up`
 evaluates every batch shape the timed evaluations see, so that they compile and autotune nothing.
+
+What a model must return to be trained or exported (one logits tensor,
+:func:`check_logits`), and the loss of a timed training step of any output
+(:func:`training_loss`, for ``fastgraph optimize`` and ``fastgraph profile``), live here too.
 """
 
 from __future__ import annotations
@@ -13,9 +17,67 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Iterator
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.utils._pytree import tree_leaves
 
 from fastgraph.core import nvtx
+from fastgraph.core.errors import ModelError, UserError
+
+
+def describe_output(out) -> str:
+    """What a model returned, in words: "a tensor of shape (4, 10)", "a tuple of 2
+    tensors", "a dict with keys 'logits', 'features'", "a str"."""
+    if isinstance(out, torch.Tensor):
+        return f"a tensor of shape {tuple(out.shape)}"
+    kind = type(out).__name__
+    if isinstance(out, dict):
+        return f"a {kind} with keys {', '.join(map(repr, out))}" if out else f"an empty {kind}"
+    if isinstance(out, (tuple, list)):
+        items = "tensors" if all(isinstance(v, torch.Tensor) for v in out) else "items"
+        return f"a {kind} of {len(out)} {items if len(out) != 1 else items[:-1]}"
+    return f"a {kind}"
+
+
+def check_logits(out, images: int, command: str) -> torch.Tensor:
+    """``out`` (a model's output on ``images`` images) when it is what ``command`` (e.g.
+    "fastgraph train") needs: one float tensor of logits, (images, classes).
+
+    Raises:
+        ModelError: ``out`` is something else (a tuple or dict of outputs, a feature
+            map...): one line saying what it is.
+    """
+    if (isinstance(out, torch.Tensor) and out.is_floating_point() and out.dim() == 2
+            and len(out) == images):
+        return out
+    hint = ": make forward return the logits alone" if isinstance(out, (tuple, list, dict)) else ""
+    raise ModelError(f"{command} needs a model whose forward returns one tensor of logits, (N, "
+                     f"num_classes) for N images; on {images} images it returned "
+                     f"{describe_output(out)}{hint}")
+
+
+def training_loss(out, y: torch.Tensor, top: int | None = None) -> torch.Tensor:
+    """A scalar loss of a model output for a timed training step (``fastgraph optimize``
+    and ``fastgraph profile``).
+
+    ``out`` is a tensor or a tuple, list or dict of them (nested). Its first floating
+    tensor gets cross-entropy against the int64 labels ``y`` (N,) when it is (N, classes)
+    logits that the labels fit, else its mean; every further floating tensor adds its
+    mean, so the backward reaches every head the model computes, as training would.
+    ``top``: the largest label there can be (default ``y``'s, read back from its device).
+
+    Raises:
+        UserError: the output holds no floating-point tensor (nothing to train).
+    """
+    tensors = [t.float() for t in tree_leaves(out) if isinstance(t, torch.Tensor) and t.is_floating_point()]
+    if not tensors:
+        raise UserError(f"the model returns no floating-point tensor ({type(out).__name__}): "
+                        "nothing to train")
+    first = tensors[0]
+    top = int(y.max()) if top is None else top
+    fits = first.dim() == 2 and first.shape[0] == len(y) and first.shape[1] > top
+    loss = F.cross_entropy(first, y) if fits else first.mean()
+    return loss + sum(t.mean() for t in tensors[1:])
 
 
 class TensorBatches:

@@ -64,7 +64,7 @@ from fastgraph.training import checkpoint as ckpt
 from fastgraph.training import distributed as dp
 from fastgraph.training.batches import load_device_data, warm_up_batches
 from fastgraph.training.build import ModelBuilder, check_model, model_name
-from fastgraph.training.evaluation import Evaluator
+from fastgraph.training.evaluation import Evaluator, check_logits
 from fastgraph.training.optim import WeightAverage, build_optimizers
 from fastgraph.training.options import DTYPES, TrainingDiverged, TrainOptions, autocast_for
 from fastgraph.training.recipes import check_passes_registered, lr_factor, same_recipe, torch_hyperparameters
@@ -239,7 +239,7 @@ class Trainer:
         with nvtx.range("forward"), self.autocast():
             out = r.call(x)
             if not r.classes_checked:  # before the loss: a label past the logits is a device assert on CUDA
-                self._check_classes(out)
+                self._check_classes(out, len(y))
                 r.classes_checked = True
             loss = F.cross_entropy(out.float(), y, label_smoothing=label_smoothing)
         for opt in r.optimizers:
@@ -248,8 +248,11 @@ class Trainer:
             (r.scaler.scale(loss) if r.scaler is not None else loss).backward()
         return out, loss
 
-    def _check_classes(self, logits: torch.Tensor) -> None:
-        """Raise ``UserError`` unless the model's logits (B, K) have one column per class of the data."""
+    def _check_classes(self, logits, images: int) -> None:
+        """Raise ``UserError`` unless the model's output on ``images`` images is one logits
+        tensor (images, K) with one column per class of the data (``ModelError`` for
+        another output: a tuple or dict of them, a feature map)."""
+        check_logits(logits, images, "fastgraph train")
         classes = self.data.classes
         if classes and logits.shape[-1] != len(classes):
             raise UserError(f"the model outputs {logits.shape[-1]} logits per image but the data has "
