@@ -62,8 +62,12 @@ class PassInfo:
 
     @property
     def exactness(self) -> str:
-        """``"exact"`` or ``"training-time"``, as reports print it."""
-        return "exact" if self.exact else "training-time"
+        """``"exact"``, ``"training-time"`` (changes the function: train with it) or
+        ``"inference-time"`` (changes the function at inference only, as TTA does), as
+        reports print it."""
+        if self.exact:
+            return "exact"
+        return "training-time" if "train" in self.modes else "inference-time"
 
     @property
     def summary(self) -> str:

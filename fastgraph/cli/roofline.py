@@ -29,7 +29,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--precision", default="bf16", help="fp32, tf32, fp16 or bf16 (default bf16)")
     p.add_argument("--mode", choices=("train", "infer"), default="train",
                    help="a training step (default) or an inference batch")
-    p.add_argument("--batch-size", type=positive(int), default=512, help="images per step (default 512)")
+    p.add_argument("--batch-size", type=positive(int), default=None,
+                   help="images per step (default 512, or the --measured profile's)")
     p.add_argument("--input-shape", default="3,32,32", metavar="C,H,W",
                    help="one input image: channels, height, width (default 3,32,32, CIFAR-10; "
                         "3,224,224 for ImageNet)")

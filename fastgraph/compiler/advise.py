@@ -17,7 +17,8 @@ is applied to the traced model (passes never modify their input) and:
 - the predicted gain: the fraction of that roofline time saved, 1 - after / before.
 
 Tricks that are not graph passes are predicted from the same roofline model and say so:
-precision (fp32 against 16-bit: the peak rate and the bytes per element change),
+precision (the advice's fp32 or tf32 against 16-bit: the peak rate and the bytes per
+element change; at fp16 or bf16 already it does not apply),
 channels-last (the roofline counts the same FLOPs and bytes in either layout, so it
 predicts nothing), and the device-side augmentation kernel (its own bytes per image,
 from ``kernels/augment.py``). Effects on accuracy come from the sources
@@ -198,7 +199,7 @@ class Advice:
         images: what the data passes were given (e.g. "1000 CIFAR-10 training images
             from PATH"), or None when no data was available or no data pass serves the mode.
         baseline: the traced model's ``flops`` and ``bytes`` (forward, per image) and
-            ``roofline_seconds`` (per step), as every trick's "before" (precision's aside).
+            ``roofline_seconds`` (per step), as every trick's "before".
         tricks: one :class:`TrickAdvice` per trick: those that apply, by predicted gain
             (largest first; those without a prediction after), then those that do not.
         left_out: registered passes that are no trick, with the reason.
@@ -263,7 +264,7 @@ def advise(model: nn.Module | str | os.PathLike, *, mode: str = "train", profile
         profile: hardware profile name (``h100``...) or ``.toml`` path.
         precision: ``fp32``, ``tf32``, ``fp16`` or ``bf16``: the peak rate and the bytes
             per floating-point element of every cost (the ``precision`` trick compares
-            fp32 with 16-bit).
+            it with 16-bit, and does not apply at fp16 or bf16).
         batch_size: images per step (parameter reads are amortised over them).
         data: CIFAR-10 for passes that need images (whitening): a path (``--data``), a
             loaded :class:`fastgraph.data.CIFAR10`, or None for ``$FASTGRAPH_DATA``, then
@@ -622,24 +623,29 @@ def _guards(name: str) -> str:
 
 
 def _precision(ctx: _Context) -> TrickAdvice:
-    """fp32 against 16-bit storage and tensor-core peak: the roofline at both precisions."""
+    """16-bit storage and tensor-core peak against the advice's own precision: the roofline
+    at both. At fp16 or bf16 already there is nothing lower to go to, and no gain."""
+    from fastgraph.perf.roofline import ELEMENT_BYTES
+
     common = {"name": "precision", "kind": "roofline prediction", "accuracy_source": _accuracy("precision"),
               "measured": NOT_MEASURED}
+    step = "training step" if ctx.mode == "train" else "inference batch"
     if ctx.precision in ("fp16", "bf16"):
-        low = ctx.precision
-    else:
-        low = next((p for p in ("bf16", "fp16") if p in ctx.hw.peak_flops), None)
-    if low is None or "fp32" not in ctx.hw.peak_flops:
-        reason = f"{ctx.hw.display_name} has no fp32 and 16-bit rates to compare"
+        reason = f"already at {ctx.precision}, the lowest precision advise considers: no gain"
+        if "fp32" in ctx.hw.peak_flops:
+            reason += f" (fp32 would take {seconds(ctx.costs(ctx.gm, 'fp32').seconds)} per {step})"
         return TrickAdvice(applies=False, reason=reason, **common)
-    fp32 = ctx.costs(ctx.gm, "fp32")
-    after = ctx.baseline if low == ctx.precision else ctx.costs(ctx.gm, low)
-    notes = [f"Before: fp32 storage and peak; after: {low}, 2 bytes per element and the {low} "
-             "tensor-core peak."]
-    if low != ctx.precision:
-        notes.append(f"The other tricks' costs are at {ctx.precision}.")
-    return TrickAdvice(applies=True, sites=len(fp32.nodes), where=fp32.nodes, options={"precision": low},
-                       notes=tuple(notes), **ctx.compared(fp32, after), **common)
+    low = next((p for p in ("bf16", "fp16") if p in ctx.hw.peak_flops), None)
+    if low is None:
+        reason = f"{ctx.hw.display_name} has no 16-bit rate to compare with {ctx.precision}"
+        return TrickAdvice(applies=False, reason=reason, **common)
+    after = ctx.costs(ctx.gm, low)
+    notes = (f"Before: {ctx.precision}, {ELEMENT_BYTES[ctx.precision]} bytes per element and the "
+             f"{ctx.precision} peak; after: {low}, {ELEMENT_BYTES[low]} bytes per element and the {low} "
+             "tensor-core peak.",
+             f"The other tricks' costs are at {ctx.precision}.")
+    return TrickAdvice(applies=True, sites=len(ctx.baseline.nodes), where=ctx.baseline.nodes,
+                       options={"precision": low}, notes=notes, **ctx.compared(ctx.baseline, after), **common)
 
 
 def _is_conv(gm: fx.GraphModule, node: fx.Node) -> bool:

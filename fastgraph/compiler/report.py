@@ -47,21 +47,45 @@ def pass_table(passes: list[dict], mode: str) -> Table:
     checked = f", tolerance {next(iter(tolerances)):.1g}" if one_tol and tolerances else ""
     title = (f"Passes ({mode} mode), checked in float64 on real CIFAR-10 (training-time ones in their "
              f"identity configuration); differences relative to each tensor's scale{checked}; "
-             "forward FLOPs and bytes per image")
+             "forward FLOPs and bytes per image, bytes at the model's own dtypes")
     return fitting_table(title, columns, rows)
 
 
+def _roof_step(row: dict) -> float:
+    """Seconds of one step of ``batch_size`` images on the roofline: the run's roofline time
+    (``images`` images, parameter reads amortised over batches of ``batch_size``) per batch."""
+    return row["roofline_seconds"] * row["batch_size"] / row["images"]
+
+
+def _time(value: float) -> str:
+    """Seconds as :func:`seconds` writes them, in µs below a millisecond (a step on a roofline)."""
+    return f"{value * 1e6:.3g} µs" if value < 1e-3 else seconds(value)
+
+
 def roofline_table(result: dict) -> Table:
-    """Roofline of the run on the profile, and the step measured on this device, before and after."""
+    """Roofline of the run on the profile, per step, beside the step measured on this device,
+    before and after; the whole run's roofline time goes in the title."""
     rows = result["roofline"]
-    what = f"training, {result['epochs']} epochs" if result["mode"] == "train" else "inference, test set"
-    title = (f"Roofline ({what}) on {result['profile']} at {result['precision']}; "
-             f"step measured on {result['device']}, batch {result['batch_size']}; FLOPs and bytes "
-             "per image; roof time: the step's time on the roofline")
+    per_step = all("images" in r and "batch_size" in r for r in rows)  # older reports lack them
+    if result["mode"] == "train":
+        step, run = "training step", f"training, {result['epochs']} epochs"
+    else:
+        step, run = "inference batch", "inference, test set"
+    if per_step:
+        runs = ", ".join(f"{seconds(r['roofline_seconds'])} {r['graph']}" for r in rows)
+        what = (f"roof step: one {step} of {result['batch_size']} images on the roofline "
+                f"(the whole run, {run}, {rows[0]['images']:,.0f} images: {runs})")
+    else:
+        what = f"roof time: the whole run ({run}) on the roofline, not one step"
+    title = (f"Roofline on {result['profile']} at {result['precision']}; step measured on "
+             f"{result['device']}, batch {result['batch_size']}; FLOPs and bytes per image, "
+             f"bytes at {result['precision']}; {what}")
     columns = {"graph": "left", "FLOPs": "right", "bytes": "right", "FLOP/B": "right",
-               "roof time": "right", "bound": "left", "step": "right", "img/s": "right", "FLOP/s": "right"}
+               "roof step" if per_step else "roof time": "right", "bound": "left", "step": "right",
+               "img/s": "right", "FLOP/s": "right"}
     cells = [[r["graph"], si(r["step_flops_per_image"]), si(r["step_bytes_per_image"], "B"),
-              f"{r['arithmetic_intensity']:.3g}", seconds(r["roofline_seconds"]), r["bound"],
+              f"{r['arithmetic_intensity']:.3g}",
+              _time(_roof_step(r)) if per_step else seconds(r["roofline_seconds"]), r["bound"],
               seconds(r["measured_step_seconds"]), f"{r['measured_images_per_second']:.4g}",
               si(r["measured_flops_per_second"])] for r in rows]
     return fitting_table(title, columns, cells)
@@ -131,8 +155,8 @@ class OptimizeReport:
             the step measured on ``device`` (``measured_step_seconds`` median, every
             sample in ``measured_step_samples``, images/s, FLOP/s, ``timing_method``).
         measured_step: before against after with their spread
-            (``fastgraph.core.timing.compare_step_times``: speedup, verdict "within noise",
-            "faster" or "slower").
+            (``fastgraph.core.timing.compare_step_times``: speedup, verdict "n too small to
+            tell", "within noise", "faster" or "slower").
         optimized_module, emitted_code: absolute paths written (None when not asked for).
         header: schema, fastgraph and torch versions, commit, date
             (``fastgraph.core.outputs.report_header``), taken when the report was made.

@@ -255,7 +255,8 @@ def _apply_one(info, gm, twin, reference, flops, nbytes, report: PassReport, *, 
             outcome.message = f"{refusal}; kept the module before it"
             return unchanged
         reference = None  # the function changed: the next exact pass needs a new reference
-        outcome.message += "changes the function: train with it"
+        outcome.message += ("changes the function: train with it" if "train" in info.modes
+                            else "changes the function at inference only: no training needed")
     outcome.status = "applied"
     gm, twin = after, (after if twin is gm else twin_after)
     flops, nbytes = _costs(gm, costs)

@@ -265,7 +265,8 @@ def compare_step_times(before: list[float], after: list[float]) -> dict:
 
     Returns ``{"speedup", "before", "after", "verdict", "text"}``: ``speedup`` is median
     before / median after; ``before`` and ``after`` are ``{"median", "min", "max", "n"}``
-    in seconds; ``verdict`` is ``"within noise"`` when the [min, max] ranges overlap (one
+    in seconds; ``verdict`` is ``"n too small to tell"`` when a side has a single time (no
+    spread to compare against), ``"within noise"`` when the [min, max] ranges overlap (one
     step's spread covers the difference), else ``"faster"`` or ``"slower"``; ``text`` says
     it in one line. Raises ``ValueError`` for an empty list.
     """
@@ -277,7 +278,9 @@ def compare_step_times(before: list[float], after: list[float]) -> dict:
 
     b, a = summary(before), summary(after)
     speedup = b["median"] / a["median"]
-    if a["min"] <= b["max"] and b["min"] <= a["max"]:
+    if min(b["n"], a["n"]) < 2:
+        verdict = "n too small to tell"
+    elif a["min"] <= b["max"] and b["min"] <= a["max"]:
         verdict = "within noise"
     else:
         verdict = "faster" if speedup > 1 else "slower"

@@ -176,14 +176,22 @@ class AllReduce:
         return asdict(self)
 
 
+# The most GPUs one node's intra-node link joins: the vendor systems whose interconnect
+# figures the shipped profiles carry hold 8 (DGX-1, DGX A100, DGX H100 and H200, each 8 GPUs
+# on NVLink; a PCIe server of 8 cards). More GPUs than that sit on several nodes and
+# reduce over the network, so a larger system must say how many nodes it has.
+MAX_GPUS_PER_NODE = 8
+
+
 def check_system(profile: HardwareProfile, gpus: int, nodes: int = 1) -> int:
     """Check that ``gpus`` GPUs on ``nodes`` nodes can be modelled on ``profile``; return
     the GPUs per node.
 
     Raises:
         UserError (one line): gpus or nodes not an integer >= 1, gpus not divisible by
-            nodes, more than one GPU on a profile without an intra-node figure, more than
-            one node on a profile without a network figure.
+            nodes, more than :data:`MAX_GPUS_PER_NODE` GPUs per node, more than one GPU on
+            a profile without an intra-node figure, more than one node on a profile without
+            a network figure.
     """
     for name, value in (("gpus", gpus), ("nodes", nodes)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -191,6 +199,13 @@ def check_system(profile: HardwareProfile, gpus: int, nodes: int = 1) -> int:
     if gpus % nodes:
         raise UserError(f"gpus ({gpus}) must be a multiple of nodes ({nodes}): every node holds "
                         "as many GPUs")
+    if gpus // nodes > MAX_GPUS_PER_NODE:
+        least = -(-gpus // MAX_GPUS_PER_NODE)
+        where = (f": spread them over at least {least} nodes (--nodes {least})"
+                 if profile.network_bandwidth is not None else
+                 ", and it has no network figure to join several nodes")
+        raise UserError(f"{gpus} GPUs on {nodes} node{'s' * (nodes > 1)}: a node of the {profile.name} "
+                        f"profile holds at most {MAX_GPUS_PER_NODE} GPUs{where}")
     if gpus > 1 and profile.intra_node_bandwidth is None:
         raise UserError(f"hardware profile {profile.name!r} has no intra-node bandwidth: "
                         "cannot model more than one GPU")

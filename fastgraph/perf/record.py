@@ -58,6 +58,16 @@ def read_measured(path: str | os.PathLike) -> dict:
     return record
 
 
+def measured_on_profile(profile: HardwareProfile, measured: dict) -> bool:
+    """Whether a ``fastgraph profile`` record was measured on ``profile``'s GPU: its own
+    ``measured_on_profile`` when it was taken against the same profile, else whether the
+    device's name holds the profile's (``"NVIDIA H100 80GB HBM3"`` for ``h100``); a CPU never."""
+    if measured.get("profile") == profile.name and "measured_on_profile" in measured:
+        return bool(measured["measured_on_profile"])
+    device = str(measured.get("device", "")).lower().replace(" ", "")
+    return device not in ("", "cpu") and profile.name.lower() in device
+
+
 def roofline_record(gm, profile: HardwareProfile, precision: str, mode: str, batch_size: int,
                     measured: dict | None = None, input_shape: tuple[int, int, int] = (3, 32, 32)) -> dict:
     """The roofline of ``gm`` as a JSON-ready dict: profile, one entry per node, the step,
@@ -65,7 +75,9 @@ def roofline_record(gm, profile: HardwareProfile, precision: str, mode: str, bat
 
     With ``measured`` (a profile record), nodes gain ``measured_seconds`` (per step),
     ``achieved_flops_per_second`` and ``fraction_of_attainable``, matched by label
-    (module path); the step gains the measured step time.
+    (module path); the step gains the measured step time. ``fraction_of_attainable`` is
+    None unless the record was measured on ``profile``'s GPU (:func:`measured_on_profile`):
+    a share of another device's roof says nothing.
 
     Raises:
         UserError: see :func:`fastgraph.perf.nodes.node_points`; a measured record
@@ -79,6 +91,7 @@ def roofline_record(gm, profile: HardwareProfile, precision: str, mode: str, bat
     step = step_point(points, profile, precision)
     if measured is not None:
         rows = {r["node"]: r for r in measured["rows"]}
+        on_profile = measured_on_profile(profile, measured)
         matched = 0
         for n in nodes:
             row = rows.get(n["label"])
@@ -88,7 +101,7 @@ def roofline_record(gm, profile: HardwareProfile, precision: str, mode: str, bat
             n["measured_seconds"] = row["seconds"]
             n["achieved_flops_per_second"] = n["flops"] / row["seconds"]
             n["fraction_of_attainable"] = (n["achieved_flops_per_second"] / n["attainable_flops_per_second"]
-                                           if n["attainable_flops_per_second"] else None)
+                                           if on_profile and n["attainable_flops_per_second"] else None)
         if not matched:
             raise UserError("--measured: no row matches a node of this graph (profiled from another model?)")
         step_seconds = measured.get("step_seconds")
@@ -107,15 +120,17 @@ def roofline_table(record: dict) -> Table:
     from fastgraph.core.console import fitting_table, number, si
 
     measured = any("measured_seconds" in n for n in record["nodes"])
+    shares = any(n.get("fraction_of_attainable") is not None for n in record["nodes"])
     side = "x".join(map(str, record.get("input_shape", [3, 32, 32])[1:]))
     title = (f"Roofline per node: {record['mode']} step of {record['batch_size']} {side} images on "
              f"{record['display_name']} at {record['precision']} "
              f"(ridge {record['ridge_point']:.3g} FLOPs/B); "
-             "roof: the node's time on the roofline" + ("; meas: measured time, achieved rate and its share "
-                                                          "of the roof's" if measured else ""))
+             "roof: the node's time on the roofline"
+             + ("; meas: measured time, achieved rate" + (" and its share of the roof's" if shares else "")
+                if measured else ""))
     # Short headers and units in them, so that 11 columns fit 80 with the node names whole.
     cols = ["node", "FLOPs", "bytes", "FLOP/B", "bound", "roof µs", "% step"]
-    cols += ["meas µs", "TFLOP/s", "% roof"] if measured else ["attainable TFLOP/s"]
+    cols += (["meas µs", "TFLOP/s"] + ["% roof"] * shares) if measured else ["attainable TFLOP/s"]
     rows = []
     total = record["step"]["roofline_seconds"] or 1.0
     for n in record["nodes"] + [dict(record["step"], label="step (sum)", bound="-")]:
@@ -125,8 +140,8 @@ def roofline_table(record: dict) -> Table:
             frac = n.get("fraction_of_attainable")
             seconds, achieved = n.get("measured_seconds"), n.get("achieved_flops_per_second")
             row += [number(seconds * 1e6 if seconds is not None else None),
-                    number(achieved / 1e12 if achieved is not None else None),
-                    f"{100 * frac:.1f}" if frac is not None else "-"]
+                    number(achieved / 1e12 if achieved is not None else None)]
+            row += [f"{100 * frac:.1f}" if frac is not None else "-"] * shares
         else:
             row.append(number(n["attainable_flops_per_second"] / 1e12))
         rows.append(row)
@@ -196,7 +211,9 @@ class Roofline:
             images/s of the whole system); None without (and then not in :meth:`to_dict`).
         plot_path: the plot written by :meth:`plot` (None before; ``plot`` in :meth:`to_dict`).
         hardware: the :class:`~fastgraph.perf.roofline.HardwareProfile` itself, and
-        measured_device: the device the measured profile ran on (neither in :meth:`to_dict`).
+        measured_device: the device the measured profile ran on, and
+        measured_on_profile: whether that is the profile's GPU (:func:`measured_on_profile`;
+            ``fraction_of_attainable`` is None otherwise) (none of these in :meth:`to_dict`).
         header: schema, versions, commit and date (``fastgraph.core.outputs.report_header``).
     """
 
@@ -216,11 +233,12 @@ class Roofline:
     plot_path: str | None = None
     hardware: HardwareProfile | None = field(default=None, repr=False)
     measured_device: str | None = field(default=None, repr=False)
+    measured_on_profile: bool | None = field(default=None, repr=False)
     header: dict = field(default_factory=report_header, repr=False)
 
     def to_dict(self) -> dict:
         """Exactly the JSON ``fastgraph roofline --json`` writes (``plot`` is the plot's path, once drawn)."""
-        skip = ("plot_path", "hardware", "measured_device", "header")
+        skip = ("plot_path", "hardware", "measured_device", "measured_on_profile", "header")
         skip += ("communication",) if self.communication is None else ()
         body = {f.name: copy.deepcopy(getattr(self, f.name)) for f in fields(self) if f.name not in skip}
         plot = {"plot": self.plot_path} if self.plot_path else {}
@@ -254,16 +272,19 @@ class Roofline:
 
     def __rich__(self) -> Table | Group:
         """The table ``fastgraph roofline`` prints, and the data-parallel one with ``gpus``."""
-        table = roofline_table(self.to_dict())
-        if self.communication is None:
-            return table
-        return Group(table, "", communication_table(self.communication, self.display_name))
+        parts = [roofline_table(self.to_dict())]
+        if self.measured_device is not None and not self.measured_on_profile:
+            parts.append(f"Measured on {self.measured_device}, not on {self.display_name}: no share "
+                         "of its roof is given.")
+        if self.communication is not None:
+            parts += ["", communication_table(self.communication, self.display_name)]
+        return parts[0] if len(parts) == 1 else Group(*parts)
 
     __str__ = report_text
 
 
 def roofline(model: nn.Module | str | os.PathLike, *, profile: str | HardwareProfile = DEFAULT_PROFILE,
-             precision: str = "bf16", mode: str = "train", batch_size: int = 512,
+             precision: str = "bf16", mode: str = "train", batch_size: int | None = None,
              measured: dict | str | os.PathLike | None = None, entry: str | None = None,
              gpus: int | None = None, nodes: int | None = None,
              gradient_precision: str | None = None,
@@ -281,10 +302,11 @@ def roofline(model: nn.Module | str | os.PathLike, *, profile: str | HardwarePro
             :class:`~fastgraph.perf.roofline.HardwareProfile`.
         precision: fp32, tf32, fp16 or bf16.
         mode: ``"train"`` (forward + backward + SGD update) or ``"infer"`` (forward).
-        batch_size: images per step (>= 1).
+        batch_size: images per step (>= 1); default 512, or the measured profile's.
         measured: a ``fastgraph profile --json`` record (dict or file): nodes gain their
-            measured seconds per step and achieved FLOP/s; the step's batch size is the
-            profile's (training steps only).
+            measured seconds per step and achieved FLOP/s, and their share of the roof when
+            measured on ``profile``'s GPU; the step's batch size is the profile's (training
+            steps only), and a ``batch_size`` given must equal it.
         gpus, nodes: predict data-parallel training on ``gpus`` GPUs over ``nodes`` nodes
             (default 1; training only), each GPU at ``batch_size`` images per step: the
             record gains ``communication`` (see
@@ -303,11 +325,13 @@ def roofline(model: nn.Module | str | os.PathLike, *, profile: str | HardwarePro
 
     Raises:
         UserError: unknown profile or precision (or one the profile lacks), a bad mode or
-            batch size, a measured record that is not a profile's, is of inference, or
-            matches no node; a model file that cannot be built or traced (``ModelError``);
-            ``nodes`` without ``gpus``, ``gpus`` in inference, or a system the profile cannot
-            model (:func:`fastgraph.perf.communication.check_system`: gpus or nodes < 1,
-            gpus not a multiple of nodes, several nodes on a profile without a network).
+            batch size, a measured record that is not a profile's, is of inference, is of
+            another batch size than ``batch_size``, or matches no node; a model file that
+            cannot be built or traced (``ModelError``); ``nodes`` without ``gpus``, ``gpus``
+            in inference, or a system the profile cannot model
+            (:func:`fastgraph.perf.communication.check_system`: gpus or nodes < 1, gpus not
+            a multiple of nodes, more GPUs per node than a node holds, several nodes on a
+            profile without a network).
     """
     from fastgraph.core.loading import load_model
     from fastgraph.core.tracing import trace
@@ -322,7 +346,13 @@ def roofline(model: nn.Module | str | os.PathLike, *, profile: str | HardwarePro
     if measured is not None:
         if mode != "train":
             raise UserError("--measured comes from training steps (`fastgraph profile`): use --mode train")
-        batch_size = int(measured["batch_size"])  # FLOPs per step must be those of the measured steps
+        # FLOPs per step must be those of the measured steps
+        if batch_size is not None and batch_size != int(measured["batch_size"]):
+            raise UserError(f"--batch-size {batch_size} is not the {measured['batch_size']} images per step "
+                            "of the --measured profile: drop --batch-size, or profile at that batch size")
+        batch_size = int(measured["batch_size"])
+    elif batch_size is None:
+        batch_size = 512
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise UserError(f"batch_size must be a positive integer, got {batch_size!r}")
     input_shape = tuple(input_shape)
@@ -356,4 +386,5 @@ def roofline(model: nn.Module | str | os.PathLike, *, profile: str | HardwarePro
                                              compute_seconds=record["step"]["roofline_seconds"],
                                              gradient_precision=gradient_precision)
     return Roofline(**record, model=label, communication=communication, hardware=hardware,
-                    measured_device=measured.get("device") if measured else None)
+                    measured_device=measured.get("device") if measured else None,
+                    measured_on_profile=measured_on_profile(hardware, measured) if measured else None)

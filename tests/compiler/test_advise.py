@@ -273,3 +273,21 @@ def test_an_unwritable_json_is_refused_before_any_work(capsys, tmp_path):
     with pytest.raises(SystemExit) as info:
         main(["advise", str(tmp_path / "m.py"), "--batch-size", "0"])
     assert info.value.code == 2
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_precision_at_16_bit_already_gains_nothing_and_says_so(no_bn_model, precision):
+    advice = advise(str(no_bn_model), mode="infer", precision=precision)
+    trick = advice.trick("precision")
+    assert not trick.applies and trick.predicted_gain is None
+    assert trick.reason.startswith(f"already at {precision}") and "no gain" in trick.reason
+
+
+def test_precision_from_fp32_or_tf32_is_against_the_advice_s_own_roofline(no_bn_model):
+    for precision in ("fp32", "tf32"):
+        advice = advise(str(no_bn_model), mode="infer", precision=precision)
+        trick = advice.trick("precision")
+        assert trick.applies and trick.options == {"precision": "bf16"}
+        assert trick.roofline_seconds_before == advice.baseline["roofline_seconds"]
+        gain = 1 - trick.roofline_seconds_after / trick.roofline_seconds_before
+        assert trick.predicted_gain == pytest.approx(gain) and gain > 0

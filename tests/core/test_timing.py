@@ -127,6 +127,6 @@ def test_step_times_whose_ranges_overlap_are_within_noise():
     faster = compare_step_times([0.200, 0.210, 0.205], [0.100, 0.104, 0.102])
     assert faster["verdict"] == "faster" and faster["speedup"] == pytest.approx(0.205 / 0.102)
     assert faster["before"] == {"median": 0.205, "min": 0.2, "max": 0.21, "n": 3}
-    assert compare_step_times([0.1], [0.3])["verdict"] == "slower"
+    assert compare_step_times([0.1, 0.11], [0.3, 0.31])["verdict"] == "slower"
     with pytest.raises(ValueError):
         compare_step_times([], [0.1])

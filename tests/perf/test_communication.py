@@ -205,6 +205,13 @@ def test_systems_that_cannot_be_modelled(gpus, nodes, message):
         check_system(load_profile("gtx1080ti"), gpus, nodes)
 
 
+@pytest.mark.parametrize("gpus, nodes, least", [(16, 1, 2), (1024, 1, 128), (24, 2, 3)])
+def test_more_gpus_than_a_node_holds_need_more_nodes(gpus, nodes, least):
+    with pytest.raises(UserError, match=rf"holds at most 8 GPUs: spread them over at least {least} nodes"):
+        check_system(load_profile("h100"), gpus, nodes)
+    assert check_system(load_profile("h100"), gpus, least) == gpus // least
+
+
 def test_the_record_adds_up():
     net = build_example("resnet9.py")
     hw = load_profile("h100")

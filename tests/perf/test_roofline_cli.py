@@ -97,3 +97,41 @@ def test_input_shape_errors_are_one_line(capsys):
     # a measured profile is of CIFAR-10 steps: its times cannot sit beside counts at another shape
     with pytest.raises(UserError, match="3x32x32"):
         roofline_api(MODEL, measured={"batch_size": 4, "rows": []}, input_shape=(3, 64, 64))
+
+
+def _measured(device: str, on_profile: bool) -> dict:
+    """A `fastgraph profile --json` record of 8-image steps, timing two of resnet20's nodes."""
+    return {"batch_size": 8, "device": device, "profile": "h100", "measured_on_profile": on_profile,
+            "step_seconds": 0.25,
+            "rows": [{"node": "conv1", "seconds": 5e-4}, {"node": "fc", "seconds": 2e-4}]}
+
+
+def test_an_explicit_batch_size_that_is_not_the_measured_one_is_refused():
+    from fastgraph.core.errors import UserError
+    from fastgraph.perf.record import roofline as roofline_api
+
+    with pytest.raises(UserError, match="--batch-size 256 is not the 8 images per step"):
+        roofline_api(MODEL, measured=_measured("cpu", False), batch_size=256)
+    assert roofline_api(MODEL, measured=_measured("cpu", False), batch_size=8).batch_size == 8
+    assert roofline_api(MODEL, measured=_measured("cpu", False)).batch_size == 8  # none given: the profile's
+    assert roofline_api(MODEL, mode="infer").batch_size == 512
+
+
+def test_no_share_of_a_gpu_s_roof_from_a_run_on_another_device():
+    from fastgraph.perf.record import roofline as roofline_api
+
+    cpu = roofline_api(MODEL, profile="h100", measured=_measured("cpu", False))
+    timed = [n for n in cpu.nodes if "measured_seconds" in n]
+    assert len(timed) == 2 and all(n["fraction_of_attainable"] is None for n in timed)
+    text = str(cpu)
+    assert "% roof" not in text and "share of the roof" not in text
+    line = "Measured on cpu, not on NVIDIA H100 SXM5 80GB: no share of its roof is given."
+    assert line in " ".join(text.split())
+    gpu = roofline_api(MODEL, profile="h100", measured=_measured("NVIDIA H100 80GB HBM3", True))
+    conv1 = next(n for n in gpu.nodes if n["label"] == "conv1")
+    assert conv1["fraction_of_attainable"] == pytest.approx(
+        conv1["achieved_flops_per_second"] / conv1["attainable_flops_per_second"])
+    assert "% roof" in str(gpu) and "Measured on" not in str(gpu)
+    # measured on an H100 but held against an A100's roof: no share either
+    a100 = roofline_api(MODEL, profile="a100", measured=_measured("NVIDIA H100 80GB HBM3", True))
+    assert all(n.get("fraction_of_attainable") is None for n in a100.nodes)
