@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import runpy
+import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -179,3 +181,13 @@ def model():
 def outputs_model(returned: str) -> str:
     """The source of a model file whose forward returns ``returned`` (see above)."""
     return _OUTPUTS_MODEL.replace("RETURN", returned)
+
+
+def load_script(relative: str, name: str):
+    """The repository file ``relative`` (a bench script, not a package module) imported as
+    module ``name``, registered in ``sys.modules`` (dataclasses look their module up there)."""
+    spec = importlib.util.spec_from_file_location(name, REPO / relative)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module

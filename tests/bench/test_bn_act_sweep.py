@@ -3,23 +3,18 @@ run through the kernels under Triton's interpreter."""
 
 from __future__ import annotations
 
-import importlib.util
 import sys
 
 import pytest
 import torch
 
-from support import REPO
+from support import load_script
 
 
 @pytest.fixture(scope="module")
 def sweep():
-    spec = importlib.util.spec_from_file_location("bench_bn_act_sweep", REPO / "bench" / "bn_act_sweep.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop(spec.name, None)
+    yield load_script("bench/bn_act_sweep.py", "bench_bn_act_sweep")
+    sys.modules.pop("bench_bn_act_sweep", None)
 
 
 @pytest.mark.parametrize("shape, groups", [((1024, 64, 15, 15), 1), ((512, 128, 16, 16), 16),

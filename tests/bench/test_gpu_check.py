@@ -6,7 +6,6 @@ goes through end to end under Triton's interpreter."""
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import subprocess
 import sys
@@ -16,15 +15,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from support import REPO, real_data_path
+from support import REPO, load_script, real_data_path
 
 
 def _load(name: str, alias: str):
-    spec = importlib.util.spec_from_file_location(alias, REPO / "bench" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[alias] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+    return load_script(f"bench/{name}.py", alias)
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,6 @@ changes, its narrow models build, and its statistics are Welch's test."""
 
 from __future__ import annotations
 
-import importlib.util
 import math
 import sys
 
@@ -12,17 +11,13 @@ import torch
 
 from fastgraph.core.loading import load_model
 from fastgraph.training.recipes import load_recipe
-from support import REPO
+from support import load_script
 
 
 @pytest.fixture(scope="module")
 def evidence():
-    spec = importlib.util.spec_from_file_location("recipe_evidence", REPO / "bench" / "recipe_evidence.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop(spec.name, None)
+    yield load_script("bench/recipe_evidence.py", "recipe_evidence")
+    sys.modules.pop("recipe_evidence", None)
 
 
 def _passes(recipe):

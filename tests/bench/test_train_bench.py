@@ -3,18 +3,12 @@ airbench's format, reads airbench94's printed result, and computes the time rati
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-
 import pytest
 import torch
 
-from support import REPO
+from support import load_script
 
-spec = importlib.util.spec_from_file_location("bench_train_cifar10", REPO / "bench" / "train_cifar10.py")
-bench = importlib.util.module_from_spec(spec)
-sys.modules[spec.name] = bench
-spec.loader.exec_module(bench)
+bench = load_script("bench/train_cifar10.py", "bench_train_cifar10")
 
 # The header and final row airbench 0.1.8's print_training_details prints for one run
 # (utils.py: "|  %s  " per column, values right-justified to the header, 4 decimals).

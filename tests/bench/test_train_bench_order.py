@@ -6,7 +6,6 @@ airbench package where a GPU would be needed."""
 
 from __future__ import annotations
 
-import importlib.util
 import io
 import os
 import sys
@@ -16,12 +15,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from support import REPO
+from support import load_script
 
-spec = importlib.util.spec_from_file_location("bench_train_order", REPO / "bench" / "train_cifar10.py")
-bench = importlib.util.module_from_spec(spec)
-sys.modules[spec.name] = bench
-spec.loader.exec_module(bench)
+bench = load_script("bench/train_cifar10.py", "bench_train_order")
 
 
 def _fingerprints(images: torch.Tensor, labels: torch.Tensor) -> list[tuple[float, int]]:
