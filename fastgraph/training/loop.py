@@ -328,7 +328,7 @@ class Trainer:
             positions = dp.batch_positions(self.batch_size, self.dist.world_size, self.dist.rank,
                                            dp.ghost_batch_size(module))
             if self.dist.rank:  # dropout and stochastic depth draw per rank; rank 0 as one process
-                torch.manual_seed(seed + 1_000_003 * self.dist.rank)
+                torch.manual_seed((seed + 1_000_003 * self.dist.rank) % 2**64)  # torch takes < 2**64
         optimizers = build_optimizers(module, recipe, self.hyper)
         cfg = recipe["ema"]
         ema = (WeightAverage(module, decay=cfg["decay"], every=cfg["every"], warmup_power=cfg["warmup_power"],

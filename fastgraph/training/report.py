@@ -74,7 +74,7 @@ class RichReporter(Reporter):
     def run_end(self, run, record: RunRecord):
         self.console.print(f"run {run + 1}: TTA accuracy {100 * record.tta_acc:.2f}%, plain "
                            f"{100 * record.test_acc:.2f}%, {record.seconds:.2f} s counted "
-                           "(passes incl. whitening init, training, final TTA eval)")
+                           "(the recipe's passes, training, final TTA eval)")
 
     def message(self, text):
         self.console.print(text)
