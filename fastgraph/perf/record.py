@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import io
 import json
+import math
 import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -53,8 +54,36 @@ def read_measured(path: str | os.PathLike) -> dict:
         record = json.loads(file.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise UserError(f"--measured {file}: not valid JSON ({exc})") from None
+    return check_measured(record, f"--measured {file}")
+
+
+def _number(value, low: float) -> bool:
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    return number and math.isfinite(value) and value >= low
+
+
+def check_measured(record: object, where: str = "--measured") -> dict:
+    """``record`` when it has the fields of a ``fastgraph profile --json`` record that the
+    roofline reads: ``batch_size`` (int >= 1), ``rows`` (dicts with a ``node`` name and
+    ``seconds`` >= 0 or null) and an optional ``step_seconds`` (> 0).
+
+    Raises:
+        UserError: one line naming ``where`` and the first field that is missing or wrong.
+    """
     if not isinstance(record, dict) or not isinstance(record.get("rows"), list) or "batch_size" not in record:
-        raise UserError(f"--measured {file} is not the --json output of `fastgraph profile`")
+        raise UserError(f"{where} is not the --json output of `fastgraph profile`")
+    size = record["batch_size"]
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise UserError(f"{where}: batch_size must be a whole number of images >= 1, got {size!r}")
+    for i, row in enumerate(record["rows"]):
+        if not isinstance(row, dict) or not isinstance(row.get("node"), str):
+            raise UserError(f"{where}: rows[{i}] has no node name")
+        if row.get("seconds") is not None and not _number(row["seconds"], 0):
+            raise UserError(f"{where}: rows[{i}] ({row['node']}): seconds must be a number >= 0, "
+                            f"got {row['seconds']!r}")
+    step = record.get("step_seconds")
+    if step is not None and not (_number(step, 0) and step > 0):
+        raise UserError(f"{where}: step_seconds must be a number > 0, got {step!r}")
     return record
 
 
@@ -341,8 +370,8 @@ def roofline(model: nn.Module | str | os.PathLike, *, profile: str | HardwarePro
     hardware.peak(precision)
     if mode not in ("train", "infer"):
         raise UserError(f"mode must be 'train' or 'infer', not {mode!r}")
-    if measured is not None and not isinstance(measured, dict):
-        measured = read_measured(measured)
+    if measured is not None:
+        measured = check_measured(measured) if isinstance(measured, dict) else read_measured(measured)
     if measured is not None:
         if mode != "train":
             raise UserError("--measured comes from training steps (`fastgraph profile`): use --mode train")

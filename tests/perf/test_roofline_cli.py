@@ -79,6 +79,20 @@ def test_bad_input_is_one_line(tmp_path, capsys):
     assert "not valid JSON" in cli_error(capsys, "roofline", str(MODEL), "--measured", str(bad))
 
 
+@pytest.mark.parametrize("record, says", [
+    ({"rows": [{"node": "conv1"}], "batch_size": "eight"}, "batch_size must be a whole number"),
+    ({"rows": [{"node": "conv1", "seconds": "fast"}], "batch_size": 8}, "rows[0] (conv1): seconds"),
+    ({"rows": [{"seconds": 0.1}], "batch_size": 8}, "rows[0] has no node name"),
+    ({"rows": [], "batch_size": 8, "step_seconds": -1}, "step_seconds must be a number > 0"),
+])
+def test_a_malformed_measured_profile_is_one_line(tmp_path, capsys, record, says):
+    path = tmp_path / "profile.json"
+    path.write_text(json.dumps(record))
+    png = tmp_path / "r.png"
+    line = cli_error(capsys, "roofline", str(MODEL), "--measured", str(path), "--out", str(png))
+    assert str(path) in line and says in line, line
+
+
 def test_the_input_shape_sets_the_counts(tmp_path):
     """The step is counted at ``--input-shape``: FlopCounterMode's count of the model at that shape."""
     record, _ = roofline(tmp_path, "--input-shape", "3,64,48", "--batch-size", "4", "--mode", "infer")
