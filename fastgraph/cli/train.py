@@ -57,9 +57,9 @@ def _seed(text: str) -> int:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the ``fastgraph train`` options to its subparser."""
-    parser.add_argument("model", help="plain PyTorch model file (.py)")
     from fastgraph.training.recipes import shipped_recipes  # no torch import: help stays quick
 
+    parser.add_argument("model", help="plain PyTorch model file (.py)")
     parser.add_argument("--recipe", required=True,
                         help=f"shipped recipe ({', '.join(shipped_recipes())}) or a .toml file")
     parser.add_argument("--entry", help="function or class in the model file that builds the model")
@@ -133,10 +133,6 @@ def run(args: argparse.Namespace) -> int:
     check_outputs({"--json": args.json, "--plot": args.plot, "--tensorboard": args.tensorboard},
                   inputs={"model file": args.model, "data": data_input(args.data)},
                   folders=("--tensorboard",))
-    if args.checkpoint:
-        from fastgraph.training.checkpoint import check_writable
-
-        check_writable(args.checkpoint)  # a missing parent folder is refused, not created
     if args.plot:
         from fastgraph.core.figures import check_figure_path
 

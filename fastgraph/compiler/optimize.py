@@ -27,9 +27,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastgraph.compiler.report import OptimizeReport
-from fastgraph.core.errors import ModelError, UserError
+from fastgraph.core.errors import UserError
 from fastgraph.perf.roofline import DEFAULT_PROFILE, HardwareProfile
-from fastgraph.training.evaluation import training_loss
+from fastgraph.training.evaluation import check_trainable, training_loss
 
 # The passes `optimize` runs when --passes is not given: the exact ones for the mode,
 # whose results are verified; training-time passes change the function and are named
@@ -77,12 +77,7 @@ def synthetic_batch(n: int, shape: tuple[int, int, int], classes: int = 10):
             torch.randint(0, classes, (n,), generator=generator))
 
 
-def check_trainable(model: nn.Module, name: str) -> None:
-    """Raise ``ModelError`` unless ``model`` (``name`` in the message) has a parameter that
-    requires grad: a training step of a model without one has no weight to update."""
-    if not any(p.requires_grad for p in model.parameters()):
-        raise ModelError(f"{name}: the model has no trainable parameters, so it has no training step to "
-                         "measure: use --mode infer")
+NO_TRAINING_STEP = "it has no training step to measure: use --mode infer"
 
 
 def step_fn(gm: fx.GraphModule, mode: str, x: torch.Tensor, y: torch.Tensor, device: torch.device,
@@ -91,10 +86,11 @@ def step_fn(gm: fx.GraphModule, mode: str, x: torch.Tensor, y: torch.Tensor, dev
     forward of a copy of ``gm`` on (x, y) on ``device``; ``gm`` is untouched.
 
     Raises:
-        ModelError: ``mode`` "train" and ``gm`` has no trainable parameters (see :func:`check_trainable`).
+        ModelError: ``mode`` "train" and ``gm`` has no trainable parameters
+            (:func:`fastgraph.training.evaluation.check_trainable`).
     """
     if mode == "train":
-        check_trainable(gm, "the graph")
+        check_trainable(gm, "the graph", NO_TRAINING_STEP)
     model = copy.deepcopy(gm).to(device).train(mode == "train")
     x, y = x.to(device), y.to(device)
     low = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision)
@@ -254,7 +250,8 @@ def optimize(model: nn.Module | str | os.PathLike, *, mode: str = "infer",
     if source is not None:
         model = load_model(source, entry)
     if mode == "train":
-        check_trainable(model, str(source) if source is not None else type(model).__name__)
+        name = str(source) if source is not None else type(model).__name__
+        check_trainable(model, name, NO_TRAINING_STEP)
     gm = trace(model, source, mode=mode)  # self.training branches as they will run
     batch_size_given, batch_size = batch_size, batch_size or (512 if device.type == "cuda" else 32)
     names = _pass_names(passes, mode)

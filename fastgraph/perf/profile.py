@@ -46,7 +46,7 @@ from rich.console import Console, Group
 from rich.text import Text
 from torch import nn
 
-from fastgraph.core.errors import ModelError, UserError
+from fastgraph.core.errors import UserError
 from fastgraph.core.outputs import report_header
 from fastgraph.perf.record import report_text
 from fastgraph.perf.roofline import DEFAULT_PROFILE, HardwareProfile
@@ -331,7 +331,7 @@ def _steps(model, *, recipe, steps, warmup, batch_size, data, device, profile, p
     from fastgraph.data import CIFAR10_MEAN, CIFAR10_STD, load_cifar10
     from fastgraph.perf.nodes import node_points
     from fastgraph.perf.roofline import load_profile
-    from fastgraph.training.evaluation import training_loss
+    from fastgraph.training.evaluation import check_trainable, training_loss
 
     if steps < 1 or warmup < 0 or (batch_size is not None and batch_size < 2):
         raise UserError(f"steps must be >= 1, warmup >= 0 and batch_size >= 2, got steps={steps}, "
@@ -349,9 +349,7 @@ def _steps(model, *, recipe, steps, warmup, batch_size, data, device, profile, p
     source = None if isinstance(model, nn.Module) else model
     check_outputs({"out": out}, inputs={"model file": source, "data": data}, folders=("out",))
     traced = trace(model) if source is None else traced_model(source, entry)
-    if not any(p.requires_grad for p in traced.parameters()):  # a training step would update nothing
-        raise ModelError(f"{source or type(model).__name__}: the model has no trainable parameters, so "
-                         "it has no training step to profile")
+    check_trainable(traced, str(source or type(model).__name__), "it has no training step to profile")
     cifar = load_cifar10(data)
     total = batch_size * (warmup + steps)
     if total > len(cifar.train_images):

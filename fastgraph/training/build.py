@@ -21,6 +21,7 @@ from torch import nn
 from fastgraph.core.errors import ModelError, UserError
 from fastgraph.core.timing import Timer
 from fastgraph.training.batches import DeviceData, pass_images
+from fastgraph.training.evaluation import check_trainable
 from fastgraph.training.options import TrainOptions
 from fastgraph.training.streaming import StreamedData
 
@@ -86,12 +87,8 @@ def check_model(opts: TrainOptions) -> None:
             model has no trainable parameters (nothing to train).
     """
     from fastgraph.core.tracing import trace
-
     model = user_model(opts)
-    if not any(p.requires_grad for p in model.parameters()):
-        raise ModelError(f"{model_name(opts)}: the model has no trainable parameters, so fastgraph train "
-                         "has nothing to learn (fixed weights held as buffers, or every parameter "
-                         "frozen with requires_grad=False)")
+    check_trainable(model, model_name(opts), "fastgraph train has nothing to learn")
     trace(model, opts.model_path)
 
 

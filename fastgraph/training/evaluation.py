@@ -8,8 +8,9 @@ current weights instead of rebuilt at every evaluation; its :meth:`Evaluator.war
 evaluates every batch shape the timed evaluations see, so that they compile and autotune nothing.
 
 What a model must return to be trained or exported (one logits tensor,
-:func:`check_logits`), and the loss of a timed training step of any output
-(:func:`training_loss`, for ``fastgraph optimize`` and ``fastgraph profile``), live here too.
+:func:`check_logits`), what it must have to be trained (:func:`check_trainable`), and the
+loss of a timed training step of any output (:func:`training_loss`, for ``fastgraph
+optimize`` and ``fastgraph profile``) live here too.
 """
 
 from __future__ import annotations
@@ -54,6 +55,15 @@ def check_logits(out, images: int, command: str) -> torch.Tensor:
     raise ModelError(f"{command} needs a model whose forward returns one tensor of logits, (N, "
                      f"num_classes) for N images; on {images} images it returned "
                      f"{describe_output(out)}{hint}")
+
+
+def check_trainable(model: nn.Module, name: str, consequence: str) -> None:
+    """Raise ``ModelError`` ("<name>: the model has no trainable parameters, so
+    <consequence>") unless a parameter of ``model`` requires grad: a training step of a
+    model without one has no weight to update (fixed weights held as buffers, or every
+    parameter frozen)."""
+    if not any(p.requires_grad for p in model.parameters()):
+        raise ModelError(f"{name}: the model has no trainable parameters, so {consequence}")
 
 
 def training_loss(out, y: torch.Tensor, top: int | None = None) -> torch.Tensor:
