@@ -1,4 +1,4 @@
-"""Decode-once cache of CIFAR-10 arrays, keyed by the source's path, size and mtime.
+"""Decode-once cache of CIFAR-10 arrays, keyed by the source's path, size, mtime and ctime.
 
 Decoding 60,000 JPEGs takes seconds; reading the decoded uint8 arrays back takes a
 fraction of one. The cache is an uncompressed ``.npz`` (numpy's zip of ``.npy``
@@ -74,29 +74,45 @@ def cache_dir() -> Path:
 def source_key(source: Path, kind: str, extra: str = "") -> str:
     """A string that changes whenever the source's content may have changed.
 
-    A file is identified by its resolved path, size and mtime (ns); a folder by its
-    resolved path and every file's relative path, size and mtime inside it. ``kind``
-    (the decoder) and ``extra`` (e.g. the md5 table used) are part of the key too, so a
-    cache built under other checks is not reused.
+    A file is identified by its resolved path, size, mtime and ctime (ns); a folder by its
+    resolved path and the same of every file inside it, through symlinked sub-folders
+    too (as the decoder reads them). ``kind`` (the decoder) and ``extra`` (e.g. the md5
+    table used) are part of the key too, so a cache built under other checks is not reused.
     """
     source = source.resolve()
-    st = source.stat()
     if source.is_dir():
         digest = hashlib.sha1()
-        for root, dirs, files in os.walk(source):
+        seen: set[str] = set()
+        for root, dirs, files in os.walk(source, followlinks=True):
+            real = os.path.realpath(root)
+            if real in seen:  # a symlink back up the tree: walk each folder once
+                dirs.clear()
+                continue
+            seen.add(real)
             dirs.sort()
             for name in sorted(files):
                 p = os.path.join(root, name)
-                s = os.stat(p)
-                digest.update(f"{os.path.relpath(p, source)}\0{s.st_size}\0{s.st_mtime_ns}\n".encode())
+                digest.update(f"{os.path.relpath(p, source)}\0{_stamp(p)}\n".encode())
         content = digest.hexdigest()
     else:
-        content = f"{st.st_size}:{st.st_mtime_ns}"
+        content = _stamp(source)
     return json.dumps(
         {"format": FORMAT_VERSION, "kind": kind, "source": str(source), "content": content,
          "extra": extra},
         sort_keys=True,
     )
+
+
+def _stamp(path: str | Path) -> str:
+    """Size, mtime and ctime (ns) of ``path``'s target, or of the link itself when broken."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        st = os.lstat(path)  # a dangling or looping symlink: the decoder names it if it reads it
+    # ctime too: copying with `cp -p`/`rsync -a`, or a download that sets the server's
+    # mtime, gives another file of the same size the old mtime, but every write, rename
+    # or utime sets ctime to now, and no user call can set it back.
+    return f"{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}"
 
 
 def _marked_writable(folder: Path) -> bool:

@@ -68,6 +68,7 @@ class _Decoder:
 
     def __init__(self, workers: int, update=None):
         self.meta: list[tuple[str, str, str]] = []  # (split, class, file name) per image
+        self.folders: list[tuple[str, str, str]] = []  # (split, class, display name) per class folder seen
         self.parts: list[Future | np.ndarray | str] = []
         self.pending: list[tuple[str, bytes]] = []
         self.update = update or (lambda **_: None)  # progress: see fastgraph.core.console.progress
@@ -130,6 +131,17 @@ def _split_class_file(parts: tuple[str, ...]) -> tuple[str, str, str, str] | Non
     return None
 
 
+def _class_folder(parts: tuple[str, ...]) -> tuple[str, str] | None:
+    """(split, class) for a class folder's path inside the layout, else None."""
+    if any(p.startswith(".") or p == "__MACOSX" for p in parts):
+        return None
+    if len(parts) == 2 and parts[0] in SPLITS:
+        return parts  # type: ignore[return-value]
+    if len(parts) == 3 and parts[1] in SPLITS:
+        return parts[1], parts[2]
+    return None
+
+
 def _read_archive(path: Path, dec: _Decoder) -> set[str]:
     tops: set[str] = set()
     try:
@@ -137,6 +149,10 @@ def _read_archive(path: Path, dec: _Decoder) -> set[str]:
         with open(path, "rb") as raw, tarfile.open(fileobj=raw, mode="r:*") as tar:
             for member in tar:
                 dec.update(completed=raw.tell())
+                if member.isdir():
+                    folder = _class_folder(PurePosixPath(member.name.removeprefix("./")).parts)
+                    if folder is not None:
+                        dec.folders.append((*folder, f"{path}:{member.name.rstrip('/')}/"))
                 if not member.isfile():
                     continue
                 parsed = _split_class_file(PurePosixPath(member.name.removeprefix("./")).parts)
@@ -169,7 +185,9 @@ def _read_folder(folder: Path, dec: _Decoder) -> None:
         split_dir = root / split
         if not split_dir.is_dir():
             continue
-        for cls_dir in sorted(p for p in split_dir.iterdir() if p.is_dir()):
+        # Hidden folders (.ipynb_checkpoints, .AppleDouble) are no classes, as in an archive.
+        for cls_dir in sorted(p for p in split_dir.iterdir() if p.is_dir() and not p.name.startswith(".")):
+            dec.folders.append((split, cls_dir.name, f"{cls_dir}/"))
             for f in sorted(cls_dir.iterdir(), key=lambda p: _natural_key(p.name)):
                 if f.name.startswith(".") or not f.name.lower().endswith(IMAGE_SUFFIXES):
                     continue
@@ -185,8 +203,14 @@ def class_order(names: set[str]) -> tuple[str, ...]:
     return CANONICAL if names == set(CANONICAL) else tuple(sorted(names))
 
 
-def _check_classes(source: Path, per_split: dict[str, set[str]]) -> None:
+def _check_classes(source: Path, per_split: dict[str, set[str]], folders: list[tuple[str, str, str]]) -> None:
     layout = "train/<class>/*.png|jpg and test/<class>/*.png|jpg"
+    # An empty class folder would silently drop its class and shift the later labels;
+    # torchvision's ImageFolder refuses one too.
+    for split, cls, display in folders:
+        if cls not in per_split[split]:
+            raise DataError(f"{display}: empty class folder (no .png/.jpg/.jpeg images); add its "
+                            "images or remove the folder")
     for split, names in per_split.items():
         if not names:
             raise DataError(f"{source}: no {split}/ images found (expected {layout})")
@@ -207,8 +231,8 @@ def read_imagefolder(source: Path, workers: int | None = None) -> Arrays:
     Returns:
         Arrays: uint8 (N, 3, 32, 32) images, int64 (N,) labels, class names.
     Raises:
-        DataError: truncated/corrupt archive, missing split or classes, an image that is
-            not 32x32 or cannot be decoded (each names the file).
+        DataError: truncated/corrupt archive, missing split or classes, an empty class
+            folder, an image that is not 32x32 or cannot be decoded (each names the file).
     """
     if workers is None:
         workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
@@ -225,7 +249,7 @@ def read_imagefolder(source: Path, workers: int | None = None) -> Arrays:
                     raise DataError(f"{source}: archive holds train/ and test/ under several top-level "
                                     f"folders ({', '.join(sorted(t or '.' for t in tops))}); keep one")
             per_split = {s: {c for sp, c, _ in dec.meta if sp == s} for s in SPLITS}
-            _check_classes(source, per_split)
+            _check_classes(source, per_split, dec.folders)
             images = dec.finish()
     finally:
         dec.close()

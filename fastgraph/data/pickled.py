@@ -3,9 +3,10 @@
 Krizhevsky's release (https://www.cs.toronto.edu/~kriz/cifar.html) pickles one dict per
 batch file: ``b'data'`` uint8 (10000, 3072), each row the 1024 red, then green, then
 blue values of a 32x32 image (so a reshape gives NCHW), and ``b'labels'`` a list of
-ints; ``batches.meta`` holds ``b'label_names'``. Every file is md5-checked before it is
-unpickled, against the published checksums (the same table torchvision's CIFAR10
-uses). Unpickling only admits numpy's array-reconstruction functions, so a substituted
+ints; ``batches.meta`` holds ``b'label_names'`` (str keys, as batches re-saved after
+loading with ``encoding="latin1"`` carry them, are read too). Every file is md5-checked
+before it is unpickled, against the published checksums (the same table torchvision's
+CIFAR10 uses). Unpickling only admits numpy's array-reconstruction functions, so a substituted
 file cannot run code.
 """
 
@@ -73,17 +74,35 @@ def _unpickle(data: bytes, where: str) -> dict:
     return obj
 
 
+def _field(obj: dict, name: str):
+    # The release pickles bytes keys (b'data'); batches re-saved after loading with
+    # encoding="latin1" (as torchvision loads them) carry the same fields under str keys.
+    return obj.get(name.encode(), obj.get(name))
+
+
 def _batch(obj: dict, where: str, n_classes: int) -> tuple[np.ndarray, np.ndarray]:
-    data, labels = obj.get(b"data"), obj.get(b"labels")
+    data, labels = _field(obj, "data"), _field(obj, "labels")
+    if data is None or labels is None:
+        keys = ", ".join(repr(k) for k in obj)
+        hint = "; a CIFAR-100 batch?" if _field(obj, "fine_labels") is not None else ""
+        raise DataError(f"{where}: not a CIFAR-10 batch (keys {keys}; expected b'data' and "
+                        f"b'labels'{hint}); pass CIFAR-10's batches")
     if not (isinstance(data, np.ndarray) and data.dtype == np.uint8 and data.ndim == 2
             and data.shape[1] == 3 * 32 * 32):
-        got = getattr(data, "shape", type(data).__name__)
+        got = (f"{data.dtype} {data.shape}" if isinstance(data, np.ndarray) else type(data).__name__)
         raise DataError(f"{where}: b'data' is {got}, expected uint8 (N, 3072); re-download it")
-    labels = np.asarray(labels if labels is not None else [], np.int64)
-    if labels.shape != (len(data),) or (labels.size and (labels.min() < 0 or labels.max() >= n_classes)):
-        raise DataError(f"{where}: b'labels' do not match b'data' ({labels.size} labels for "
-                        f"{len(data)} images, or out of 0..{n_classes - 1}); re-download it")
-    return data.reshape(-1, 3, 32, 32), labels
+    try:
+        values = np.asarray(labels)
+    except (ValueError, TypeError):  # ragged nesting
+        values = np.asarray(None)
+    # Integers only: casting float or str labels to int64 would truncate or mislabel silently.
+    if values.dtype.kind not in "iu" or values.shape != (len(data),):
+        raise DataError(f"{where}: b'labels' is not {len(data)} integers, one per image of b'data' "
+                        f"(got {values.dtype} {values.shape}); re-download it")
+    if values.size and (values.min() < 0 or values.max() >= n_classes):
+        raise DataError(f"{where}: b'labels' run from {values.min()} to {values.max()}, outside the "
+                        f"{n_classes} classes of batches.meta (0..{n_classes - 1}); re-download it")
+    return data.reshape(-1, 3, 32, 32), values.astype(np.int64)
 
 
 def decode(files: Mapping[str, bytes], where: Mapping[str, str],
@@ -108,7 +127,7 @@ def decode(files: Mapping[str, bytes], where: Mapping[str, str],
                                 "(truncated, corrupt or not the original file); re-download with "
                                 "`fastgraph data download`")
     meta = _unpickle(files[META_FILE], where[META_FILE])
-    names = meta.get(b"label_names")
+    names = _field(meta, "label_names")
     if not (isinstance(names, list) and names):
         raise DataError(f"{where[META_FILE]}: no b'label_names' list; re-download it")
     classes = tuple(n.decode() if isinstance(n, bytes) else str(n) for n in names)

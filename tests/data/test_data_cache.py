@@ -122,3 +122,52 @@ def test_cache_write_is_atomic(tmp_path, sample):
     target.rmdir()
     cache.write(target, "k", arrays)
     assert cache.read(target, "k") is not None and cache.read(target, "other") is None
+
+
+def test_archive_replaced_with_same_size_and_mtime_invalidates(tmp_path, sample, isolated_cache):
+    # `cp -p`, `rsync -a` or a download that keeps the server's mtime: another archive of
+    # the same size (tar pads to 512-byte blocks) arrives with the old mtime.
+    src = write_imagefolder(tmp_path / "d", sample)
+    archive = make_tar(src, tmp_path / "c.tar")
+    before = load_cifar10(archive)
+    st = archive.stat()
+    target = src / "train" / "airplane" / "0.png"
+    pixels = np.asarray(Image.open(target)).copy()
+    pixels[0, 0] = 255 - pixels[0, 0]
+    Image.fromarray(pixels).save(target)
+    make_tar(src, tmp_path / "other.tar")
+    assert (tmp_path / "other.tar").stat().st_size == st.st_size
+    os.replace(tmp_path / "other.tar", archive)
+    os.utime(archive, ns=(st.st_atime_ns, st.st_mtime_ns))
+    after = load_cifar10(archive)
+    assert not after.from_cache
+    assert torch.equal(after.train_images[0], torch.from_numpy(pixels.transpose(2, 0, 1).copy()))
+    assert not torch.equal(after.train_images[0], before.train_images[0])
+
+
+def test_changed_image_in_a_symlinked_class_folder_invalidates(tmp_path, sample, isolated_cache):
+    src = write_imagefolder(tmp_path / "d", sample)
+    elsewhere = tmp_path / "airplane-images"
+    os.replace(src / "train" / "airplane", elsewhere)
+    (src / "train" / "airplane").symlink_to(elsewhere, target_is_directory=True)
+    (elsewhere / "loop").symlink_to(src, target_is_directory=True)  # a cycle must not hang the key
+    before = load_cifar10(src)
+    target = elsewhere / "0.png"
+    pixels = np.asarray(Image.open(target)).copy()
+    pixels[0, 0] = 255 - pixels[0, 0]
+    Image.fromarray(pixels).save(target)
+    after = load_cifar10(src)
+    assert not after.from_cache
+    assert not torch.equal(after.train_images[0], before.train_images[0])
+
+
+def test_dangling_symlink_in_the_folder_is_named_or_skipped(tmp_path, sample, isolated_cache):
+    src = write_imagefolder(tmp_path / "d", sample)
+    (src / "train" / "notes.txt").symlink_to(tmp_path / "gone.txt")  # not an image: not read
+    assert len(load_cifar10(src).train_labels) == len(sample.train_labels)
+    link = src / "train" / "cat" / "999.png"
+    link.symlink_to(tmp_path / "gone.png")
+    with pytest.raises(DataError) as err:
+        load_cifar10(src)
+    msg = str(err.value)
+    assert msg.startswith(f"{link}: cannot read (No such file or directory)") and "\n" not in msg

@@ -111,6 +111,7 @@ def test_missing_class_is_named(tmp_path, sample):
     write_imagefolder(tmp_path / "d", sample)
     for f in (tmp_path / "d" / "test" / "frog").iterdir():
         f.unlink()
+    (tmp_path / "d" / "test" / "frog").rmdir()
     with pytest.raises(DataError, match=r"test/ has no images of class\(es\) frog"):
         load_cifar10(tmp_path / "d")
 
@@ -131,3 +132,31 @@ def test_not_cifar_is_named(tmp_path):
     (tmp_path / "notes.txt").write_text("hello")
     with pytest.raises(DataError, match=r"notes.txt: not a CIFAR-10 folder or .tar"):
         load_cifar10(tmp_path / "notes.txt")
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["folder", "archive"])
+def test_empty_class_folder_is_named(tmp_path, sample, packed):
+    # Dropping the class would shift every later label by one (9 classes instead of 10).
+    src = write_imagefolder(tmp_path / "d", sample)
+    for split in ("train", "test"):
+        for f in (src / split / "dog").iterdir():
+            f.unlink()
+    (src / "train" / "dog" / ".DS_Store").write_bytes(b"\0")
+    where = make_tar(src, tmp_path / "c.tar") if packed else src
+    with pytest.raises(DataError) as err:
+        load_cifar10(where)
+    msg = str(err.value)
+    assert "dog/: empty class folder" in msg and "\n" not in msg
+    assert msg.startswith(f"{where}:" if packed else f"{src / 'train' / 'dog'}/:")
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["folder", "archive"])
+def test_hidden_folders_are_not_classes(tmp_path, sample, packed):
+    src = write_imagefolder(tmp_path / "d", sample)
+    for split in ("train", "test"):
+        hidden = src / split / ".ipynb_checkpoints"
+        hidden.mkdir()
+        (hidden / "0.png").write_bytes((src / split / "cat" / "0.png").read_bytes())
+        (src / split / ".AppleDouble").mkdir()
+    ds = load_cifar10(make_tar(src, tmp_path / "c.tar") if packed else src)
+    _assert_class_major_equal(ds, sample)

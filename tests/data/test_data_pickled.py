@@ -84,7 +84,7 @@ def test_wrong_data_shape_is_named(tmp_path, sample):
     doc = {b"data": np.zeros((4, 1024), np.uint8), b"labels": [0, 1, 2, 3]}
     (folder / "data_batch_2").write_bytes(pickle.dumps(doc, protocol=2))
     md5["data_batch_2"] = hashlib.md5((folder / "data_batch_2").read_bytes()).hexdigest()
-    with pytest.raises(DataError, match=r"data_batch_2: b'data' is \(4, 1024\)"):
+    with pytest.raises(DataError, match=r"data_batch_2: b'data' is uint8 \(4, 1024\)"):
         load_cifar10(folder, checksums=md5)
 
 
@@ -109,4 +109,68 @@ def test_missing_batch_file_is_named(tmp_path, sample):
     md5 = write_batches(folder, sample)
     (folder / "data_batch_5").unlink()
     with pytest.raises(DataError, match=r"data_batch_5: missing; run `fastgraph data download`"):
+        load_cifar10(folder, checksums=md5)
+
+
+def _rewrite(folder, name, md5, edit):
+    """Re-pickle batch file ``name`` through ``edit(dict) -> dict`` and record its new md5."""
+    doc = pickle.loads((folder / name).read_bytes(), encoding="bytes")
+    (folder / name).write_bytes(pickle.dumps(edit(doc), protocol=2))
+    md5[name] = hashlib.md5((folder / name).read_bytes()).hexdigest()
+
+
+def test_batches_resaved_with_str_keys_load(tmp_path, sample):
+    # Loaded with encoding="latin1" (as torchvision does) and pickled again, the fields
+    # carry str keys: 'data', 'labels', 'label_names'.
+    folder = tmp_path / "cifar-10-batches-py"
+    md5 = write_batches(folder, sample)
+    for name in pickled.FILES:
+        _rewrite(folder, name, md5, lambda doc: {k.decode(): v for k, v in doc.items()})
+    _assert_equal(load_cifar10(folder, checksums=md5), sample)
+
+
+@pytest.mark.parametrize("labels, got", [
+    (lambda n: [0.5] * n, "float64"),  # int64 casting would make every label 0
+    (lambda n: ["cat"] * n, "<U3"),
+    (lambda n: [[0, 1]] + [0] * (n - 1), "object"),
+    (lambda n: [2**70] * n, "object"),
+], ids=["float", "str", "ragged", "too-large"])
+def test_labels_that_are_not_integers_are_named(tmp_path, sample, labels, got):
+    folder = tmp_path / "cifar-10-batches-py"
+    md5 = write_batches(folder, sample)
+    _rewrite(folder, "data_batch_4", md5, lambda doc: {**doc, b"labels": labels(len(doc[b"labels"]))})
+    with pytest.raises(DataError) as err:
+        load_cifar10(folder, checksums=md5)
+    msg = str(err.value)
+    assert msg.startswith(f"{folder / 'data_batch_4'}: b'labels' is not ") and got in msg
+    assert "\n" not in msg
+
+
+def test_labels_out_of_range_are_named(tmp_path, sample):
+    folder = tmp_path / "cifar-10-batches-py"
+    md5 = write_batches(folder, sample)
+    _rewrite(folder, "test_batch", md5,
+             lambda doc: {**doc, b"labels": [3] * (len(doc[b"labels"]) - 1) + [10]})
+    with pytest.raises(DataError, match=r"test_batch: b'labels' run from 3 to 10, outside the 10 classes"):
+        load_cifar10(folder, checksums=md5)
+
+
+def test_cifar100_batch_is_named(tmp_path, sample):
+    folder = tmp_path / "cifar-10-batches-py"
+    md5 = write_batches(folder, sample)
+
+    def as_cifar100(doc):
+        return {b"data": doc[b"data"], b"fine_labels": doc[b"labels"], b"coarse_labels": doc[b"labels"]}
+
+    _rewrite(folder, "data_batch_1", md5, as_cifar100)
+    with pytest.raises(DataError, match=r"data_batch_1: not a CIFAR-10 batch \(keys b'data', b'fine_labels', "
+                                        r"b'coarse_labels'; .*a CIFAR-100 batch\?\)"):
+        load_cifar10(folder, checksums=md5)
+
+
+def test_wrong_data_dtype_is_named(tmp_path, sample):
+    folder = tmp_path / "cifar-10-batches-py"
+    md5 = write_batches(folder, sample)
+    _rewrite(folder, "data_batch_2", md5, lambda doc: {**doc, b"data": doc[b"data"].astype(np.float32)})
+    with pytest.raises(DataError, match=r"data_batch_2: b'data' is float32 \(\d+, 3072\), expected uint8"):
         load_cifar10(folder, checksums=md5)
