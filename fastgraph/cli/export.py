@@ -74,10 +74,8 @@ def run(args: argparse.Namespace) -> int:
 
     from fastgraph import export
 
-    if args.weights != "auto" and args.checkpoint is None:
-        raise UserError(f"--weights {args.weights} chooses among the weights of a training checkpoint: "
-                        "give --checkpoint, or drop --weights to export the model file's initial weights")
-    device = check_export_options(args.format, args.opset, args.device)
+    device = check_export_options(args.format, args.opset, args.device, weights=args.weights,
+                                  checkpoint=args.checkpoint)
     # Unwritable outputs are named before the model, the checkpoint and the data are read.
     suffix = SUFFIXES[args.format]
     inputs = {"model file": args.model, "checkpoint": args.checkpoint, "data": data_input(args.data)}

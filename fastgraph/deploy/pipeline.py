@@ -237,11 +237,13 @@ def verification_batch_sizes(images: int, batch: int | None, chunk: int) -> set[
 
 
 def check_export_options(format: str, opset: int, device: str | torch.device | None, *, tta: str = "flip",
-                         precision: str = "fp32", batch: int | None = None, weights: str = "auto"):
+                         precision: str = "fp32", batch: int | None = None, weights: str = "auto",
+                         checkpoint: str | os.PathLike | None = None):
     """The ``torch.device`` to export on, once every option is known to work here.
 
     Raises:
-        UserError: an unknown format, TTA, precision or weights choice, a batch that is
+        UserError: an unknown format, TTA, precision or weights choice, ``weights`` other than
+            ``"auto"`` without a ``checkpoint`` to choose from, a batch that is
             not a positive integer, an ONNX opset below 17 or above the newest the installed
             onnx knows (see :func:`fastgraph.deploy.onnx.check_opset`), a missing extra (``onnx``,
             ``onnxscript``, ``onnxruntime``; ``torch_tensorrt``), TensorRT without CUDA, or a
@@ -254,6 +256,9 @@ def check_export_options(format: str, opset: int, device: str | torch.device | N
                                ("weights", weights, ("auto", "trained", "ema"))):
         if value not in known:
             raise UserError(f"--{what} must be one of {', '.join(known)}, not {value!r}")
+    if weights != "auto" and checkpoint is None:  # else the model's own weights would go out unsaid
+        raise UserError(f"--weights {weights} chooses among the weights of a training checkpoint: "
+                        "give --checkpoint, or drop --weights to export the model's own weights")
     if batch is not None and (isinstance(batch, bool) or not isinstance(batch, int) or batch < 1):
         raise UserError(f"--batch must be a positive integer or None (dynamic), not {batch!r}")
     if format == "tensorrt":  # fail before any work when the extra is missing
@@ -394,7 +399,8 @@ def export(model: nn.Module | str | os.PathLike, path: str | os.PathLike, *, tta
         format: ``"onnx"`` (extra ``export``) or ``"tensorrt"`` (extra ``gpu``, CUDA).
         checkpoint: trained weights: a state_dict file, or a ``fastgraph train`` checkpoint
             (file or folder); weights: of a checkpoint, ``"trained"``, ``"ema"`` or
-            ``"auto"`` (those the recipe evaluates). Default: the model's own weights.
+            ``"auto"`` (those the recipe evaluates); anything but ``"auto"`` needs a
+            ``checkpoint``. Default: the model's own weights.
         precision: ``"fp32"`` or ``"fp16"`` (the engine takes and returns float32).
         batch: a fixed batch size, or None for a dynamic batch axis.
         opset: ONNX opset, 17 to the newest the installed onnx knows (the file has exactly it).
@@ -418,7 +424,7 @@ def export(model: nn.Module | str | os.PathLike, path: str | os.PathLike, *, tta
     from fastgraph.deploy.batches import REFERENCE_CHUNK, pytorch_logits, run_engine
 
     device = check_export_options(format, opset, device, tta=tta, precision=precision, batch=batch,
-                                  weights=weights)
+                                  weights=weights, checkpoint=checkpoint)
     # An unwritable output, a bad checkpoint and a bad model file are named before the data
     # is looked for (it may be absent, or take seconds to decode).
     source = None if isinstance(model, nn.Module) else model

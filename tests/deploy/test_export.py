@@ -197,6 +197,18 @@ def test_missing_or_corrupt_checkpoint_is_named(trained, tmp_path, capsys, data_
     assert str(corrupt) in line and "cannot read checkpoint" in line
 
 
+def test_api_weights_choice_without_a_checkpoint_is_refused_before_any_work(trained, tmp_path):
+    from fastgraph import export
+    from fastgraph.core.errors import UserError
+
+    _, _, model = trained
+    out = tmp_path / "net.onnx"
+    for choice in ("trained", "ema"):  # else the module's own weights went out as if chosen
+        with pytest.raises(UserError, match=f"--weights {choice} .*--checkpoint"):
+            export(model, out, weights=choice, data=tmp_path / "no-data")
+    assert not out.exists()
+
+
 @pytest.mark.skipif(importlib.util.find_spec("torch_tensorrt") is not None,
                     reason="torch_tensorrt is installed: the missing-extra error cannot occur")
 def test_tensorrt_without_torch_tensorrt_names_the_extra(trained, capsys):
