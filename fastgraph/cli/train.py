@@ -41,11 +41,10 @@ def _accuracy(text: str) -> float:
     return value
 
 
-MAX_SEED = 2**64 - 1  # the largest seed torch.manual_seed accepts (an unsigned 64-bit integer)
-
-
 def _seed(text: str) -> int:
-    """``--seed``: an integer in [0, :data:`MAX_SEED`] (argparse's one-line usage error, exit 2, else)."""
+    """``--seed``: an integer in [0, 2**64 - 1] (argparse's one-line usage error, exit 2, else)."""
+    from fastgraph.training.options import MAX_SEED  # here: importing the command stays free of torch
+
     try:
         value = int(text)
     except ValueError:
@@ -114,9 +113,11 @@ def run(args: argparse.Namespace) -> int:
     """Run ``fastgraph train``; returns the exit code (a ``UserError`` is one line, exit 2)."""
     from fastgraph.training import distributed
     from fastgraph.training.loop import Interrupted, Reporter, TrainOptions, train
+    from fastgraph.training.options import MAX_SEED
     from fastgraph.training.recipes import load_recipe
     from fastgraph.training.report import RichReporter, print_summary
 
+    # TrainOptions checks this too; here it comes before torchrun starts any process.
     if args.seed + args.runs - 1 > MAX_SEED:
         raise UserError(f"--seed {args.seed} with --runs {args.runs}: the last run's seed "
                         f"{args.seed + args.runs - 1} is above 2**64 - 1, the largest torch accepts")

@@ -167,16 +167,17 @@ def fastgraph_backend(gm: fx.GraphModule, example_inputs: list, *, mode: str | N
         The inner backend's compiled callable, taking the same inputs as ``gm``.
 
     Raises:
-        UserError: an unknown option, mode, pass or inner backend; a pass that is not exact
-            or not for the mode; a torch.compile mode for an inner backend other than
-            Inductor. Dynamo reports it wrapped in its ``BackendCompilerFailed``.
+        UserError: an unknown option, mode, pass or inner backend; ``passes`` neither a
+            list of names nor a string; a pass that is not exact or not for the mode; a
+            torch.compile mode for an inner backend other than Inductor. Dynamo reports it
+            wrapped in its ``BackendCompilerFailed``.
     """
     options = dict(options or {})
     unknown = sorted(set(options) - set(OPTIONS))
     if unknown:
         raise UserError(f"fastgraph backend: unknown option {', '.join(map(repr, unknown))}; "
                         f"known: {', '.join(OPTIONS)}")
-    graph_mode = options.get("mode") or _default_mode(gm)
+    graph_mode = _default_mode(gm) if options.get("mode") is None else options["mode"]
     inner = _inner_backend(options.get("backend", DEFAULT_BACKEND), mode)
     rewritten, outcome = rewrite_graph(gm, example_inputs, mode=graph_mode, passes=options.get("passes"))
     outcome.backend = inner.name
@@ -202,8 +203,8 @@ def rewrite_graph(gm: fx.GraphModule, example_inputs: list, *, mode: str,
         :class:`GraphOutcome` whose ``backend`` is left empty).
 
     Raises:
-        UserError: unknown mode or pass, a pass not registered for ``mode``, or a
-            training-time pass.
+        UserError: unknown mode or pass, ``passes`` neither a list of names nor a string,
+            a pass not registered for ``mode``, or a training-time pass.
     """
     infos = _exact_passes(passes, mode)
     report = PassReport(mode)
@@ -266,8 +267,11 @@ def _exact_passes(passes, mode: str) -> list[registry.PassInfo]:
         names = DEFAULT_PASSES[mode]
     elif isinstance(passes, str):
         names = [n.strip() for n in passes.split(",") if n.strip()]
-    else:
+    elif isinstance(passes, (list, tuple)) and all(isinstance(n, str) for n in passes):
         names = list(passes)
+    else:
+        raise UserError(f"fastgraph backend: option 'passes' is a list of pass names or a comma-separated "
+                        f"string, got {passes!r}")
     infos = []
     for name in names:
         try:
@@ -296,8 +300,10 @@ class _Inner:
         try:
             self.fn = lookup_backend(name)
         except InvalidBackend:
+            # every tag: the default list leaves out "eager" and "aot_eager", the quick ones on a CPU
+            known = [b for b in torch._dynamo.list_backends(exclude_tags=()) if b != "fastgraph"]
             raise UserError(f"fastgraph backend: unknown inner backend {name!r}; "
-                            f"known: {', '.join(torch._dynamo.list_backends())}") from None
+                            f"known: {', '.join(known)}") from None
         self.name = name
         self.kwargs = {}
         if compile_mode not in (None, "default"):
@@ -421,7 +427,13 @@ class _Bound(nn.Module):
                 args.append(x.shape[payload])
             else:
                 args.append(payload)
-        return self.captured(*args)
+        # forward, not __call__: a GraphModule's __call__ prints the traceback of any error
+        # to stderr before raising it, and a failing run here is an outcome the check
+        # handles (a graph that fixed the batch size, a refused pass), not the user's error.
+        # Reading .code generates a lazy graph module's forward (Dynamo's graphs, and their
+        # deep copies, are lazy), whose first call would go through __call__.
+        self.captured.code  # noqa: B018
+        return self.captured.forward(*args)
 
 
 @dataclass

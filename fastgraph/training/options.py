@@ -4,6 +4,8 @@ timing rule its records state, and the error a diverging run raises."""
 from __future__ import annotations
 
 import contextlib
+import math
+import numbers
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -19,6 +21,7 @@ TIMING_RULE = ("counted: the recipe's passes (whitening initialisation included)
                "TTA evaluation; not counted: data upload, loading and tracing the model file, the "
                "passes' float64 checks (once per training), cuDNN/torch.compile warm-up, per-epoch "
                "progress evaluation")
+MAX_SEED = 2**64 - 1  # the largest seed torch.manual_seed accepts (an unsigned 64-bit integer)
 
 
 class TrainingDiverged(UserError):
@@ -52,6 +55,13 @@ class TrainOptions:
     recipe's pass list, the same function on unfused PyTorch ops, for A/B timing.
     sync_bn: in a data-parallel training on GPUs, BatchNorm statistics over the global
     batch (``torch.nn.SyncBatchNorm``) instead of each rank's share.
+
+    Raises:
+        UserError: on construction, a field of the wrong type (``epochs="2"``,
+            ``batch_size=2.5``, ``resume="no"``), a seed outside [0, 2**64 - 1] or one that
+            ``runs`` pushes past it, ``runs``, ``subset`` or ``test_subset`` below 1, or a
+            ``target`` outside (0, 1]. The ranges of ``epochs``, ``batch_size`` and
+            ``precision``, which the recipe may also give, are checked by the trainer.
     """
 
     model_path: str | None = None
@@ -76,6 +86,38 @@ class TrainOptions:
     progress_eval: bool = True
     fused_kernels: bool = True
     sync_bn: bool = False
+
+    def __post_init__(self) -> None:
+        # The one place the command line and the Python API both go through: argparse has
+        # parsed the command's values already, a Python caller's are checked only here.
+        for name in ("runs", "seed", "batch_size", "subset", "test_subset"):
+            value = getattr(self, name)
+            if value is None and name not in ("runs", "seed"):
+                continue
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+                raise UserError(f"{name} must be an integer, got {value!r}")
+            setattr(self, name, int(value))  # a NumPy integer too, for the JSON record
+        for name in ("epochs", "target"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Real)):
+                raise UserError(f"{name} must be a number, got {value!r}")
+        for name in ("resume", "stochastic_depth", "progress_eval", "fused_kernels", "sync_bn", "compile"):
+            value = getattr(self, name)
+            if not isinstance(value, bool) and not (name == "compile" and value is None):
+                raise UserError(f"{name} must be True or False, got {value!r}")
+        if not 0 <= self.seed <= MAX_SEED:
+            raise UserError(f"seed must be an integer in [0, 2**64 - 1] (what torch.manual_seed takes), "
+                            f"got {self.seed}")
+        for name in ("runs", "subset", "test_subset"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise UserError(f"{name} must be >= 1, got {value}")
+        if self.seed + self.runs - 1 > MAX_SEED:  # run i is seeded with seed + i
+            raise UserError(f"seed {self.seed} with runs {self.runs}: the last run's seed "
+                            f"{self.seed + self.runs - 1} is above 2**64 - 1, the largest torch accepts")
+        if self.target is not None and not (math.isfinite(self.target) and 0 < self.target <= 1):
+            raise UserError(f"target must be an accuracy in (0, 1] (a fraction: 0.94 for 94%), "
+                            f"got {self.target}")
 
 
 def autocast_for(device: torch.device, precision: str) -> Callable[[], contextlib.AbstractContextManager]:
