@@ -17,6 +17,8 @@ recipe's passes (which include the whitening initialisation from data), training
 the final TTA evaluation. For ``target`` the time to reach an accuracy at epoch *e* is
 the counted time through epoch *e*'s training plus that epoch's TTA evaluation, as if
 the run had stopped and been evaluated there (earlier epochs' evaluations not counted).
+A resumed run carries the counted seconds and phases of the processes before it; it
+rebuilds its graph outside the timer (its passes were counted before it stopped).
 
 Compilation stays out of the counted time: the warm-up runs the training step exactly as
 the loop does, on real batches from the run's own augmenter (its dtype, layout and
@@ -105,6 +107,7 @@ class _Run:
     boundary: bool = True  # between steps: the state is consistent
     records: list[EpochRecord] = field(default_factory=list)
     offset: float = 0.0  # counted seconds before a resume
+    earlier: dict | None = None  # Timer.as_dict() of the processes that trained the run before a resume
     carry: float = 0.0  # counted seconds of the resumed epoch before the resume
     partial: dict = field(default_factory=lambda: {"loss": 0.0, "correct": 0, "seen": 0})
     before: float = 0.0  # timer total when ``epoch`` started in this process
@@ -124,6 +127,20 @@ class _Run:
 
 # Settings a checkpoint written before they existed holds implicitly, at these values.
 SETTINGS_ADDED = {"data_format": "cifar10", "sync_bn": False}
+
+
+def _recipe_difference(saved: dict, current: dict) -> str:
+    """The first recipe value (``section.key``) that differs between ``saved`` (a checkpoint's
+    ``Recipe.to_dict()``) and ``current``, as ``"recipe section.key: VALUE there"``."""
+    for section in dict.fromkeys([*current, *saved]):
+        old, new = saved.get(section), current.get(section)
+        if isinstance(old, dict) and isinstance(new, dict):
+            for key in dict.fromkeys([*new, *old]):
+                if key in old and old.get(key) != new.get(key):
+                    return f"recipe {section}.{key}: {old[key]!r} there"
+        elif old != new and old is not None:
+            return f"recipe {section}: {old!r} there"[:200]
+    return "recipe contents differ"
 
 
 class Trainer:
@@ -316,7 +333,9 @@ class Trainer:
         recipe, seed = self.recipe, self.opts.seed + run
         timer = Timer(self.device)
         torch.manual_seed(seed)  # the model's initialisation (file or factory)
-        gm, pass_report = self.builder.build(timer, self.data)
+        # A resumed run's passes were counted before it stopped (in saved["phases"]): rebuilding
+        # the same graph here is set-up, not a second count of the passes.
+        gm, pass_report = self.builder.build(timer if saved is None else Timer(self.device), self.data)
         module, call = self.builder.training_module(gm)
         positions = None
         if self.dist is not None:
@@ -365,6 +384,7 @@ class Trainer:
             self._set_rng_state(ranks[self.dist.rank] if same_ranks else saved["rng"])
             r.epoch, r.done, r.step = saved["epoch"], saved["step_in_epoch"], saved["step"]
             r.offset, r.carry, r.partial = saved["counted_seconds"], saved["epoch_seconds"], saved["partial"]
+            r.earlier = saved.get("phases")  # absent from checkpoints written before it was saved
             if not self.is_main:  # the sums over the ranks so far are counted once, on rank 0
                 r.partial = {**r.partial, "loss": 0.0, "correct": 0}
             r.records = [EpochRecord(**e) for e in saved["epochs"]]
@@ -385,10 +405,26 @@ class Trainer:
                 "ema": r.ema.state_dict() if r.ema is not None else None,
                 "scaler": r.scaler.state_dict() if r.scaler is not None else None,
                 "augment": r.aug_state, "rng": rng, "rng_ranks": rng_ranks,
-                "counted_seconds": r.offset + r.timer.total(),
+                "counted_seconds": r.offset + r.timer.total(), "phases": self._phases(r),
                 "epoch_seconds": r.timer.total() - r.before + r.carry if mid_epoch else 0.0,
                 "partial": partial if mid_epoch else {"loss": 0.0, "correct": 0, "seen": 0},
                 "epochs": [asdict(e) for e in r.records]}
+
+    @staticmethod
+    def _phases(r: _Run) -> dict:
+        """``r``'s timed phases (``Timer.as_dict`` form: seconds, counted, calls; totals) over
+        every process that trained it: those before a resume and this one's."""
+        now = r.timer.as_dict()
+        if not r.earlier:
+            return now
+        phases = {name: dict(p) for name, p in r.earlier["phases"].items()}
+        for name, p in now["phases"].items():
+            total = phases.setdefault(name, {"seconds": 0.0, "counted": p["counted"], "calls": 0})
+            total["seconds"] += p["seconds"]
+            total["calls"] += p["calls"]
+        return {**now, "phases": phases,
+                "counted_seconds": sum(p["seconds"] for p in phases.values() if p["counted"]),
+                "total_seconds": sum(p["seconds"] for p in phases.values())}
 
     def _totals(self, r: _Run) -> tuple[float, int]:
         """(sum of the step losses, correct predictions) of ``r``'s epoch so far, over all
@@ -425,40 +461,50 @@ class Trainer:
         losses, interrupted = [], False
         agreement = dp.StopAgreement(self.dist) if self.dist is not None else None
         r.module.train()
+        stopped = None
         with r.timer.phase("train"):
-            batches = nvtx.iterate(r.augmenter.epoch(epoch, skip, steps_here), "data")
-            for i, (x, y) in enumerate(batches, start=skip):
-                requested = self.interrupt.requested
-                if agreement.should_stop(requested) if agreement is not None else requested:
-                    interrupted = True
-                    break
-                r.boundary = False
-                factor = lr_factor(recipe, r.step / r.total_steps)
-                for opt in r.optimizers:
-                    for group in opt.param_groups:
-                        group["lr"] = self._group_lr(group, r, epoch, factor)
-                out, loss = self._step(r, x, y)
-                with nvtx.range("optimizer"):
+            try:
+                batches = nvtx.iterate(r.augmenter.epoch(epoch, skip, steps_here), "data")
+                for i, (x, y) in enumerate(batches, start=skip):
+                    requested = self.interrupt.requested
+                    if agreement.should_stop(requested) if agreement is not None else requested:
+                        interrupted = True
+                        break
+                    r.boundary = False
+                    factor = lr_factor(recipe, r.step / r.total_steps)
                     for opt in r.optimizers:
+                        for group in opt.param_groups:
+                            group["lr"] = self._group_lr(group, r, epoch, factor)
+                    out, loss = self._step(r, x, y)
+                    with nvtx.range("optimizer"):
+                        for opt in r.optimizers:
+                            if r.scaler is not None:
+                                r.scaler.step(opt)
+                            else:
+                                opt.step()
                         if r.scaler is not None:
-                            r.scaler.step(opt)
-                        else:
-                            opt.step()
-                    if r.scaler is not None:
-                        r.scaler.update()
-                    r.step += 1
-                    if r.ema is not None:
-                        r.ema.maybe_update(r.module, r.step, r.total_steps)
-                        if r.ema.lookahead and r.step == r.total_steps:
-                            r.ema.copy_back(r.module)  # airbench's final update (decay 1)
-                loss = loss.detach()
-                losses.append(loss)
-                r.loss_sum += loss
-                r.correct += (out.detach().argmax(1) == y).sum()
-                r.steps, r.done, r.boundary = r.steps + 1, i + 1, True
-                self.reporter.step(r.index, i + 1, steps_here)
-                if self.device.type == "cpu" and self.dist is None and not torch.isfinite(loss):
-                    break  # on a CPU the check costs nothing: stop at once
+                            r.scaler.update()
+                        r.step += 1
+                        if r.ema is not None:
+                            r.ema.maybe_update(r.module, r.step, r.total_steps)
+                            if r.ema.lookahead and r.step == r.total_steps:
+                                r.ema.copy_back(r.module)  # airbench's final update (decay 1)
+                    loss = loss.detach()
+                    losses.append(loss)
+                    r.loss_sum += loss
+                    r.correct += (out.detach().argmax(1) == y).sum()
+                    r.steps, r.done, r.boundary = r.steps + 1, i + 1, True
+                    self.reporter.step(r.index, i + 1, steps_here)
+                    if self.device.type == "cpu" and self.dist is None and not torch.isfinite(loss):
+                        break  # on a CPU the check costs nothing: stop at once
+            except KeyboardInterrupt as exc:
+                # Raised between steps (by a reporter, or a second signal): leave the phase first,
+                # or the timer drops the epoch's seconds so far and the checkpoint lacks them.
+                if not r.boundary:
+                    raise
+                stopped = exc
+        if stopped is not None:
+            raise stopped
         if agreement is not None:
             agreement.finish()
         # on a GPU checked once per epoch: a per-step check would synchronise every step
@@ -537,7 +583,7 @@ class Trainer:
                 r.augmenter.close()
         result = RunRecord(run=run, seed=r.seed, epochs=r.records, test_acc=r.records[-1].test_acc,
                            tta_acc=r.records[-1].tta_acc, seconds=r.offset + r.timer.total(),
-                           phases=r.timer.as_dict(), passes=r.passes, compiles=r.timer.compiles())
+                           phases=self._phases(r), passes=r.passes, compiles=r.timer.compiles())
         self.last_model = r.evaluated
         if directory:
             self._save({**self._snapshot(r, finished_run=True),
@@ -577,11 +623,12 @@ class Trainer:
         keys = [k for k in mine if k not in free and mine[k] != theirs.get(k, SETTINGS_ADDED.get(k))]
         if self.dist is not None and torch.device(mine["device"]).type != torch.device(theirs["device"]).type:
             keys.append("device")
+        differences = [f"{k}: {theirs.get(k)!r} there" for k in keys]
         if not same_recipe(saved["recipe"], self.recipe.to_dict()):
-            keys.insert(0, "recipe contents")
-        if keys:
+            differences.insert(0, _recipe_difference(saved["recipe"], self.recipe.to_dict()))
+        if differences:
             raise UserError(f"checkpoint in {self.opts.checkpoint_dir} is of a different training "
-                            f"({', '.join(f'{k}: {theirs.get(k)!r} there' for k in keys)}); "
+                            f"({', '.join(differences)}); "
                             "resume with the same options or use another --checkpoint folder")
 
     def train(self) -> TrainResult:
