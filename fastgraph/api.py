@@ -7,16 +7,12 @@ the trainer's options as keywords, and runs :func:`fastgraph.training.loop.train
 from __future__ import annotations
 
 import dataclasses
-import functools
-import inspect
 import os
-import traceback
-import weakref
 from collections.abc import Callable
 
 from torch import nn
 
-from fastgraph.core.errors import ModelError, UserError
+from fastgraph.core.errors import UserError
 from fastgraph.training.loop import TrainOptions, TrainResult
 from fastgraph.training.loop import train as run_training
 from fastgraph.training.recipes import Recipe, load_recipe
@@ -81,56 +77,8 @@ def train(model: str | os.PathLike | Callable[[], nn.Module], recipe: str | os.P
         raise UserError(f"unknown training option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(str(recipe))
-    source = {"model_path": str(model)} if isinstance(model, (str, os.PathLike)) else {"model": _fresh(model)}
+    source = {"model_path": str(model)} if isinstance(model, (str, os.PathLike)) else {"model": model}
     opts = TrainOptions(**source, recipe=recipe, data=None if data is None else str(data), runs=runs,
                         **options)
     return run_training(opts, reporter)
 
-
-def _fresh(factory):
-    """``factory`` as the trainer calls it, with its failures said in one line: an exception
-    it raises becomes a ``ModelError`` naming the factory and the line of its file that
-    raised, and a module it already returned (and that is still alive) a ``UserError``:
-    every run, and the check before them, needs its own freshly initialised module, or
-    every run starts from the same weights, whatever its seed.
-
-    The wrapper keeps the factory's qualified name (the ``model`` of the training's
-    settings, checked on ``resume``) and its signature (a ``num_classes`` parameter).
-    Anything not callable is passed as it is, for the trainer's own error.
-    """
-    if not callable(factory):
-        return factory
-    returned = weakref.WeakSet()  # weak: a module the trainer has dropped cannot come back
-    named = factory if hasattr(factory, "__qualname__") else type(factory)
-    label = f"{named.__qualname__}()"
-
-    @functools.wraps(named, updated=())
-    def fresh(*args, **kwargs):
-        try:
-            model = factory(*args, **kwargs)
-        except UserError:
-            raise
-        except Exception as exc:  # the user's own code failed: one line, where it failed
-            raise ModelError(f"the model function {label} raised{_line_in(exc, factory)}: "
-                             f"{type(exc).__name__}: {exc}") from None
-        if isinstance(model, nn.Module):
-            if model in returned:
-                raise UserError(f"the model function {label} returned a module it returned before: "
-                                "build a new one on every call (each run starts from its own seed)")
-            returned.add(model)
-        return model
-
-    fresh.__wrapped__ = factory  # inspect.signature reads the factory's parameters through it
-    return fresh
-
-
-def _line_in(exc: BaseException, factory) -> str:
-    """' (FILE line N)': the deepest frame of ``exc``'s traceback in ``factory``'s source
-    file, or '' when none is (a builtin, or a factory defined interactively)."""
-    try:
-        source = inspect.getsourcefile(factory if inspect.isroutine(factory) or inspect.isclass(factory)
-                                       else type(factory))
-    except TypeError:
-        return ""
-    frames = [f for f in traceback.extract_tb(exc.__traceback__) if f.filename == source]
-    return f" ({os.path.basename(source)} line {frames[-1].lineno})" if frames else ""

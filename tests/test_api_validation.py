@@ -64,12 +64,21 @@ def test_a_model_function_that_raises_is_named_in_one_line(tmp_path):
     assert "\n" not in str(raised.value)
 
 
-def test_a_model_function_returning_one_instance_every_time_is_refused(data_path):
+@pytest.mark.parametrize("route", ["fastgraph.train", "TrainOptions"])
+def test_a_model_function_returning_one_instance_every_time_is_refused(data_path, route):
     """Every run must start from its own seed's weights: a function that hands back the same
-    module makes all runs start alike (and reuse what the check before them ran)."""
+    module makes all runs start alike (and reuse what the check before them ran). Refused
+    whether the function comes through ``fastgraph.train`` or ``TrainOptions(model=...)``."""
+    from fastgraph.training.loop import train
+
     shared = small_net()
     with pytest.raises(UserError, match="returned a module it returned before: build a new one"):
-        fastgraph.train(lambda: shared, **QUICK, data=data_path, device="cpu")
+        if route == "fastgraph.train":
+            fastgraph.train(lambda: shared, **QUICK, data=data_path, device="cpu")
+        else:
+            options = {k: v for k, v in QUICK.items() if k != "recipe"}
+            train(TrainOptions(model=lambda: shared, recipe=load_recipe(QUICK["recipe"]), data=data_path,
+                               device="cpu", **options))
 
 
 def test_a_fresh_model_function_trains_under_its_own_name(data_path):

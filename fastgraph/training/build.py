@@ -12,6 +12,10 @@ happens once.
 
 from __future__ import annotations
 
+import inspect
+import os
+import traceback
+import weakref
 from pathlib import Path
 
 import torch
@@ -56,14 +60,22 @@ def check_model_source(opts: TrainOptions) -> None:
                             "there is no file: drop entry")
 
 
+# Every module a model factory returned, while it is alive (weak: a module the trainer has
+# dropped cannot come back, and its id may be reused).
+_RETURNED: weakref.WeakSet = weakref.WeakSet()
+
+
 def user_model(opts: TrainOptions, num_classes: int | None = None) -> nn.Module:
     """A freshly built ``nn.Module``: the model file's (see ``fastgraph.core.loading``)
     or what ``opts.model()`` returns, initialised from torch's current random state; an
     entry or factory with a ``num_classes`` parameter gets ``num_classes`` (the data's).
 
     Raises:
-        ModelError: the file cannot be loaded or built, or the factory returns something
-            other than an ``nn.Module`` (an exception the factory raises propagates as is).
+        ModelError: the file cannot be loaded or built, the factory raises (its exception
+            and the line of its file, in one line) or returns something other than an
+            ``nn.Module``.
+        UserError: the factory returns a module it returned before: every run, and the
+            check before them, needs its own module initialised from its own seed.
     """
     if opts.model is None:
         from fastgraph.core.loading import load_model
@@ -71,11 +83,34 @@ def user_model(opts: TrainOptions, num_classes: int | None = None) -> nn.Module:
         return load_model(opts.model_path, opts.entry, num_classes)
     from fastgraph.core.loading import takes_num_classes
 
+    label = f"{_factory_name(opts.model)}()"
     given = {"num_classes": num_classes} if num_classes and takes_num_classes(opts.model) else {}
-    model = opts.model(**given)
+    try:
+        model = opts.model(**given)
+    except UserError:
+        raise
+    except Exception as exc:  # the user's own code failed: one line, where it failed
+        raise ModelError(f"the model function {label} raised{_line_in(exc, opts.model)}: "
+                         f"{type(exc).__name__}: {exc}") from None
     if not isinstance(model, nn.Module):
-        raise ModelError(f"{_factory_name(opts.model)}() returned {type(model).__name__}, not an nn.Module")
+        raise ModelError(f"{label} returned {type(model).__name__}, not an nn.Module")
+    if model in _RETURNED:
+        raise UserError(f"the model function {label} returned a module it returned before: "
+                        "build a new one on every call (each run starts from its own seed)")
+    _RETURNED.add(model)
     return model
+
+
+def _line_in(exc: BaseException, factory) -> str:
+    """' (FILE line N)': the deepest frame of ``exc``'s traceback in ``factory``'s source
+    file, or '' when none is (a builtin, or a factory defined interactively)."""
+    named = factory if inspect.isroutine(factory) or inspect.isclass(factory) else type(factory)
+    try:
+        source = inspect.getsourcefile(named)
+    except TypeError:
+        return ""
+    frames = [f for f in traceback.extract_tb(exc.__traceback__) if f.filename == source]
+    return f" ({os.path.basename(source)} line {frames[-1].lineno})" if frames else ""
 
 
 def check_model(opts: TrainOptions) -> None:
