@@ -7,6 +7,7 @@ The upload is timed as a phase that is not counted (see ``fastgraph.training.loo
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -62,6 +63,14 @@ class DeviceData:
     def train_size(self) -> int:
         """Number of training images."""
         return len(self.train_labels)
+
+    def fingerprint(self) -> str:
+        """SHA-1 (hex) of the class names and every image and label byte, train and test:
+        what a checkpoint records, so a resume on other data is refused."""
+        digest = hashlib.sha1("\0".join(self.classes).encode())
+        for t in (self.train_images, self.train_labels, self.test_images, self.test_labels):
+            digest.update(t.cpu().contiguous().numpy().tobytes())
+        return digest.hexdigest()
 
     def pass_images(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The first training images of each class in turn, ``n`` in all: float32 normalised

@@ -199,6 +199,7 @@ class Trainer:
                                     compile=self.compile and self.dist is None,
                                     compile_mode=self.compile_mode)
         self.data = None  # DeviceData, and the evaluator over its test images, once loaded
+        self.data_digest: str | None = None  # the data's fingerprint, when a checkpoint records it
         self.evaluator: Evaluator | None = None
 
     # -- settings and data ------------------------------------------------------------
@@ -406,6 +407,7 @@ class Trainer:
                 "scaler": r.scaler.state_dict() if r.scaler is not None else None,
                 "augment": r.aug_state, "rng": rng, "rng_ranks": rng_ranks,
                 "counted_seconds": r.offset + r.timer.total(), "phases": self._phases(r),
+                "data": self.data_digest,
                 "epoch_seconds": r.timer.total() - r.before + r.carry if mid_epoch else 0.0,
                 "partial": partial if mid_epoch else {"loss": 0.0, "correct": 0, "seen": 0},
                 "epochs": [asdict(e) for e in r.records]}
@@ -624,6 +626,9 @@ class Trainer:
         if self.dist is not None and torch.device(mine["device"]).type != torch.device(theirs["device"]).type:
             keys.append("device")
         differences = [f"{k}: {theirs.get(k)!r} there" for k in keys]
+        begun = len(saved["completed"]) + (0 if saved["finished_run"] else 1)
+        if self.opts.runs < begun:  # else the runs past --runs would vanish from the results
+            differences.append(f"runs: {begun} begun there, more than {self.opts.runs}")
         if not same_recipe(saved["recipe"], self.recipe.to_dict()):
             differences.insert(0, _recipe_difference(saved["recipe"], self.recipe.to_dict()))
         if differences:
@@ -666,6 +671,12 @@ class Trainer:
             ckpt.check_writable(opts.checkpoint_dir)
         setup = Timer(self.device)
         self._load_data(setup)
+        if opts.checkpoint_dir:  # only a checkpoint needs it: hashing the data costs a fraction of a second
+            self.data_digest = self.data.fingerprint()
+            if saved is not None and saved.get("data", self.data_digest) != self.data_digest:
+                raise UserError(f"checkpoint in {opts.checkpoint_dir} was trained on other data than "
+                                f"{opts.data or 'the default data'} holds (other images, labels or "
+                                "classes); resume with its data or use another --checkpoint folder")
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True
         completed = [RunRecord.from_dict(r) for r in saved["completed"]] if saved else []
@@ -673,6 +684,9 @@ class Trainer:
         in_run = saved if saved is not None and not saved["finished_run"] else None
         if in_run is not None:
             first = saved["run"]
+        if saved is not None and first >= opts.runs:
+            self.reporter.message(f"all {first} run(s) of the checkpoint in {opts.checkpoint_dir} are "
+                                  "finished: nothing to train (raise --runs for more)")
         self.last_model = None
         with self.interrupt:
             for run in range(first, opts.runs):

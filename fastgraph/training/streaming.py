@@ -18,6 +18,7 @@ folders is not counted).
 
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass
 
@@ -68,6 +69,16 @@ class StreamedData:
     def train_size(self) -> int:
         """Number of training images."""
         return len(self.train)
+
+    def fingerprint(self) -> str:
+        """SHA-1 (hex) of both splits' class names, image files (relative paths or shard
+        members) and labels; nothing is decoded. What a checkpoint records, so a resume on
+        another folder is refused."""
+        digest = hashlib.sha1()
+        for split in (self.train, self.test):
+            digest.update("\0".join((*split.classes, *split.files)).encode())
+            digest.update(split.labels.tobytes())
+        return digest.hexdigest()
 
     def augmenter(self, *, batch_size: int, seed: int, out_dtype: torch.dtype, channels_last: bool,
                   positions: torch.Tensor | None, augment: dict):

@@ -1,0 +1,83 @@
+"""A resume that would not continue the run it names is refused in one line, on the CPU with
+real images: a checkpoint made on other data (another image in the same layout), and one
+whose training had begun more runs than ``runs`` now asks for (they would vanish from the
+results). The same data and runs resume."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fastgraph.core.errors import UserError
+from fastgraph.training import checkpoint as ckpt
+from fastgraph.training.loop import Reporter, TrainOptions, train
+from fastgraph.training.recipes import load_recipe
+from support import write_model, write_recipe
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "data"))
+from cifar_builders import Sample, write_imagefolder  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+class StopAt(Reporter):
+    """Raises KeyboardInterrupt, as Ctrl-C would, after the given step of the whole training."""
+
+    def __init__(self, step):
+        self.step_at, self.steps = step, 0
+
+    def step(self, run, step_in_epoch, steps_in_epoch):
+        self.steps += 1
+        if self.steps == self.step_at:
+            raise KeyboardInterrupt
+
+
+def _sample(cifar10, swap: bool) -> Sample:
+    """30 training and 10 test images of each class, real; ``swap`` replaces the first
+    training image by another real image of its class."""
+    images, labels = cifar10.train_images.numpy(), cifar10.train_labels.numpy()
+    train = np.concatenate([np.flatnonzero(labels == c)[:30] for c in range(10)])
+    test_labels = cifar10.test_labels.numpy()
+    test = np.concatenate([np.flatnonzero(test_labels == c)[:10] for c in range(10)])
+    train_images = images[train].copy()
+    if swap:
+        train_images[0] = images[np.flatnonzero(labels == labels[train[0]])[30]]
+    return Sample(train_images, labels[train], cifar10.test_images.numpy()[test], test_labels[test], True)
+
+
+@pytest.fixture(scope="module")
+def folders(cifar10, tmp_path_factory):
+    root = tmp_path_factory.mktemp("resume-data")
+    return (write_imagefolder(root / "a", _sample(cifar10, swap=False)),
+            write_imagefolder(root / "b", _sample(cifar10, swap=True)))
+
+
+def options(tmp_path, data, **kw) -> TrainOptions:
+    model = write_model(tmp_path, (8, 16, 16, 32))
+    recipe = write_recipe(tmp_path, epochs=2, batch_size=64, whitening_images=200)
+    return TrainOptions(model_path=str(model), recipe=load_recipe(str(recipe)), data=str(data),
+                        checkpoint_dir=str(tmp_path / "ck"), **kw)
+
+
+def test_resume_on_other_data_is_refused_and_on_the_same_data_goes_on(tmp_path, folders):
+    a, b = folders
+    with pytest.raises(KeyboardInterrupt):
+        train(options(tmp_path, a), StopAt(step=6))
+    assert ckpt.load_checkpoint(tmp_path / "ck")["data"]
+    with pytest.raises(UserError, match=r"checkpoint in .*ck was trained on other data than .*b holds"):
+        train(options(tmp_path, b, resume=True))
+    result = train(options(tmp_path, a, resume=True))
+    assert [e.epoch for e in result.runs[0].epochs] == [1, 2]
+
+
+def test_resume_with_fewer_runs_than_begun_is_refused(tmp_path, folders):
+    a, _ = folders
+    with pytest.raises(KeyboardInterrupt):  # 4 steps an epoch, 8 a run: step 10 is in run 2
+        train(options(tmp_path, a, runs=2), StopAt(step=10))
+    state = ckpt.load_checkpoint(tmp_path / "ck")
+    assert state["run"] == 1 and len(state["completed"]) == 1
+    with pytest.raises(UserError, match=r"different training \(runs: 2 begun there, more than 1\)"):
+        train(options(tmp_path, a, runs=1, resume=True))
