@@ -12,6 +12,7 @@ happens once.
 
 from __future__ import annotations
 
+import hashlib
 import inspect
 import os
 import traceback
@@ -113,9 +114,15 @@ def _line_in(exc: BaseException, factory) -> str:
     return f" ({os.path.basename(source)} line {frames[-1].lineno})" if frames else ""
 
 
-def check_model(opts: TrainOptions) -> None:
+def check_model(opts: TrainOptions) -> str:
     """Build and trace the model once, so that a wrong model file or factory is the error
     reported before the data is looked for (it may be absent, or take seconds to decode).
+
+    Returns:
+        SHA-1 (hex) of the traced graph as printed: its modules with their settings (kernel
+        sizes, strides, CELU's alpha...) and its code, not the weights. A checkpoint records
+        it, so a resume after the model file was edited is refused; comments and
+        formatting do not change it.
 
     Raises:
         ModelError: see :func:`user_model` and :func:`fastgraph.core.tracing.trace`; the
@@ -124,7 +131,7 @@ def check_model(opts: TrainOptions) -> None:
     from fastgraph.core.tracing import trace
     model = user_model(opts)
     check_trainable(model, model_name(opts), "fastgraph train has nothing to learn")
-    trace(model, opts.model_path)
+    return hashlib.sha1(str(trace(model, opts.model_path)).encode()).hexdigest()
 
 
 class ModelBuilder:

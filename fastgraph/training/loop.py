@@ -200,6 +200,7 @@ class Trainer:
                                     compile_mode=self.compile_mode)
         self.data = None  # DeviceData, and the evaluator over its test images, once loaded
         self.data_digest: str | None = None  # the data's fingerprint, when a checkpoint records it
+        self.model_digest: str | None = None  # the traced model's (see build.check_model)
         self.evaluator: Evaluator | None = None
 
     # -- settings and data ------------------------------------------------------------
@@ -407,7 +408,7 @@ class Trainer:
                 "scaler": r.scaler.state_dict() if r.scaler is not None else None,
                 "augment": r.aug_state, "rng": rng, "rng_ranks": rng_ranks,
                 "counted_seconds": r.offset + r.timer.total(), "phases": self._phases(r),
-                "data": self.data_digest,
+                "data": self.data_digest, "model_graph": self.model_digest,
                 "epoch_seconds": r.timer.total() - r.before + r.carry if mid_epoch else 0.0,
                 "partial": partial if mid_epoch else {"loss": 0.0, "correct": 0, "seen": 0},
                 "epochs": [asdict(e) for e in r.records]}
@@ -626,6 +627,8 @@ class Trainer:
         if self.dist is not None and torch.device(mine["device"]).type != torch.device(theirs["device"]).type:
             keys.append("device")
         differences = [f"{k}: {theirs.get(k)!r} there" for k in keys]
+        if "model" not in keys and saved.get("model_graph", self.model_digest) != self.model_digest:
+            differences.append("model: another traced graph there (the model file or function changed)")
         begun = len(saved["completed"]) + (0 if saved["finished_run"] else 1)
         if self.opts.runs < begun:  # else the runs past --runs would vanish from the results
             differences.append(f"runs: {begun} begun there, more than {self.opts.runs}")
@@ -659,7 +662,7 @@ class Trainer:
             raise UserError("--resume needs --checkpoint DIR (the folder holding the checkpoint)")
         # The model and the checkpoint are checked before the data is looked for: it may
         # be absent, or take seconds to decode.
-        check_model(opts)
+        self.model_digest = check_model(opts)
         if opts.checkpoint_dir:
             exists = ckpt.checkpoint_path(opts.checkpoint_dir).exists()
             if opts.resume:

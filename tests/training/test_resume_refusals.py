@@ -1,7 +1,8 @@
 """A resume that would not continue the run it names is refused in one line, on the CPU with
-real images: a checkpoint made on other data (another image in the same layout), and one
-whose training had begun more runs than ``runs`` now asks for (they would vanish from the
-results). The same data and runs resume."""
+real images: a checkpoint made on other data (another image in the same layout), one whose
+training had begun more runs than ``runs`` now asks for (they would vanish from the
+results), and one of a model file edited since (the same weights' shapes, another
+function). The same data, runs and model (a comment added) resume."""
 
 from __future__ import annotations
 
@@ -55,11 +56,11 @@ def folders(cifar10, tmp_path_factory):
             write_imagefolder(root / "b", _sample(cifar10, swap=True)))
 
 
-def options(tmp_path, data, **kw) -> TrainOptions:
+def options(tmp_path, data, checkpoint_dir_name="ck", **kw) -> TrainOptions:
     model = write_model(tmp_path, (8, 16, 16, 32))
     recipe = write_recipe(tmp_path, epochs=2, batch_size=64, whitening_images=200)
     return TrainOptions(model_path=str(model), recipe=load_recipe(str(recipe)), data=str(data),
-                        checkpoint_dir=str(tmp_path / "ck"), **kw)
+                        checkpoint_dir=str(tmp_path / checkpoint_dir_name), **kw)
 
 
 def test_resume_on_other_data_is_refused_and_on_the_same_data_goes_on(tmp_path, folders):
@@ -81,3 +82,23 @@ def test_resume_with_fewer_runs_than_begun_is_refused(tmp_path, folders):
     assert state["run"] == 1 and len(state["completed"]) == 1
     with pytest.raises(UserError, match=r"different training \(runs: 2 begun there, more than 1\)"):
         train(options(tmp_path, a, runs=1, resume=True))
+
+
+def test_resume_after_the_model_file_changed_is_refused_and_after_a_comment_goes_on(tmp_path, folders):
+    a, _ = folders
+    with pytest.raises(KeyboardInterrupt):
+        train(options(tmp_path, a), StopAt(step=6))
+    model = tmp_path / "model.py"
+    source = model.read_text()
+    model.write_text(source + "\n# a comment changes no graph\n")
+    kept = options(tmp_path, a, resume=True)  # writes the model file again: set the comment back after
+    model.write_text(source + "\n# a comment changes no graph\n")
+    assert train(kept).runs[0].epochs[-1].epoch == 2
+
+    with pytest.raises(KeyboardInterrupt):
+        train(options(tmp_path, a, checkpoint_dir_name="ck2"), StopAt(step=6))
+    edited = options(tmp_path, a, resume=True, checkpoint_dir_name="ck2")
+    # the logit scale, a constant of the model: every weight keeps its shape
+    model.write_text(source.replace("weight=0.0625", "weight=0.125"))
+    with pytest.raises(UserError, match=r"model: another traced graph there \(the model file or function"):
+        train(edited)
