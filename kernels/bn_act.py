@@ -115,7 +115,8 @@ if HAS_TRITON:
     @triton.jit
     def _activation(z, alpha, inv_alpha, ACT: tl.constexpr):
         if ACT == 1:  # CELU (Barron 2017): x > 0 ? x : alpha * (exp(x / alpha) - 1)
-            y = tl.where(z > 0, z, alpha * (tl.exp(z * inv_alpha) - 1.0))
+            # exp of min(z, 0): the branch tl.where discards would overflow to inf for large z
+            y = tl.where(z > 0, z, alpha * (tl.exp(tl.minimum(z, 0.0) * inv_alpha) - 1.0))
         elif ACT == 2:  # GELU, erf form (Hendrycks & Gimpel 2016)
             y = 0.5 * z * (1.0 + tl.math.erf(z * 0.7071067811865476))
         elif ACT == 3:  # SiLU (Elfwing et al. 2018)
@@ -127,7 +128,7 @@ if HAS_TRITON:
     @triton.jit
     def _activation_grad(z, inv_alpha, ACT: tl.constexpr):
         if ACT == 1:
-            d = tl.where(z > 0, 1.0, tl.exp(z * inv_alpha))
+            d = tl.where(z > 0, 1.0, tl.exp(tl.minimum(z, 0.0) * inv_alpha))
         elif ACT == 2:
             # GELU'(z) = Phi(z) + z phi(z): one erf and one exp, no recomputation of GELU itself.
             d = (0.5 + 0.5 * tl.math.erf(z * 0.7071067811865476)) + z * (

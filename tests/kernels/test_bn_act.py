@@ -237,6 +237,21 @@ def test_statistics_survive_a_large_mean():
 
 
 @interpreted_loops
+@pytest.mark.parametrize("training", [True, False])
+def test_celu_with_large_positive_inputs_overflows_nothing(training):
+    """CELU computes exp(z / alpha) only for z <= 0: at Page's alpha of 0.075 a normalised
+    z of 7 would give exp(93), past float32's range, in the branch tl.where drops. The result
+    was right but the kernels produced inf (the interpreter's numpy warned of it)."""
+    x, weight, bias, running, dy = _inputs((6, 3, 4, 4), seed=1)
+    bias = bias + 8.0  # z = xhat * weight + bias: most of it above 7
+    kw = dict(training=training, momentum=0.3, activation="celu", alpha=0.075)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        got = _run(bn_act, x, weight, bias, running, dy, **kw)
+    _compare(got, _run(bn_act_reference, x, weight, bias, running, dy, **kw), 6 * 4 * 4)
+
+
+@interpreted_loops
 @pytest.mark.parametrize("splits, channels_last, config", [
     (1, False, None), (2, True, None), (1, True, bn._Config(16, 4, True, 1000, 4)),
     (2, False, bn._Config(16, 4, True, 1000, 4))])
