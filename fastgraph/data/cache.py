@@ -25,12 +25,12 @@ renamed into place whole, so the cache stays valid either way).
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import json
 import os
 import socket
 import stat
-import tempfile
 import time
 import warnings
 import zipfile
@@ -161,10 +161,16 @@ def read(path: Path, key: str) -> Arrays | None:
 def write(path: Path, key: str, arrays: Arrays) -> None:
     """Write ``arrays`` to ``path`` atomically (temporary file in the same folder, then rename).
 
+    The temporary file is :func:`temporary_path`'s; one left by a writer of this machine
+    that was killed mid-write is removed first (:func:`remove_orphans`): a full CIFAR-10
+    cache is about 185 MB.
+
     Raises OSError if the folder cannot be written.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    remove_orphans(path)
+    tmp = temporary_path(path)
+    fd = os.open(tmp, os.O_CREAT | os.O_TRUNC | os.O_WRONLY, 0o600)
     try:
         with os.fdopen(fd, "wb") as f:
             np.savez(
@@ -180,6 +186,26 @@ def write(path: Path, key: str, arrays: Arrays) -> None:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+def temporary_path(path: Path) -> Path:
+    """Where a write of ``path`` goes before its atomic rename: ``.<name>.<host>.<pid>.tmp``
+    in the same folder, named by this machine and process so that a file left by a killed
+    writer can be told from one still being written (see :func:`remove_orphans`)."""
+    return path.with_name(f".{path.name}.{socket.gethostname()}.{os.getpid()}.tmp")
+
+
+def remove_orphans(path: Path) -> None:
+    """Remove :func:`temporary_path` files of ``path`` whose writer, a process of this
+    machine, is gone (killed mid-write by SIGKILL or power loss: no clean-up of its own
+    ran). Another machine's (a shared folder) are left alone: their liveness cannot be
+    seen from here."""
+    host = socket.gethostname()
+    for tmp in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        writer_host, _, pid = tmp.name[len(path.name) + 2:-len(".tmp")].rpartition(".")
+        if writer_host == host and pid.isdigit() and int(pid) != os.getpid() and not process_alive(int(pid)):
+            with contextlib.suppress(OSError):
+                tmp.unlink()
 
 
 def process_alive(pid: int) -> bool:

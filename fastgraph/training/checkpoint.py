@@ -55,11 +55,13 @@ def save_checkpoint(directory: str | os.PathLike, state: dict) -> Path:
     Raises:
         UserError: the folder cannot be created or written.
     """
+    from fastgraph.data.cache import remove_orphans, temporary_path
+
     path = checkpoint_path(directory)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = temporary_path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        _remove_orphans(path)
+        remove_orphans(path)
         with open(tmp, "wb") as f:
             torch.save({"format": FORMAT, **state}, f)
             f.flush()
@@ -71,17 +73,6 @@ def save_checkpoint(directory: str | os.PathLike, state: dict) -> Path:
             raise UserError(f"cannot write checkpoint {path}: {exc.strerror or exc}") from None
         raise
     return path
-
-
-def _remove_orphans(path: Path) -> None:
-    """Remove ``.<name>.<pid>.tmp`` files beside ``path`` whose writer process is gone (killed
-    mid-write, where no clean-up of its own could run)."""
-    from fastgraph.data.cache import process_alive
-
-    for tmp in path.parent.glob(f".{path.name}.*.tmp"):
-        pid = tmp.name[len(path.name) + 2:-len(".tmp")]
-        if pid.isdigit() and int(pid) != os.getpid() and not process_alive(int(pid)):
-            tmp.unlink(missing_ok=True)
 
 
 def check_writable(directory: str | os.PathLike) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -302,9 +303,10 @@ def test_a_temporary_file_of_a_killed_writer_is_removed_by_the_next_save(tmp_pat
     folder.mkdir()
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    orphan = folder / f".{ckpt.FILE_NAME}.{dead.pid}.tmp"
+    host = socket.gethostname()
+    orphan = folder / f".{ckpt.FILE_NAME}.{host}.{dead.pid}.tmp"
     orphan.write_bytes(b"torn")
-    alive = folder / f".{ckpt.FILE_NAME}.{os.getppid()}.tmp"  # a live writer's file is left alone
+    alive = folder / f".{ckpt.FILE_NAME}.{host}.{os.getppid()}.tmp"  # a live writer's file is left alone
     alive.write_bytes(b"being written")
     ckpt.save_checkpoint(folder, {"step": 1})
     assert sorted(p.name for p in folder.iterdir()) == sorted([ckpt.FILE_NAME, alive.name])

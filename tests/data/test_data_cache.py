@@ -124,6 +124,33 @@ def test_cache_write_is_atomic(tmp_path, sample):
     assert cache.read(target, "k") is not None and cache.read(target, "other") is None
 
 
+def test_a_killed_writers_temporary_file_is_removed_and_a_live_ones_kept(tmp_path, sample):
+    # A writer killed mid-write (SIGKILL: no clean-up runs) leaves up to a whole cache
+    # behind; the next write removes it, but not the file of a writer still running, nor
+    # one of another machine sharing the folder.
+    import socket
+    import subprocess
+    import sys
+
+    md5 = write_batches(tmp_path / "cifar-10-batches-py", sample)
+    from fastgraph.data import pickled
+
+    arrays = pickled.read_folder(tmp_path / "cifar-10-batches-py", md5)
+    target = tmp_path / "out" / "c.npz"
+    target.parent.mkdir()
+    host = socket.gethostname()
+    exited = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                            text=True, check=True)
+    killed = target.with_name(f".c.npz.{host}.{int(exited.stdout)}.tmp")
+    running = target.with_name(f".c.npz.{host}.{os.getppid()}.tmp")
+    elsewhere = target.with_name(f".c.npz.other-machine.{int(exited.stdout)}.tmp")
+    for leftover in (killed, running, elsewhere):
+        leftover.write_bytes(b"part of a cache")
+    cache.write(target, "k", arrays)
+    assert sorted(p.name for p in target.parent.iterdir()) == sorted(["c.npz", running.name, elsewhere.name])
+    assert cache.read(target, "k") is not None
+
+
 def test_archive_replaced_with_same_size_and_mtime_invalidates(tmp_path, sample, isolated_cache):
     # `cp -p`, `rsync -a` or a download that keeps the server's mtime: another archive of
     # the same size (tar pads to 512-byte blocks) arrives with the old mtime.
