@@ -50,16 +50,40 @@ def call_sites(gm: fx.GraphModule, target: str) -> int:
     return sum(1 for n in gm.graph.nodes if n.op == "call_module" and n.target == target)
 
 
+def has_hooks(mod: nn.Module) -> bool:
+    """Whether ``mod`` carries its own forward or backward hooks (``register_forward_hook``,
+    ``register_forward_pre_hook``, ``register_full_backward_hook``..., the old
+    ``torch.nn.utils.weight_norm``'s pre-hook).
+
+    ``Module.__call__`` runs them around the module's arithmetic, and a hook may change
+    the input, the output or the gradient (or record them): a module rewritten by its
+    arithmetic, replaced or moved would drop them or run them on other tensors, so an
+    exact pass leaves such a module alone.
+    """
+    return bool(mod._forward_hooks or mod._forward_pre_hooks
+                or mod._backward_hooks or mod._backward_pre_hooks)
+
+
 def stock_module(gm: fx.GraphModule, node: fx.Node, cls: type[nn.Module]) -> nn.Module | None:
-    """The submodule ``node`` calls when it is a ``cls`` whose forward is ``cls``'s own, else ``None``.
+    """The submodule ``node`` calls when it is a ``cls`` whose forward is ``cls``'s own and
+    that carries no hooks, else ``None``.
 
     An exact pass rewrites a module by its known arithmetic; a subclass that overrides
-    ``forward`` may compute something else, so it is left alone.
+    ``forward`` may compute something else, and a hook may change what the call
+    computes (:func:`has_hooks`), so either is left alone.
     """
     mod = module_of(gm, node)
-    if isinstance(mod, cls) and type(mod).forward is cls.forward:
+    if isinstance(mod, cls) and type(mod).forward is cls.forward and not has_hooks(mod):
         return mod
     return None
+
+
+def reads_attributes_of(gm: fx.GraphModule, target: str) -> bool:
+    """Whether a ``get_attr`` node of ``gm`` reads the submodule ``target`` or a tensor in it
+    (``F.conv2d(x, self.conv.weight)`` ties another op to ``self.conv``'s weight)."""
+    prefix = f"{target}."
+    return any(n.op == "get_attr" and (n.target == target or str(n.target).startswith(prefix))
+               for n in gm.graph.nodes)
 
 
 def _arg(node: fx.Node, index: int, name: str, default):
@@ -89,14 +113,14 @@ def is_monotonic_activation(gm: fx.GraphModule, node: fx.Node) -> bool:
     ReLU, ReLU6, LeakyReLU (slope >= 0), ELU (alpha >= 0), CELU (alpha > 0) and Hardtanh,
     as modules, ``torch.nn.functional`` calls, ``torch.relu`` or ``Tensor.relu``, in place
     or not. Parameters computed at run time (graph nodes) are refused: monotonicity
-    cannot be checked then. GELU, SiLU and Mish fall over part of the negative axis, so
-    they never qualify.
+    cannot be checked then; so is a module with hooks (:func:`has_hooks`). GELU, SiLU
+    and Mish fall over part of the negative axis, so they never qualify.
     """
     if only_input(node) is None:
         return False
     if node.op == "call_module":
         mod = module_of(gm, node)
-        if type(mod) not in _MONOTONIC_MODULES:
+        if type(mod) not in _MONOTONIC_MODULES or has_hooks(mod):
             return False
         if isinstance(mod, nn.LeakyReLU):
             return mod.negative_slope >= 0
@@ -167,7 +191,8 @@ _INPLACE_FLAG_INDEX = {F.relu: 1, F.relu6: 1, F.leaky_relu: 2, F.elu: 2, F.celu:
 
 def is_max_pool(gm: fx.GraphModule, node: fx.Node) -> bool:
     """Whether ``node`` is a 2-D max-pool (fixed or adaptive) returning values only, no indices,
-    whose every window holds at least one input element.
+    whose every window holds at least one input element (a module with hooks is refused:
+    :func:`has_hooks`).
 
     A padded and dilated window can fall entirely on padding (input 1x1, kernel 2,
     padding 1, dilation 2: taps at -1 and +1); its output is -inf, and max-pool then
@@ -178,6 +203,8 @@ def is_max_pool(gm: fx.GraphModule, node: fx.Node) -> bool:
         return False
     if node.op == "call_module":
         mod = module_of(gm, node)
+        if has_hooks(mod):
+            return False
         if type(mod) is nn.AdaptiveMaxPool2d:
             return not mod.return_indices
         return (type(mod) is nn.MaxPool2d and not mod.return_indices
@@ -250,10 +277,15 @@ def has_side_effect(gm: fx.GraphModule, node: fx.Node) -> bool:
     arguments, in-place operators (``x += y``, ``x[i] = v``), ATen ops with a mutable
     schema, and modules that work in place or hold buffers (a training-mode BatchNorm
     updates its running statistics even when its output is unused), as do training-mode
-    ``F.batch_norm`` / ``torch.batch_norm`` calls given running statistics. Dead-code
-    elimination must keep all of them (DESIGN.md, "Known traps").
+    ``F.batch_norm`` / ``torch.batch_norm`` calls given running statistics. So are the
+    ``nvtx_ranges`` pass's ``push`` / ``pop`` calls: they open and close a profiler range,
+    and the ``pop`` after an in-place module whose result nobody reads (``self.relu(x)``
+    with ``inplace=True``) is unused, yet dropping it leaves its range open for the rest
+    of the run. Dead-code elimination must keep all of them (DESIGN.md, "Known traps").
     """
-    if node.is_impure():
+    from fastgraph.core import nvtx
+
+    if node.is_impure() or nvtx.is_range_node(node):
         return True
     if node.op == "call_module":
         mod = gm.get_submodule(node.target)
@@ -294,18 +326,48 @@ def is_view(gm: fx.GraphModule, node: fx.Node) -> bool:
     return node.op == "call_module" and type(module_of(gm, node)) in _VIEW_MODULES
 
 
+def _writes_first_input(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """Whether ``node`` writes its first argument in place and returns it: an in-place
+    activation, ``y.add_(s)``, ``y += s`` (``operator.iadd``, as torch.compile records it),
+    ``torch.relu_(y)``."""
+    if is_inplace(gm, node):
+        return True
+    if node.op == "call_method":
+        name = str(node.target)
+    elif node.op == "call_function":
+        if node.target in _INPLACE_OPERATORS:
+            return True
+        name = getattr(node.target, "__name__", "")
+    else:
+        return False
+    return name.endswith("_") and not name.endswith("__")
+
+
+def _alias_source(gm: fx.GraphModule, node: fx.Node) -> fx.Node | None:
+    """The node whose storage ``node``'s result shares, else None: the ``out=`` argument of
+    a call writing into it, the input of a view, or the input an in-place op wrote and
+    returned (after ``y += s`` the graph holds two names for one tensor)."""
+    out = node.kwargs.get("out") if node.op in ("call_function", "call_method") else None
+    if isinstance(out, fx.Node):
+        return out
+    if is_view(gm, node) or _writes_first_input(gm, node):
+        return only_input(node)
+    return None
+
+
 def aliases(node: fx.Node) -> set[fx.Node]:
-    """The nodes whose results may share storage with ``node``'s: up through views to the
-    base, then down through every view of it (what an in-place write to one changes)."""
+    """The nodes whose results may share storage with ``node``'s: up through views and
+    in-place ops to the base, then down through every view of it and every in-place op on
+    it (what an in-place write to one changes)."""
     gm = node.graph.owning_module
     base = node
-    while is_view(gm, base) and only_input(base) is not None:
-        base = only_input(base)
+    while (source := _alias_source(gm, base)) is not None:
+        base = source
     group, stack = {base}, [base]
     while stack:
         current = stack.pop()
         for user in current.users:
-            if user not in group and is_view(gm, user) and only_input(user) is current:
+            if user not in group and _alias_source(gm, user) is current:
                 group.add(user)
                 stack.append(user)
     return group
@@ -406,8 +468,9 @@ def batch_norm_call(gm: fx.GraphModule, node: fx.Node) -> BatchNormCall | None:
         from fastgraph.core.modules import GhostBatchNorm
 
         bn = stock_module(gm, node, nn.BatchNorm2d)
-        if bn is None and type(module_of(gm, node)) is GhostBatchNorm and not module_of(gm, node).training:
-            bn = module_of(gm, node)  # in eval mode it is exactly BatchNorm2d (never splits)
+        ghost = module_of(gm, node)
+        if bn is None and type(ghost) is GhostBatchNorm and not ghost.training and not has_hooks(ghost):
+            bn = ghost  # in eval mode it is exactly BatchNorm2d (never splits)
         if bn is None or len(node.args) != 1 or node.kwargs or only_input(node) is None:
             return None
         no_stats = not bn.track_running_stats or bn.running_mean is None or bn.running_var is None

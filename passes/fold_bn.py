@@ -16,6 +16,7 @@ from ._fx import (
     call_sites,
     conv2d_call,
     has_side_effect,
+    reads_attributes_of,
     single_user,
 )
 
@@ -33,6 +34,8 @@ def _foldable(gm: fx.GraphModule, bn_node: fx.Node) -> tuple[ConvCall, BatchNorm
     if bn.module is not None and conv.module is not None:
         if call_sites(gm, conv.node.target) != 1:
             return None  # a conv called from several places would change them all
+        if reads_attributes_of(gm, conv.node.target):
+            return None  # another op reads its weight or bias, which the fold would change under it
         module = conv.module
         if module.out_channels != bn.module.num_features or not module.weight.dtype.is_floating_point:
             return None
@@ -177,7 +180,9 @@ def fold_bn(gm: fx.GraphModule) -> fx.GraphModule:
 
     - module calls (``torch.fx.symbolic_trace``): a stock ``nn.BatchNorm2d`` in eval mode
       with running statistics after a stock ``nn.Conv2d`` (any groups, stride, dilation,
-      padding, with or without bias) called from one place only. The conv submodule is
+      padding, with or without bias) called from one place only, whose weight and bias
+      no other node reads (``F.conv2d(y, self.conv.weight)``), neither module carrying
+      hooks (a hook may change what the call computes). The conv submodule is
       replaced with a fresh one holding the folded weight and bias (see
       :func:`_folded_conv`) and the BN node removed.
     - function calls (torch.compile's Dynamo graph, functional code): ``F.batch_norm`` or

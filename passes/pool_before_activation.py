@@ -17,12 +17,12 @@ def _match(gm: fx.GraphModule, pool: fx.Node) -> fx.Node | None:
         return None
     # An in-place activation also overwrote its input and every tensor sharing its
     # storage; after the swap it no longer does, so any other reader of any of them (a
-    # view taken before, the base it is a view of, the caller's input) would see
-    # different values.
+    # view taken before, the base it is a view of, the tensor an earlier ``y += s`` wrote,
+    # the caller's input, a module's parameter or buffer) would see different values.
     if is_inplace(gm, act):
         group = aliases(only_input(act))
-        readers = {user for node in group for user in node.users if user not in group}
-        if readers != {act} or any(node.op == "placeholder" for node in group):
+        readers = {user for node in group - {act} for user in node.users if user not in group}
+        if readers - {act} or any(node.op in ("placeholder", "get_attr") for node in group):
             return None
     return act
 
@@ -43,7 +43,8 @@ def pool_before_activation(gm: fx.GraphModule) -> fx.GraphModule:
     ``F.adaptive_max_pool2d``; never an average pool); the activation is ReLU, ReLU6,
     LeakyReLU (slope >= 0), ELU (alpha >= 0), CELU (alpha > 0) or Hardtanh, as a module
     or a function, whose output feeds the pool alone (never GELU, SiLU, Mish: they are
-    not monotonic); an in-place activation's input has no other reader. Chains of such
+    not monotonic); an in-place activation's input, and every tensor sharing its storage,
+    has no other reader and is no graph input or module tensor. Chains of such
     activations all move behind the pool.
 
     Returns ``gm`` itself when nothing matches, else a new GraphModule whose
