@@ -2,7 +2,8 @@
 
 A thin layer over :func:`fastgraph.export` (``fastgraph.deploy.pipeline``): options and
 outputs are checked before any slow work, then the summary table is printed and written
-as JSON; the exit code is 1 when the engine's accuracy disagrees with PyTorch's.
+as JSON; the exit code is 1 when the engine's logits or accuracy disagree with PyTorch's
+(see :func:`fastgraph.deploy.pipeline.compare`).
 """
 
 from __future__ import annotations
@@ -50,7 +51,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--opset", type=int, default=18,
                    help="ONNX opset, from 17 to the newest the installed onnx knows (default 18)")
     p.add_argument("--out", help="engine file, named .onnx or .ep as --format writes (default <model>.onnx "
-                   "or <model>.ep in the current folder)")
+                   "or <model>.ep in the current folder); its folder must exist; an existing file is "
+                   "replaced")
     p.add_argument("--data", help="CIFAR-10 (folder or archive; default $FASTGRAPH_DATA)")
     p.add_argument("--verify-images", type=int, default=10_000, metavar="N",
                    help="test images to verify on, spread over all classes (default all 10,000)")

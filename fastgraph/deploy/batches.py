@@ -46,11 +46,19 @@ def pytorch_logits(module: nn.Module, images: torch.Tensor, device: torch.device
                    chunk: int = REFERENCE_CHUNK) -> torch.Tensor:
     """float32 (N, classes) CPU logits of ``module`` (eval) on float32 (N, 3, H, W) ``images``.
 
-    Runs on ``device`` (``module`` is moved there) in chunks of ``chunk`` images.
+    Runs on ``device`` (``module`` is moved there) in chunks of ``chunk`` images, in IEEE
+    float32: TF32 is off for the call, since PyTorch's cuDNN convolutions round to it by
+    default on Ampere and later GPUs (about 1e-3 relative, far above an fp32 engine's
+    tolerance), and a reference must not be the looser of the two.
     """
     module = module.to(device).eval()
-    return run_in_batches(lambda x: module(x.to(device)), images, batch=None, chunk=chunk,
-                          description="PyTorch reference")
+    conv, matmul = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        return run_in_batches(lambda x: module(x.to(device)), images, batch=None, chunk=chunk,
+                              description="PyTorch reference")
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = conv, matmul
 
 
 @torch.no_grad()

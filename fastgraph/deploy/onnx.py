@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import logging
 import re
 import warnings
@@ -87,14 +88,17 @@ def _first_line(exc: BaseException) -> str:
 
 
 def export_onnx(module: nn.Module, path: str | Path, *, batch: int | None, opset: int = 18,
-                image_shape: tuple[int, int, int] = (3, 32, 32)) -> dict:
-    """Write ``module`` (eval mode, float32 input (N, 3, 32, 32) -> logits (N, 10)) to ``path``.
+                image_shape: tuple[int, int, int] = (3, 32, 32), metadata: dict | None = None) -> dict:
+    """Write ``module`` (eval mode, float32 input (N, *image_shape) -> logits (N, classes)) to ``path``.
 
     Args:
         module: the inference module, on the CPU; its input/output dtypes are kept.
-        path: the ``.onnx`` file to write.
+        path: the ``.onnx`` file to write (an existing one is replaced).
         batch: a fixed batch size, or ``None`` for a dynamic batch axis named ``batch``.
         opset: ONNX opset, 17 to the newest the installed onnx knows; the file has exactly it.
+        image_shape: (channels, height, width) of one input image; fixed in the file.
+        metadata: key -> value stored in the model's ``metadata_props`` (a string as it is,
+            anything else as JSON), for runtimes to read the input's shape and classes.
 
     Returns:
         ``{"exporter", "fallback_reason", "opset", "dynamic_batch", "bytes"}``.
@@ -157,6 +161,10 @@ def export_onnx(module: nn.Module, path: str | Path, *, batch: int | None, opset
     except Exception as exc:  # noqa: BLE001 - onnx raises its own ValidationError types
         raise ModelError(f"onnx.checker rejects {path}: {_first_line(exc)}") from None
     proto = onnx.load(str(path), load_external_data=False)
+    if metadata:
+        onnx.helper.set_model_props(proto, {k: v if isinstance(v, str) else json.dumps(v)
+                                            for k, v in metadata.items()})
+        onnx.save(proto, str(path))
     opset_used = _opset_of(proto)
     if opset_used != opset:  # never silently another opset than the one asked
         path.unlink(missing_ok=True)
