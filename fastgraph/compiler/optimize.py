@@ -16,7 +16,9 @@ JSON say so, since then nothing was checked on real images.
 from __future__ import annotations
 
 import copy
+import io
 import os
+import pickle
 import statistics
 from collections.abc import Sequence
 from pathlib import Path
@@ -169,6 +171,29 @@ def _pass_names(passes: str | Sequence[str] | None, mode: str) -> list[str]:
     return [n.strip() for n in passes if n.strip()]
 
 
+def _saved_bytes(module: nn.Module, path) -> bytes:
+    """``torch.save`` of ``module`` into memory, so that a module pickle cannot store leaves no
+    half-written ``--out`` file.
+
+    Raises:
+        UserError: ``module`` holds an object pickle cannot find again by name (a hook,
+            lambda or class defined in a model file loaded by path, whose module is not
+            importable), an object of a kind pickle refuses (a lock, an open file), or a
+            parametrized module (``torch.nn.utils.parametrize``: state_dict only).
+    """
+    buffer = io.BytesIO()
+    try:
+        torch.save(module, buffer)
+    except (pickle.PicklingError, AttributeError, TypeError, RuntimeError) as exc:
+        reason = (str(exc).splitlines() or [type(exc).__name__])[0].removesuffix(" See:")
+        by_name = isinstance(exc, (pickle.PicklingError, AttributeError))
+        hint = ("; a model file is loaded by path: define its hooks, lambdas and classes in an "
+                "importable module") if by_name else ""
+        raise UserError(f"cannot save --out {path}: pickle cannot store the module ({reason}){hint}"
+                        ) from None
+    return buffer.getvalue()
+
+
 def optimize(model: nn.Module | str | os.PathLike, *, mode: str = "infer",
              passes: str | Sequence[str] | None = None, data: str | os.PathLike | None = None,
              profile: str | HardwareProfile = DEFAULT_PROFILE, precision: str = "bf16",
@@ -253,6 +278,8 @@ def optimize(model: nn.Module | str | os.PathLike, *, mode: str = "infer",
         name = str(source) if source is not None else type(model).__name__
         check_trainable(model, name, NO_TRAINING_STEP)
     gm = trace(model, source, mode=mode)  # self.training branches as they will run
+    if "out" in outputs:  # before minutes of checks and timing, not after them
+        _saved_bytes(gm, outputs["out"])
     batch_size_given, batch_size = batch_size, batch_size or (512 if device.type == "cuda" else 32)
     names = _pass_names(passes, mode)
     needs_data = [name for name in names if name in registry.REGISTRY and registry.get(name).needs_data]
@@ -320,8 +347,9 @@ def optimize(model: nn.Module | str | os.PathLike, *, mode: str = "infer",
         # before vs after with their spread: "within noise" when the ranges overlap
         measured_step=compare_step_times(measured["before"][0], measured["after"][0]))
     if "out" in outputs:
+        saved = _saved_bytes(optimized, outputs["out"])
         with output_file(outputs["out"], "out") as file:
-            torch.save(optimized, file)
+            file.write_bytes(saved)
         report.optimized_module = str(file.resolve())
     if "emit_code" in outputs:
         with output_file(outputs["emit_code"], "emit_code") as file:

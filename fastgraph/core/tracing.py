@@ -78,7 +78,13 @@ def trace(model: nn.Module, source: str | Path | None = None, mode: str | None =
     """
     source_path = Path(source).expanduser().resolve() if source is not None else None
     if mode is not None:
-        model = copy.deepcopy(model).train(mode == "train")
+        try:
+            model = copy.deepcopy(model).train(mode == "train")
+        except RuntimeError as exc:  # torch.nn.utils.weight_norm's weight is computed: no deepcopy
+            file = f"{source_path}" if source_path else type(model).__name__
+            raise ModelError(f"cannot copy the model of {file}: {str(exc).split('.')[0]} (the old "
+                             "torch.nn.utils.weight_norm makes such a weight; use "
+                             "torch.nn.utils.parametrizations.weight_norm)") from None
     try:
         gm = fx.symbolic_trace(model)
     except Exception as exc:
