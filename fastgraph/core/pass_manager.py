@@ -22,7 +22,9 @@ exact check, or the pass is refused before its real configuration is applied.
 After every pass, exact or not, each node of the graph before it that the pass did not
 declare rewritten must still be there, with its op and target: a pass (or its dead-code
 clean-up) that drops a statement it did not mean to, such as an in-place residual
-``out.add_(x)``, is refused. The manager times nothing itself.
+``out.add_(x)``, is refused. So is one after which a module's forward or backward hooks
+no longer run (a module replaced by another, as a ghost BatchNorm replaces a BatchNorm2d).
+The manager times nothing itself.
 """
 
 from __future__ import annotations
@@ -91,6 +93,34 @@ def lost_nodes(before: fx.GraphModule, after: fx.GraphModule, declared: frozense
         if now is None or now.op != node.op or now.target != node.target:
             lost.append(node.name)
     return lost
+
+
+def _hooks(gm: fx.GraphModule) -> dict[str, tuple]:
+    """The hooks of every module ``gm``'s graph calls, by qualified name: forward, forward
+    pre-, backward and backward pre-hooks, each as its function (a deep copy keeps a plain
+    function, and the function of a bound method or ``functools.partial``)."""
+    def key(hook):
+        return getattr(hook, "__func__", getattr(hook, "func", hook))
+
+    found = {}
+    for node in gm.graph.nodes:
+        if node.op != "call_module" or node.target in found:
+            continue
+        mod = gm.get_submodule(node.target)
+        hooks = tuple(tuple(key(h) for h in d.values()) for d in (
+            mod._forward_hooks, mod._forward_pre_hooks, mod._backward_hooks, mod._backward_pre_hooks))
+        if any(hooks):
+            found[node.target] = hooks
+    return found
+
+
+def lost_hooks(before: fx.GraphModule, after: fx.GraphModule) -> list[str]:
+    """Qualified names of the modules ``before`` calls with hooks whose hooks ``after`` no
+    longer runs: the module is gone, replaced by one without them (a swapped activation,
+    a ghost BatchNorm), or no longer called. A hook may change what its module computes,
+    and the user added it to run."""
+    kept = _hooks(after)
+    return [name for name, hooks in _hooks(before).items() if kept.get(name) != hooks]
 
 
 def _float64(gm: fx.GraphModule, options: dict) -> tuple[fx.GraphModule, dict]:
@@ -234,6 +264,12 @@ def _apply_one(info, gm, twin, reference, flops, nbytes, report: PassReport, *, 
     if lost:
         outcome.status = "refused"
         outcome.message = (f"dropped nodes it did not declare rewritten: {', '.join(lost)}; "
+                           "kept the module before it")
+        return unchanged
+    hooked = lost_hooks(gm, after)
+    if hooked:
+        outcome.status = "refused"
+        outcome.message = (f"drops the hooks of {', '.join(hooked)}, which would no longer run; "
                            "kept the module before it")
         return unchanged
     if not checks:

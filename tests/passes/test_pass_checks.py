@@ -106,6 +106,39 @@ def test_an_in_place_residual_add_survives_every_training_pass(name, real_batch)
     torch.testing.assert_close(outs[0](x[:32]), outs[1](x[:32]), rtol=0, atol=0)
 
 
+def _count_calls(module, inputs, output):
+    module.calls = getattr(module, "calls", 0) + 1
+
+
+def _conv_bn_relu() -> nn.Module:
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10))
+
+
+@pytest.mark.parametrize(("name", "options", "hooked"), [
+    ("ghost_batchnorm", {"ghost_batch_size": 16}, "1"),  # the BN becomes a GhostBatchNorm
+    ("swap_activation", {"to": "celu", "alpha": 0.3}, "2"),  # the ReLU becomes a CELU
+])
+def test_a_pass_after_which_a_modules_hook_no_longer_runs_is_refused(real_batch, name, options, hooked):
+    x, y = real_batch
+    gm = fx.symbolic_trace(_conv_bn_relu())
+    module = gm.get_submodule(hooked)
+    module.register_forward_hook(_count_calls)
+    out, report = run_passes(gm, [name], mode="train", batch=(x[:32], y[:32]), options={name: options})
+    outcome = report.outcomes[0]
+    assert outcome.status == "refused", outcome
+    assert outcome.message == (f"drops the hooks of {hooked}, which would no longer run; "
+                               "kept the module before it")
+    assert out is gm
+    module.calls = 0
+    out(x[:4])
+    assert module.calls >= 1  # the user's hook still runs
+    # Without the hook the same pass applies: the refusal is the hook's.
+    module._forward_hooks.clear()
+    assert run_passes(gm, [name], mode="train", batch=(x[:32], y[:32]),
+                      options={name: options})[1].outcomes[0].status == "applied"
+
+
 # ---------------------------------------------------------------- identity configurations
 
 
