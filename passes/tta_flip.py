@@ -35,11 +35,14 @@ def tta_flip(gm: fx.GraphModule, *, level: int = 1) -> fx.GraphModule:
         level: 1 (mirror) or 2 (mirror + translate).
 
     Guards: the graph must have exactly one input and return a single tensor; a graph
-    that already holds TTA views is returned unchanged. Raises ``PassOptionError`` for
-    another level.
+    that already holds TTA views of this level is returned unchanged. Raises
+    ``PassOptionError`` for a level other than 1 or 2, or than the one the graph holds.
     """
     require(level in (1, 2), "tta_flip", f"level must be 1 or 2, got {level!r}")
-    if any(isinstance(m, (TTAViews, TTAMean)) for m in gm.modules()):
+    held = {m.level for m in gm.modules() if isinstance(m, (TTAViews, TTAMean))}
+    require(held <= {level}, "tta_flip", f"the graph already holds TTA of level {min(held, default=0)}, "
+            f"not {level}: views of both would be averaged")
+    if held:
         return gm
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     output = next(n for n in gm.graph.nodes if n.op == "output")

@@ -97,6 +97,21 @@ def reference_ops(gm: fx.GraphModule) -> fx.GraphModule:
     return finish(out, rewrites)
 
 
+def check_held_tta(model: nn.Module, tta: str) -> bool:
+    """Whether ``model`` already holds TTA views (``fastgraph optimize --mode infer`` puts them
+    in its graph), at the level ``tta`` asks; ``UserError`` when it holds another level: the
+    engine would carry its own TTA while the report names the asked one, or average views
+    of views."""
+    from fastgraph.core.modules import TTAViews
+
+    held = next((m.level for m in model.modules() if isinstance(m, TTAViews)), 0)
+    if held and held != TTA_LEVELS[tta]:
+        name = next(k for k, v in TTA_LEVELS.items() if v == held)
+        raise UserError(f"the model already holds {name} TTA in its graph (fastgraph optimize adds it): "
+                        f"export it with --tta {name}, or export the model without it")
+    return bool(held)
+
+
 def inference_graph(gm: fx.GraphModule, *, tta: str,
                     batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[fx.GraphModule, list[dict]]:
     """The eval-mode graph to export: ranges stripped, reference ops, folded BN, fused whitening, TTA.
@@ -111,7 +126,8 @@ def inference_graph(gm: fx.GraphModule, *, tta: str,
         (the inference GraphModule, one dict per step as in ``PassReport.to_dict()``).
 
     Raises:
-        UserError: an unknown ``tta``; a rewrite that changed the outputs (refused).
+        UserError: an unknown ``tta``, or another than the TTA ``gm`` already holds (an
+            ``optimize --mode infer`` result); a rewrite that changed the outputs (refused).
     """
     from fastgraph.core import nvtx
     from fastgraph.core.modules import PatchWhitening
@@ -119,6 +135,7 @@ def inference_graph(gm: fx.GraphModule, *, tta: str,
 
     if tta not in TTA_LEVELS:
         raise UserError(f"--tta must be one of {', '.join(TTA_LEVELS)}, not {tta!r}")
+    check_held_tta(gm, tta)
     gm = nvtx.strip(gm)
     gm = (copy.deepcopy(gm) if gm.training else gm).eval()
     steps = []
@@ -486,6 +503,8 @@ def export(model: nn.Module | str | os.PathLike, path: str | os.PathLike, *, tta
 
     device = check_export_options(format, opset, device, tta=tta, precision=precision, batch=batch,
                                   weights=weights, checkpoint=checkpoint)
+    # Tracing goes through fastgraph's TTA modules, so a TTA the model holds is seen here only.
+    held_tta = isinstance(model, nn.Module) and check_held_tta(model, tta)
     # An unwritable output, a bad checkpoint and a bad model file are named before the data
     # is looked for (it may be absent, or take seconds to decode).
     source = None if isinstance(model, nn.Module) else model
@@ -515,7 +534,7 @@ def export(model: nn.Module | str | os.PathLike, path: str | os.PathLike, *, tta
                           UserWarning, stacklevel=2)
     image_shape = tuple(test_x.shape[1:])
     check_classes(gm, check_batch[0][:2], cifar.classes)
-    graph, steps = inference_graph(gm, tta=tta, batch=check_batch)
+    graph, steps = inference_graph(gm, tta="none" if held_tta else tta, batch=check_batch)
     module = HalfPrecision(graph) if precision == "fp16" else graph
     # What a runtime needs to feed the engine, in the report and (ONNX) in the file itself.
     engine_input = {"name": "images", "shape": [batch or "batch", *image_shape], "dtype": "float32",

@@ -187,3 +187,25 @@ def test_the_pytorch_reference_runs_in_ieee_float32_and_leaves_the_flags_as_they
         assert (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32) == (True, True)
     finally:
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = before
+
+
+def test_a_module_holding_its_tta_is_exported_with_it_once(real_batch, data_path, tmp_path):
+    # fastgraph optimize --mode infer puts TTA in the graph; exported at the same level, the
+    # engine computes the module as given, not the TTA of its TTA.
+    import torch.fx as fx
+
+    from fastgraph import export
+    from fastgraph.passes import get
+
+    torch.manual_seed(0)
+    nn = torch.nn
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3),
+                        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10)).eval()
+    held = get("tta_flip").fn(fx.symbolic_trace(net), level=2)
+    report = export(held, tmp_path / "net.onnx", tta="flip-translate", data=data_path, verify_images=100)
+    assert report.passed and report.tta == "flip-translate"
+    assert "tta_flip" not in [step["name"] for step in report.passes]
+    images, _ = real_batch
+    session = ort.InferenceSession(str(tmp_path / "net.onnx"), providers=["CPUExecutionProvider"])
+    (logits,) = session.run(None, {session.get_inputs()[0].name: images[:16].numpy()})
+    torch.testing.assert_close(torch.from_numpy(logits), held(images[:16]), rtol=1e-4, atol=1e-5)

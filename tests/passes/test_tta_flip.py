@@ -119,6 +119,29 @@ def test_negative_cases(resnet20):
         gm = fx.symbolic_trace(model)
         assert get("tta_flip").fn(gm) is gm
     once = get("tta_flip").fn(resnet20)
-    assert get("tta_flip").fn(once, level=2) is once  # already augmented
+    assert get("tta_flip").fn(once) is once  # already augmented
     with pytest.raises(PassOptionError, match="level"):
         get("tta_flip").fn(resnet20, level=3)
+
+
+def test_a_graph_with_tta_takes_the_same_level_again_and_refuses_another(real_batch):
+    x = real_batch[0][:8]
+    gm = fx.symbolic_trace(MirrorSymmetric().eval())
+    flip = get("tta_flip").fn(gm, level=1)
+    assert get("tta_flip").fn(flip, level=1) is flip  # views of views would average twice
+    with pytest.raises(PassOptionError, match="already holds TTA of level 1, not 2"):
+        get("tta_flip").fn(flip, level=2)
+    torch.testing.assert_close(flip(x), gm(x))  # flip-invariant: the TTA changes nothing here
+
+
+def test_export_refuses_another_tta_than_the_graph_holds_before_writing(data_path, tmp_path):
+    pytest.importorskip("onnx", reason="extra 'export' (onnx) not installed")
+    from fastgraph import export
+    from fastgraph.core.errors import UserError
+
+    flip = get("tta_flip").fn(fx.symbolic_trace(MirrorSymmetric().eval()), level=1)
+    out = tmp_path / "net.onnx"
+    for asked in ("none", "flip-translate"):  # the report would have named the asked one
+        with pytest.raises(UserError, match="already holds flip TTA in its graph .*--tta flip"):
+            export(flip, out, tta=asked, data=data_path, verify_images=100)
+    assert not out.exists()
