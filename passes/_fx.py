@@ -278,14 +278,13 @@ def has_side_effect(gm: fx.GraphModule, node: fx.Node) -> bool:
     schema, and modules that work in place or hold buffers (a training-mode BatchNorm
     updates its running statistics even when its output is unused), as do training-mode
     ``F.batch_norm`` / ``torch.batch_norm`` calls given running statistics. So are the
-    ``nvtx_ranges`` pass's ``push`` / ``pop`` calls: they open and close a profiler range,
-    and the ``pop`` after an in-place module whose result nobody reads (``self.relu(x)``
-    with ``inplace=True``) is unused, yet dropping it leaves its range open for the rest
-    of the run. Dead-code elimination must keep all of them (DESIGN.md, "Known traps").
+    ``nvtx_ranges`` pass's ``push`` / ``pop`` calls (``fastgraph.core.nvtx`` registers them
+    with torch.fx as side-effecting, so ``Node.is_impure`` says so): the ``pop`` after an
+    in-place module whose result nobody reads (``self.relu(x)`` with ``inplace=True``) is
+    unused, yet dropping it leaves its range open for the rest of the run. Dead-code
+    elimination must keep all of them (DESIGN.md, "Known traps").
     """
-    from fastgraph.core import nvtx
-
-    if node.is_impure() or nvtx.is_range_node(node):
+    if node.is_impure():
         return True
     if node.op == "call_module":
         mod = gm.get_submodule(node.target)

@@ -157,6 +157,14 @@ def pop(x, name: str):
     return x
 
 
+# Opening and closing a range is the whole point of these calls, not their value: a pop
+# whose result nobody reads (after an in-place module) must survive dead-code elimination,
+# or its range stays open for the rest of the run. torch.fx keeps the functions registered
+# here (``Node.is_impure``), as it does its own profiler calls.
+fx.node.has_side_effect(push)
+fx.node.has_side_effect(pop)
+
+
 def is_range_node(node: fx.Node) -> bool:
     """Whether ``node`` is a :func:`push` or :func:`pop` call."""
     return node.op == "call_function" and node.target in (push, pop)
