@@ -110,6 +110,7 @@ def test_training_checkpoint_exports_the_model_the_trainer_evaluated(tmp_path, d
                     "--out", out)
 
     assert record["weights"]["kind"] == "training checkpoint" and record["weights"]["weights"] == "ema"
+    assert record["weights"]["finished"] is True and record["weights"]["epochs"] == 1
     status = {p["name"]: p["status"] for p in record["passes"]}
     assert status["reference_ops"] == "applied"  # the fused BN+CELU kernels went back to BN + CELU
     assert status["tta_flip"] == "applied"
