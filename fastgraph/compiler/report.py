@@ -51,10 +51,15 @@ def pass_table(passes: list[dict], mode: str) -> Table:
     return fitting_table(title, columns, rows)
 
 
-def _roof_step(row: dict) -> float:
-    """Seconds of one step of ``batch_size`` images on the roofline: the run's roofline time
-    (``images`` images, parameter reads amortised over batches of ``batch_size``) per batch."""
-    return row["roofline_seconds"] * row["batch_size"] / row["images"]
+def _roof_step(row: dict, images_per_step: int) -> float:
+    """Seconds of one step of ``images_per_step`` images on the roofline: the run's roofline
+    time (``row["images"]`` images, parameter reads amortised over batches of
+    ``row["batch_size"]``) per image, times the images of the step.
+
+    ``images_per_step`` is the measured step's batch, which the roofline's own batch (512
+    unless one was given) need not equal: the column stands beside the measured step.
+    """
+    return row["roofline_seconds"] * images_per_step / row["images"]
 
 
 def _time(value: float) -> str:
@@ -73,8 +78,11 @@ def roofline_table(result: dict) -> Table:
         step, run = "inference batch", "inference, test set"
     if per_step:
         runs = ", ".join(f"{seconds(r['roofline_seconds'])} {r['graph']}" for r in rows)
+        amortised = {r["batch_size"] for r in rows} - {result["batch_size"]}
+        reads = (f"; parameter reads amortised over {', '.join(map(str, sorted(amortised)))} images"
+                 if amortised else "")
         what = (f"roof step: one {step} of {result['batch_size']} images on the roofline "
-                f"(the whole run, {run}, {rows[0]['images']:,.0f} images: {runs})")
+                f"(the whole run, {run}, {rows[0]['images']:,.0f} images: {runs}{reads})")
     else:
         what = f"roof time: the whole run ({run}) on the roofline, not one step"
     title = (f"Roofline on {result['profile']} at {result['precision']}; step measured on "
@@ -85,7 +93,8 @@ def roofline_table(result: dict) -> Table:
                "img/s": "right", "FLOP/s": "right"}
     cells = [[r["graph"], si(r["step_flops_per_image"]), si(r["step_bytes_per_image"], "B"),
               f"{r['arithmetic_intensity']:.3g}",
-              _time(_roof_step(r)) if per_step else seconds(r["roofline_seconds"]), r["bound"],
+              _time(_roof_step(r, result["batch_size"])) if per_step else seconds(r["roofline_seconds"]),
+              r["bound"],
               seconds(r["measured_step_seconds"]), f"{r['measured_images_per_second']:.4g}",
               si(r["measured_flops_per_second"])] for r in rows]
     return fitting_table(title, columns, cells)

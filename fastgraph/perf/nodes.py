@@ -5,16 +5,20 @@ bytes under eager execution, per image). One step of ``batch_size`` images:
 
 - inference: the node's forward FLOPs and bytes (parameters read once per batch);
 - training: FLOPs = forward x (1 + g_in + g_w), where g_in = 1 when one of the node's
-  inputs requires a gradient (the input gradient costs as much as the forward for a
-  convolution or a matrix multiply) and g_w = 1 when the node's module has trainable
-  parameters (the weight gradient likewise); the first conv, which reads the images,
-  thus costs 2x its forward, the others 3x, the usual 6N-per-token rule in its
-  per-layer form (Kaplan et al. 2020, section 2.1). ``torch.profiler``'s ``with_flops``
-  counts only the forward (DESIGN.md, known traps), hence this model.
+  activation inputs requires a gradient (the input gradient costs as much as the forward
+  for a convolution or a matrix multiply) and g_w = 1 when its weights do: the node's
+  module has trainable parameters, or a trainable parameter is one of its inputs
+  (``F.conv2d(x, self.weight)`` traces to a ``get_attr`` input), or a second activation
+  input requires a gradient (``a @ b``); the weight gradient likewise costs the forward.
+  The first conv, which reads the images, thus costs 2x its forward, the others 3x, the
+  usual 6N-per-token rule in its per-layer form (Kaplan et al. 2020, section 2.1).
+  ``torch.profiler``'s ``with_flops`` counts only the forward (DESIGN.md, known traps),
+  hence this model.
   Bytes follow :func:`fastgraph.perf.roofline.step_bytes` node by node: a node on the
   gradient path moves 3x its forward activation bytes and reads its parameters twice;
   trainable parameters add the gradient write and an SGD-with-momentum update
-  (read parameter, gradient and momentum, write parameter and momentum).
+  (read parameter, gradient and momentum, write parameter and momentum), once per
+  parameter, at the first node that uses it.
 
 A node's attainable rate is ``min(peak, bandwidth x intensity)`` and its roofline time
 ``max(FLOPs / peak, bytes / bandwidth)`` (Williams, Waterman and Patterson 2009).
@@ -60,30 +64,54 @@ class NodePoint:
         return asdict(self)
 
 
+def _trainable_parameter(gm: fx.GraphModule, node: fx.Node) -> torch.nn.Parameter | None:
+    """The trainable parameter a ``get_attr`` node reads, else None (a buffer, a constant, a frozen one)."""
+    if node.op != "get_attr":
+        return None
+    try:
+        parameter = gm.get_parameter(node.target)
+    except AttributeError:  # a buffer or constant: no gradient
+        return None
+    return parameter if parameter.requires_grad else None
+
+
 def _gradient_flags(gm: fx.GraphModule) -> dict[str, tuple[bool, bool, bool]]:
-    """Per node name: (an input requires grad, its module has trainable parameters, output requires grad)."""
+    """Per node name: (an activation input requires grad, its weights require grad, output requires grad).
+
+    Weights are a called module's parameters or trainable parameters read through
+    ``get_attr`` inputs; a second activation input that requires grad (``a @ b``) has a
+    gradient of the same cost, and counts as the weight side.
+    """
     flags: dict[str, tuple[bool, bool, bool]] = {}
     requires: dict[str, bool] = {}
     for node in gm.graph.nodes:
-        inputs_grad = any(requires.get(src.name, False) for src in node.all_input_nodes)
-        trainable = False
+        if node.op == "get_attr":
+            requires[node.name] = _trainable_parameter(gm, node) is not None
+            flags[node.name] = (False, requires[node.name], requires[node.name])
+            continue
+        activations = [src for src in node.all_input_nodes if src.op != "get_attr"]
+        needing = sum(requires.get(src.name, False) for src in activations)
+        inputs_grad = needing > 0
+        trainable = needing > 1 or any(_trainable_parameter(gm, src) is not None
+                                       for src in node.all_input_nodes)
         if node.op == "call_module":
-            trainable = any(p.requires_grad for p in gm.get_submodule(node.target).parameters())
-        elif node.op == "get_attr":
-            try:
-                trainable = gm.get_parameter(node.target).requires_grad
-            except AttributeError:  # a buffer or constant: no gradient
-                trainable = False
+            trainable = trainable or any(p.requires_grad for p in gm.get_submodule(node.target).parameters())
         requires[node.name] = inputs_grad or trainable
         flags[node.name] = (inputs_grad, trainable, requires[node.name])
     return flags
 
 
-def _trainable_bytes(gm: fx.GraphModule, node: fx.Node, element_bytes: int) -> float:
-    if node.op != "call_module":
-        return 0.0
-    return float(sum(p.numel() for p in gm.get_submodule(node.target).parameters() if p.requires_grad)
-                 * element_bytes)
+def _trainable_bytes(gm: fx.GraphModule, node: fx.Node, element_bytes: int, seen: set[int]) -> float:
+    """Bytes of the trainable parameters ``node`` uses (its module's, its ``get_attr``
+    inputs') that no earlier node used; ``seen`` (parameter ids) is updated."""
+    parameters = []
+    if node.op == "call_module":
+        parameters += [p for p in gm.get_submodule(node.target).parameters() if p.requires_grad]
+    read = (_trainable_parameter(gm, src) for src in node.all_input_nodes)
+    parameters += [p for p in read if p is not None]
+    fresh = {id(p): p for p in parameters if id(p) not in seen}
+    seen.update(fresh)
+    return float(sum(p.numel() for p in fresh.values()) * element_bytes)
 
 
 def node_points(gm: fx.GraphModule, profile: HardwareProfile, precision: str, *, mode: str = "train",
@@ -118,6 +146,7 @@ def node_points(gm: fx.GraphModule, profile: HardwareProfile, precision: str, *,
     flags = _gradient_flags(gm)
     nodes = {n.name: n for n in gm.graph.nodes}
     element = ELEMENT_BYTES[precision]
+    updated: set[int] = set()  # parameters whose gradient and update are counted
     points = []
     for cost in costs:
         node = nodes[cost.name]
@@ -129,7 +158,7 @@ def node_points(gm: fx.GraphModule, profile: HardwareProfile, precision: str, *,
             flops = forward_flops * (1 + int(inputs_grad) + int(trainable))
             on_gradient_path = output_grad
             moved = activations * (3 if on_gradient_path else 1) + params * (2 if on_gradient_path else 1)
-            moved += _trainable_bytes(gm, node, element) * (4 + 2 * OPTIMIZER_STATES)
+            moved += _trainable_bytes(gm, node, element, updated) * (4 + 2 * OPTIMIZER_STATES)
         else:
             flops, moved = forward_flops, activations + params
         if flops <= 0 and moved <= 0:

@@ -158,10 +158,12 @@ def profile_view(result: dict) -> Group:
 
     title = (f"Per node, mean of {result['steps']} training steps of {result['batch_size']} images on "
              f"{result['device']} ({result['timing_method'].split(',')[1].strip()}): forward, backward "
-             "and self time, share of the step, FLOPs and achieved rate")
+             "time and their sum (each inclusive of the ops inside the node), share of the step, FLOPs "
+             "and achieved rate")
     on_profile = result.get("measured_on_profile", False)
     # Short headers, so that node names keep their width in 80 columns.
-    columns = ["node", "fwd ms", "bwd ms", "self ms", "% step", "FLOPs", "GFLOP/s", "FLOP/B"]
+    # "sum": forward + backward; not torch.profiler's "self" time, which excludes child ops.
+    columns = ["node", "fwd ms", "bwd ms", "sum ms", "% step", "FLOPs", "GFLOP/s", "FLOP/B"]
     if on_profile:
         columns.insert(7, f"% {result['profile']} peak")
     rows = []
