@@ -177,12 +177,9 @@ def _profile_bandwidth(device_name: str):
         from fastgraph.perf.roofline import list_profiles, load_profile
     except ImportError:
         return None
-    lowered = device_name.lower()
     for name in list_profiles():
-        if re.search(rf"\b{re.escape(name)}\b", lowered):
-            profile = load_profile(name)
-            if "pcie" in lowered and "pcie" not in profile.display_name.lower():
-                return None  # the shipped profiles are the SXM parts: a PCIe card has less bandwidth
+        profile = load_profile(name)
+        if profile.describes(device_name):  # not a PCIe or NVL card under an SXM profile
             return name, profile.display_name, float(profile.memory_bandwidth)
     return None
 

@@ -456,7 +456,7 @@ def profile(model: nn.Module | str | os.PathLike, *, recipe: str | None = None, 
     # A share of a GPU's peak is only meaningful for a run on that GPU: never next to a
     # CPU measurement, nor an A100 run held against the H100 profile.
     hardware, peak = run.hardware, run.hardware.peak(run.precision)
-    on_profile = cuda and hardware.name.lower() in device_name(run.device).lower().replace(" ", "")
+    on_profile = cuda and hardware.describes(device_name(run.device))
     rows, step_seconds = table_rows(attributed, run.points, run.labels, peak if on_profile else None)
     source = None if isinstance(model, nn.Module) else model
     return ProfileReport(

@@ -90,11 +90,10 @@ def check_measured(record: object, where: str = "--measured") -> dict:
 def measured_on_profile(profile: HardwareProfile, measured: dict) -> bool:
     """Whether a ``fastgraph profile`` record was measured on ``profile``'s GPU: its own
     ``measured_on_profile`` when it was taken against the same profile, else whether the
-    device's name holds the profile's (``"NVIDIA H100 80GB HBM3"`` for ``h100``); a CPU never."""
+    profile describes the device (:meth:`HardwareProfile.describes`); a CPU never."""
     if measured.get("profile") == profile.name and "measured_on_profile" in measured:
         return bool(measured["measured_on_profile"])
-    device = str(measured.get("device", "")).lower().replace(" ", "")
-    return device not in ("", "cpu") and profile.name.lower() in device
+    return profile.describes(str(measured.get("device", "")))
 
 
 def roofline_record(gm, profile: HardwareProfile, precision: str, mode: str, batch_size: int,

@@ -27,6 +27,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import importlib.resources
+import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -112,6 +113,24 @@ class HardwareProfile:
     def ridge_point(self, precision: str) -> float:
         """Arithmetic intensity (FLOPs/byte) above which work is compute-bound."""
         return self.peak(precision) / self.memory_bandwidth
+
+    def describes(self, device: str) -> bool:
+        """Whether a GPU named ``device`` (``torch.cuda.get_device_name``) is this profile's part.
+
+        Its name must hold the profile's (``"NVIDIA H100 80GB HBM3"`` for ``h100``), and the
+        variant must not contradict the product: a PCIe or NVL card is not the SXM part
+        (an H100 PCIe has about 3/4 of the SXM5's dense bf16 rate), and a memory size both
+        names give must agree (an A100 40GB has 1.56 TB/s, the 80GB 2.04). A CPU never is.
+        """
+        name = device.lower().replace(" ", "").replace("-", "")
+        if name in ("", "cpu") or self.name.lower() not in name:
+            return False
+        product = self.display_name.lower()
+        if "sxm" in product and ("pcie" in name or "nvl" in name):
+            return False
+        # "A100-SXM4-40GB", "H100 80GB HBM3": the number before "GB", read with its separators
+        sizes = [re.findall(r"(?<![\w.])(\d+)\s*gb", text) for text in (device.lower(), product)]
+        return not (sizes[0] and sizes[1] and sizes[0][0] != sizes[1][0])
 
 
 def _hardware_dir():
