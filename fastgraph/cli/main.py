@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 import fastgraph
@@ -79,7 +80,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args._run(args) or 0)
     except UserError as exc:
-        print(f"fastgraph: error: {exc}", file=sys.stderr)
+        # a process of fastgraph train --nproc (fastgraph.training.distributed.ERRORS_ENV)
+        if os.environ.get("FASTGRAPH_RANK_ERRORS"):
+            from fastgraph.training.distributed import say_error
+
+            say_error(f"fastgraph: error: {exc}")
+        else:
+            print(f"fastgraph: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("fastgraph: interrupted", file=sys.stderr)

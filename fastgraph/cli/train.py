@@ -160,7 +160,7 @@ def run(args: argparse.Namespace) -> int:
     except distributed.PeerLost as exc:
         # one line and out, past the destructors: a broken process group's destructor
         # waits for collectives the lost process never joins (see distributed.shutdown)
-        print(f"fastgraph: error: {exc}", file=sys.stderr)
+        distributed.say_error(f"fastgraph: error: {exc}", peer_lost=True)
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(2)

@@ -37,12 +37,15 @@ Multi-node training is torchrun's rendezvous (``--nnodes``, ``--rdzv-backend c10
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import math
 import os
 import signal
+import sys
 import traceback
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -143,6 +146,25 @@ def initialise(device: torch.device) -> DistributedContext | None:
     # stop requests are host values: through gloo, so reading them never waits for the GPU
     control = dist.new_group(backend="gloo") if cuda else None
     return DistributedContext(rank, local_rank, world_size, backend, control)
+
+
+PEER_LOST = "another process of the training stopped"  # what a PeerLost says, after the rank
+ERRORS_ENV = "FASTGRAPH_RANK_ERRORS"  # set by launch: the folder where each rank leaves its error
+
+
+def say_error(line: str, *, peer_lost: bool = False) -> None:
+    """Print a process's one-line error (``"fastgraph: error: ..."``) to stderr, and under
+    :func:`launch` also leave it as ``<folder>/<RANK>.err`` for the launcher, which then
+    says the failure once (the ranks' errors are each other's echoes). A rank that only
+    lost another (``peer_lost``) prints nothing under the launcher: the launcher names the
+    process that stopped first."""
+    folder = os.environ.get(ERRORS_ENV)
+    if folder:
+        with contextlib.suppress(OSError):
+            Path(folder, f"{os.environ.get('RANK', '0')}.err").write_text(line)
+        if peer_lost:
+            return
+    print(line, file=sys.stderr)
 
 
 class PeerLost(UserError):
@@ -355,37 +377,110 @@ def launch(nproc: int, argv: list[str]) -> int:
     128 + the signal when Ctrl-C or SIGTERM stopped it (torchrun passes it to every process,
     which stop together at a step boundary and write their checkpoint, saying so).
 
+    Rank 0 writes to this terminal; the other ranks' output goes to files in a temporary
+    folder (they print nothing of their own, and every rank meets the same bad option: on
+    the terminal each error would show N times), read back only to say why one failed.
+    torchrun's own log lines are silenced for the same reason: the failure is said here.
+
     Raises:
         UserError: a bad ``FASTGRAPH_DIST_TIMEOUT`` (before any process starts); a process
-            failed (one line: which, and its exit code or signal; where ``argv`` gives
-            ``--checkpoint``, that its folder holds the last finished epoch); a process that
-            stopped on bad input already said why and exits 2, as does this.
+            failed (one line: which, and its exit code or signal, or its own error; where
+            ``argv`` gives ``--checkpoint``, that its folder holds the last finished epoch); a
+            rank 0 that stopped on bad input already said why and exits 2, as does this.
     """
+    import tempfile
+
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
 
     timeout_seconds()  # every process reads it: a bad value is said once, here
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
-    try:
-        run(parse_args(["--standalone", "--nproc-per-node", str(nproc), "-m", "fastgraph",
-                        *without_nproc(argv)]))
-    except SignalException as exc:  # Ctrl-C or SIGTERM: torchrun passed it on; the ranks checkpointed
-        return 128 + int(exc.sigval)
-    except ChildFailedError as exc:
-        # a process killed by a signal (not the SIGTERM torchrun stops the others with) is the
-        # cause, whatever the others then did; else a process's own one-line error is above
-        killed = [(rank, f) for rank, f in sorted(exc.failures.items())
-                  if f.exitcode < 0 and f.exitcode != -signal.SIGTERM]
-        if not killed and any(f.exitcode == 2 for f in exc.failures.values()):
-            raise SystemExit(2) from None
-        rank, failure = killed[0] if killed else exc.get_first_failure()
-        how = failure.signal_name() if failure.exitcode < 0 else f"exit code {failure.exitcode}"
-        resume = (" The --checkpoint folder holds the last finished epoch: continue with --resume"
-                  if checkpoint_given(argv) else "")
-        message = f"process {rank} of {nproc} failed ({how}); the others were stopped.{resume}"
-        raise UserError(message) from None
+    others = ",".join(f"{i}:3" for i in range(1, nproc))  # 3: stdout and stderr to files
+    with tempfile.TemporaryDirectory(prefix="fastgraph-ranks-") as logs, _torchrun_quiet(), \
+            _environment(ERRORS_ENV, logs):
+        try:
+            run(parse_args(["--standalone", "--nproc-per-node", str(nproc), "--log-dir", logs,
+                            "--redirects", others, "-m", "fastgraph", *without_nproc(argv)]))
+        except SignalException as exc:  # Ctrl-C or SIGTERM: torchrun passed it on; the ranks checkpointed
+            return 128 + int(exc.sigval)
+        except ChildFailedError as exc:
+            raise _failure(exc, nproc, argv, logs) from None
     return 0
+
+
+def _failure(exc, nproc: int, argv: list[str], logs: str) -> BaseException:
+    """What ``launch`` raises for torchrun's ``ChildFailedError`` ``exc``: ``SystemExit(2)``
+    where rank 0 printed its own one-line error, else a ``UserError`` naming the process.
+
+    The ranks' errors are read from the files :func:`say_error` leaves, not from exit codes:
+    torchrun may see another rank exit first and end rank 0 with SIGTERM after its line."""
+    prefix = "fastgraph: error: "
+    said = {}
+    for path in Path(logs).glob("*.err"):
+        with contextlib.suppress(OSError, ValueError):
+            said[int(path.stem)] = path.read_text().removeprefix(prefix).strip()
+    if said.get(0) and PEER_LOST not in said[0]:
+        return SystemExit(2)  # rank 0's line is on the terminal above
+    failures = sorted(exc.failures.items())
+    # a process killed by a signal (not the SIGTERM torchrun stops the others with) is the
+    # cause, whatever the others then did; else a process's own one-line error
+    killed = [(rank, f) for rank, f in failures if f.exitcode < 0 and f.exitcode != -signal.SIGTERM]
+    own = sorted((rank, line) for rank, line in said.items() if line and PEER_LOST not in line)
+    if not killed and own:
+        rank, line = own[0]
+        return UserError(f"process {rank} of {nproc}: {line}")
+    rank, failure = killed[0] if killed else exc.get_first_failure()
+    how = failure.signal_name() if failure.exitcode < 0 else f"exit code {failure.exitcode}"
+    last = _last_line(logs, failure.local_rank) if rank and failure.exitcode > 0 else ""
+    resume = (" The --checkpoint folder holds the last finished epoch: continue with --resume"
+              if checkpoint_given(argv) else "")
+    return UserError(f"process {rank} of {nproc} failed ({how}{': ' + last[:300] if last else ''}); "
+                     f"the others were stopped.{resume}")
+
+
+def _last_line(logs: str, local_rank: int) -> str:
+    """The last line of the stderr of process ``local_rank`` under torchrun's ``logs`` folder
+    ("" when there is none): what a rank that crashed (a traceback's last line) said."""
+    lines = [line.strip() for path in sorted(Path(logs).glob(f"*/attempt_*/{local_rank}/stderr.log"))
+             for line in path.read_text(errors="replace").splitlines() if line.strip()]
+    return lines[-1] if lines else ""
+
+
+@contextlib.contextmanager
+def _environment(name: str, value: str):
+    """``os.environ[name] = value`` inside the block (torchrun's processes inherit it)."""
+    before = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = before
+
+
+@contextlib.contextmanager
+def _torchrun_quiet():
+    """torchrun's loggers (``torch.distributed.elastic.*``, ``torch.distributed.run``) at
+    CRITICAL inside the block: their lines about a failed process ("Sending process ...
+    closing signal", "failed (exitcode: 2)") repeat what :func:`launch` says in one line.
+    Each logger has its own level, set when its module was imported."""
+    import logging
+
+    import torch.distributed.run  # noqa: F401  (imports the launcher's modules: their loggers exist)
+
+    names = [n for n in logging.root.manager.loggerDict
+             if n.startswith(("torch.distributed.elastic", "torch.distributed.run"))]
+    saved = [(logger, logger.level) for logger in map(logging.getLogger, names)]
+    for logger, _ in saved:
+        logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        for logger, level in saved:
+            logger.setLevel(level)
 
 
 def checkpoint_given(argv: list[str]) -> bool:

@@ -387,8 +387,6 @@ class Trainer:
             r.epoch, r.done, r.step = saved["epoch"], saved["step_in_epoch"], saved["step"]
             r.offset, r.carry, r.partial = saved["counted_seconds"], saved["epoch_seconds"], saved["partial"]
             r.earlier = saved.get("phases")  # absent from checkpoints written before it was saved
-            if not self.is_main:  # the sums over the ranks so far are counted once, on rank 0
-                r.partial = {**r.partial, "loss": 0.0, "correct": 0}
             r.records = [EpochRecord(**e) for e in saved["epochs"]]
         r.new_epoch(r.epoch, r.done, augmenter.state_dict(), timer.total())
         return r
@@ -429,13 +427,25 @@ class Trainer:
                 "counted_seconds": sum(p["seconds"] for p in phases.values() if p["counted"]),
                 "total_seconds": sum(p["seconds"] for p in phases.values())}
 
+    def _average_running_stats(self, r: _Run) -> None:
+        """Every rank's BatchNorm running statistics (the model's and its EMA's) replaced by
+        their mean over the ranks: what one process training the global batch holds. Running
+        statistics are a linear recurrence, so averaging mid-epoch changes nothing the
+        epoch's end would not; a collective: every rank must call it."""
+        ema = [r.ema.averaged.module] if r.ema is not None else []
+        dp.average_running_stats([r.module, *ema], self.dist)
+
     def _totals(self, r: _Run) -> tuple[float, int]:
-        """(sum of the step losses, correct predictions) of ``r``'s epoch so far, over all
-        ranks; each rank's loss is the mean over its share of the batch."""
-        loss, correct = r.partial["loss"] + r.loss_sum.item(), r.partial["correct"] + int(r.correct)
+        """(sum over the steps of the global batch's mean loss, correct predictions) of ``r``'s
+        epoch so far, over all ranks and the processes before a resume (``r.partial``, in the
+        same units). Each rank's loss is the mean over its equal share of the batch, so the
+        global batch's mean is the mean over the ranks: a sum that does not depend on the
+        number of processes, which may change at a resume."""
+        loss, correct = r.loss_sum.item(), int(r.correct)
         if self.dist is not None:
             loss, correct = dp.all_sum([loss, correct], self.dist)
-        return loss, int(correct)
+            loss /= self.dist.world_size
+        return r.partial["loss"] + loss, r.partial["correct"] + int(correct)
 
     def _group_lr(self, group: dict, r: _Run, epoch: int, factor: float) -> float:
         """The lr of an optimiser group at run ``r``'s current step of ``epoch``.
@@ -537,8 +547,7 @@ class Trainer:
         test_acc = tta_acc = None
         tta_before = timer.total(counted_only=False)
         if self.dist is not None:  # what one process would hold: see fastgraph.training.distributed
-            dp.average_running_stats([r.module] + ([r.ema.averaged.module] if r.ema is not None else []),
-                                     self.dist)
+            self._average_running_stats(r)
         loss, correct = self._totals(r)
         if (final or self.opts.progress_eval) and self.is_main:
             if self.tta_level:  # plain accuracy is progress information: not counted
@@ -549,11 +558,10 @@ class Trainer:
                 tta_acc = self.evaluator.accuracy(r.evaluated, tta=bool(self.tta_level))
             test_acc = tta_acc if test_acc is None else test_acc
         steps = r.partial["seen"] // self.batch_size + r.steps
-        world = self.dist.world_size if self.dist is not None else 1
         return EpochRecord(
             epoch=min(r.step / r.steps_per_epoch, self.epochs), step=r.step,
             lr=self.hyper.lr * lr_factor(self.recipe, (r.step - 1) / r.total_steps),
-            train_loss=loss / max(1, steps * world), train_acc=correct / max(1, steps * self.batch_size),
+            train_loss=loss / max(1, steps), train_acc=correct / max(1, steps * self.batch_size),
             test_acc=test_acc, tta_acc=tta_acc, seconds=seconds, elapsed=elapsed,
             tta_seconds=timer.total(counted_only=False) - tta_before)
 
@@ -579,6 +587,8 @@ class Trainer:
         except KeyboardInterrupt:
             # distributed: only a stop every rank agreed on is at one step boundary everywhere
             consistent = r.boundary and (self.dist is None or r.agreed_stop)
+            if consistent and self.dist is not None:  # as at an epoch's end: what one process holds
+                self._average_running_stats(r)
             self._on_interrupt(self._snapshot(r) if consistent else None)
             raise
         finally:
@@ -649,8 +659,7 @@ class Trainer:
             where = (f"; the checkpoint in {self.opts.checkpoint_dir} is of the last finished epoch: "
                      "continue with --resume") if self.opts.checkpoint_dir else ""
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise dp.PeerLost(f"rank {self.dist.rank}: another process of the training stopped "
-                              f"({first[:200]}){where}") from None
+            raise dp.PeerLost(f"rank {self.dist.rank}: {dp.PEER_LOST} ({first[:200]}){where}") from None
         finally:
             if self.dist is not None:
                 dp.shutdown(self.dist, sys.exc_info()[1])

@@ -119,6 +119,39 @@ def _finish(proc, what: str) -> str:
         pytest.fail(f"{what}: the training hung")
 
 
+def _same_as_one_process_stopped_there(folder: Path, saved: dict) -> None:
+    """The 2-process checkpoint ``saved`` written mid-epoch holds what one process stopped
+    after the same step holds, so it resumes on any number of processes: BatchNorm running
+    statistics averaged over the ranks (each rank's own drifted 0.2 of their scale apart),
+    and the epoch's loss so far as a sum of global-batch means (the sum over ranks read 2x)."""
+    from fastgraph.training.loop import Reporter, TrainOptions, train
+    from fastgraph.training.recipes import load_recipe
+
+    class StopAfter(Reporter):
+        def __init__(self):
+            self.steps = 0
+
+        def step(self, run, step_in_epoch, steps_in_epoch):
+            self.steps += 1
+            if self.steps == saved["step"]:
+                raise KeyboardInterrupt
+
+    one = folder.parent / "one-process"
+    recipe = load_recipe(str(folder / "recipe.toml"))
+    options = TrainOptions(model_path=str(folder / "model.py"), recipe=recipe, device="cpu", subset=1024,
+                           test_subset=100, progress_eval=False, checkpoint_dir=str(one))
+    with pytest.raises(KeyboardInterrupt):
+        train(options, StopAfter())
+    alone = ckpt.load_checkpoint(one)
+    assert alone["step"] == saved["step"]
+    for what in ("model", "ema"):
+        stats = [k for k in alone[what] if k.endswith(("running_mean", "running_var"))]
+        worst = max((_relative(alone[what][k], saved[what][k]), k) for k in stats)
+        assert worst[0] < 2e-2, (what, worst)  # rank 0's own drifted 0.2 away
+    assert saved["partial"]["loss"] == pytest.approx(alone["partial"]["loss"], rel=1e-3)
+    assert saved["partial"]["correct"] == pytest.approx(alone["partial"]["correct"], abs=2)
+
+
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="finds the rank's process through /proc")
 def test_sigterm_and_a_killed_rank_leave_checkpoints_that_resume(data_path, tmp_path):
     """SIGTERM stops both ranks with a mid-epoch checkpoint; --resume continues it to the next
@@ -137,6 +170,7 @@ def test_sigterm_and_a_killed_rank_leave_checkpoints_that_resume(data_path, tmp_
     assert saved["epoch"] == 1 and 0 < saved["step_in_epoch"] < 8
     assert saved["step"] == 8 + saved["step_in_epoch"]
     assert "checkpoint written to" in output and "Traceback" not in output
+    _same_as_one_process_stopped_there(folder, saved)
     # resumed, then rank 1 killed: the other rank and the launcher end with one line each
     written = path.stat().st_mtime_ns
     proc, _ = _train(tmp_path, "run", "--resume", wait=False, **args)
@@ -147,9 +181,9 @@ def test_sigterm_and_a_killed_rank_leave_checkpoints_that_resume(data_path, tmp_
     output = _finish(proc, "a killed rank")
     assert proc.returncode == 2, output[-3000:]
     errors = [line for line in output.splitlines() if line.startswith("fastgraph: error:")]
-    assert any("rank 0: another process of the training stopped" in e and "--resume" in e
-               for e in errors), output
-    assert any("process 1 of 2 failed (SIGKILL)" in e for e in errors), output
+    # one line: rank 0 only lost its peer, which the launcher names
+    assert errors == ["fastgraph: error: process 1 of 2 failed (SIGKILL); the others were stopped. "
+                      "The --checkpoint folder holds the last finished epoch: continue with --resume"], output
     assert "Traceback" not in output
     # the resumed epoch's checkpoint, whole: --resume continues from it as from the first
     # (an epoch-end checkpoint resumes as in tests/training/test_train_reliability.py)

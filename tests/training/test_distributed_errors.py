@@ -73,3 +73,32 @@ def test_the_checkpoint_option_is_found_in_each_spelling():
     assert dp.checkpoint_given(["train", "m.py", "--checkpoint=ckpt", "--resume"])
     assert dp.checkpoint_given(["train", "m.py", "--check", "ckpt"])  # argparse takes the abbreviation
     assert not dp.checkpoint_given(["train", "m.py", "--compile", "--json", "checkpoint.json"])
+
+
+# Rank 1 alone refuses its model file (as a rank whose GPU is missing refuses to start).
+_REFUSED_ON_RANK_1 = """
+import os
+if os.environ.get("RANK") == "1":
+    raise RuntimeError("no model for rank 1")
+"""
+
+
+def test_an_error_of_every_process_or_of_one_is_one_line(tmp_path):
+    """Every rank meets a batch that does not split over 3 processes: the error is said once,
+    without torchrun's own log lines; an error of rank 1 alone is said once, naming it."""
+    model, recipe = write_model(tmp_path, widths=(8, 16, 32, 64)), write_recipe(tmp_path)
+    every = subprocess.run([sys.executable, "-m", "fastgraph", "train", str(model), "--recipe", str(recipe),
+                            "--device", "cpu", "--nproc", "3"], env=_env(), capture_output=True, text=True,
+                           timeout=120)
+    assert every.returncode == 2, every.stderr[-3000:]
+    assert every.stderr.strip().splitlines() == [
+        "fastgraph: error: the global batch of 128 does not split over 3 processes: choose a batch size "
+        "that is a multiple of the process count"]
+    model.write_text(_REFUSED_ON_RANK_1 + model.read_text())
+    one = subprocess.run([sys.executable, "-m", "fastgraph", "train", str(model), "--recipe", str(recipe),
+                          "--device", "cpu", "--nproc", "2"], env=_env(), capture_output=True, text=True,
+                         timeout=120)
+    assert one.returncode == 2, one.stderr[-3000:]
+    lines = one.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("fastgraph: error: process 1 of 2: "), one.stderr[-3000:]
+    assert "RuntimeError: no model for rank 1" in lines[0]
