@@ -22,6 +22,27 @@ def real_data_path() -> Path | None:
     return SHARED_ARCHIVE if SHARED_ARCHIVE.exists() else None
 
 
+def stop_at(*, epoch: int | None = None, step: int | None = None):
+    """A training ``Reporter`` that raises KeyboardInterrupt, as Ctrl-C would (the trainer then
+    writes its checkpoint), after ``step`` steps of the whole training or at the end of
+    epoch ``epoch`` (1-based)."""
+    from fastgraph.training.loop import Reporter
+
+    class StopAt(Reporter):
+        steps = 0
+
+        def step(self, run, step_in_epoch, steps_in_epoch):
+            self.steps += 1
+            if step is not None and self.steps == step:
+                raise KeyboardInterrupt
+
+        def epoch_end(self, run, record):
+            if epoch is not None and record.epoch == epoch:
+                raise KeyboardInterrupt
+
+    return StopAt()
+
+
 def build_example(name: str):
     """The ``nn.Module`` that ``examples/<name>`` builds (``build_model()``)."""
     return runpy.run_path(str(EXAMPLES / name))["build_model"]()

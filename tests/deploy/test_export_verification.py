@@ -135,20 +135,16 @@ def test_the_engine_file_and_report_record_the_input_it_expects(tmp_path, data_p
 
 
 def test_a_checkpoint_written_mid_training_is_said_to_be_one(tmp_path, data_path, capsys):
-    from fastgraph.training.loop import Reporter, TrainOptions, train
+    from fastgraph.training.loop import TrainOptions, train
     from fastgraph.training.recipes import load_recipe
-    from support import write_recipe
-
-    class StopAfterEpoch1(Reporter):  # as Ctrl-C would: the trainer writes the checkpoint
-        def epoch_end(self, run, record):
-            raise KeyboardInterrupt
+    from support import stop_at, write_recipe
 
     model_path = write_model(tmp_path, (8, 16, 32, 64))
     recipe = write_recipe(tmp_path, epochs=2, batch_size=64, whitening_images=500, ghost_batch_size=None)
     options = dict(model_path=str(model_path), recipe=load_recipe(str(recipe)), subset=128, test_subset=50,
                    data=data_path, checkpoint_dir=str(tmp_path / "run"))
     with pytest.raises(KeyboardInterrupt):
-        train(TrainOptions(**options), StopAfterEpoch1())
+        train(TrainOptions(**options), stop_at(epoch=1))
     # (a finished checkpoint says so: test_export.py's trained checkpoint)
     js = tmp_path / "mid.json"
     assert main(["export", str(model_path), "--checkpoint", str(tmp_path / "run"), "--verify-images", "20",

@@ -18,7 +18,7 @@ import torch
 
 from fastgraph.training import checkpoint as ckpt
 from fastgraph.training.distributed import batch_positions, ghost_batch_size, without_nproc
-from support import REPO, write_model, write_recipe
+from support import REPO, stop_at, write_model, write_recipe
 
 # float32 on both sides: the 2-process gradient is (g_0 + g_1) / 2 where one process sums the
 # whole batch at once, a reordering worth ~1e-7 of each tensor's scale. Measured: 9e-8 after
@@ -124,24 +124,15 @@ def _same_as_one_process_stopped_there(folder: Path, saved: dict) -> None:
     after the same step holds, so it resumes on any number of processes: BatchNorm running
     statistics averaged over the ranks (each rank's own drifted 0.2 of their scale apart),
     and the epoch's loss so far as a sum of global-batch means (the sum over ranks read 2x)."""
-    from fastgraph.training.loop import Reporter, TrainOptions, train
+    from fastgraph.training.loop import TrainOptions, train
     from fastgraph.training.recipes import load_recipe
-
-    class StopAfter(Reporter):
-        def __init__(self):
-            self.steps = 0
-
-        def step(self, run, step_in_epoch, steps_in_epoch):
-            self.steps += 1
-            if self.steps == saved["step"]:
-                raise KeyboardInterrupt
 
     one = folder.parent / "one-process"
     recipe = load_recipe(str(folder / "recipe.toml"))
     options = TrainOptions(model_path=str(folder / "model.py"), recipe=recipe, device="cpu", subset=1024,
                            test_subset=100, progress_eval=False, checkpoint_dir=str(one))
     with pytest.raises(KeyboardInterrupt):
-        train(options, StopAfter())
+        train(options, stop_at(step=saved["step"]))
     alone = ckpt.load_checkpoint(one)
     assert alone["step"] == saved["step"]
     for what in ("model", "ema"):

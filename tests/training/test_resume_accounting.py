@@ -8,9 +8,9 @@ import pytest
 
 from fastgraph.core.errors import UserError
 from fastgraph.training import checkpoint as ckpt
-from fastgraph.training.loop import Reporter, TrainOptions, train
+from fastgraph.training.loop import TrainOptions, train
 from fastgraph.training.recipes import load_recipe
-from support import real_data_path, write_model, write_recipe
+from support import real_data_path, stop_at, write_model, write_recipe
 
 TINY = (8, 16, 16, 32)  # widths: a few ms per step on a CPU
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -24,26 +24,10 @@ def options(tmp_path, directory, lr=0.4, **kw):
     return TrainOptions(**{**base, **kw})
 
 
-class StopAt(Reporter):
-    """Raises KeyboardInterrupt, as Ctrl-C would, after a given step (of the run) or epoch."""
-
-    def __init__(self, epoch=None, step=None):
-        self.epoch, self.step_at, self.steps = epoch, step, 0
-
-    def step(self, run, step_in_epoch, steps_in_epoch):
-        self.steps += 1
-        if self.step_at is not None and self.steps == self.step_at:
-            raise KeyboardInterrupt
-
-    def epoch_end(self, run, record):
-        if self.epoch is not None and record.epoch == self.epoch:
-            raise KeyboardInterrupt
-
-
 def test_checkpoint_written_mid_epoch_keeps_that_epochs_counted_seconds(tmp_path, cifar10):
     # 4 steps per epoch: stopped 2 steps into epoch 2, whose training time so far is counted
     with pytest.raises(KeyboardInterrupt):
-        train(options(tmp_path, "ck"), StopAt(step=6))
+        train(options(tmp_path, "ck"), stop_at(step=6))
     state = ckpt.load_checkpoint(tmp_path / "ck")
     assert (state["epoch"], state["step_in_epoch"]) == (1, 2)
     assert state["epoch_seconds"] > 0
@@ -57,7 +41,7 @@ def test_checkpoint_written_mid_epoch_keeps_that_epochs_counted_seconds(tmp_path
 
 def test_resumed_run_counts_the_passes_once_and_reports_all_its_phases(tmp_path, cifar10):
     with pytest.raises(KeyboardInterrupt):
-        train(options(tmp_path, "ck"), StopAt(epoch=1))
+        train(options(tmp_path, "ck"), stop_at(epoch=1))
     run = train(options(tmp_path, "ck", resume=True)).runs[0]
     phases = run.phases["phases"]
     assert phases["passes"]["calls"] == 1 and phases["train"]["calls"] == 2
@@ -70,6 +54,6 @@ def test_resumed_run_counts_the_passes_once_and_reports_all_its_phases(tmp_path,
 
 def test_resume_with_another_recipe_names_the_value_that_differs(tmp_path, cifar10):
     with pytest.raises(KeyboardInterrupt):
-        train(options(tmp_path, "ck"), StopAt(epoch=1))
+        train(options(tmp_path, "ck"), stop_at(epoch=1))
     with pytest.raises(UserError, match=r"different training \(recipe optimizer\.lr: 0\.4 there\)"):
         train(options(tmp_path, "ck", lr=0.3, resume=True))

@@ -14,26 +14,14 @@ import pytest
 
 from fastgraph.core.errors import UserError
 from fastgraph.training import checkpoint as ckpt
-from fastgraph.training.loop import Reporter, TrainOptions, train
+from fastgraph.training.loop import TrainOptions, train
 from fastgraph.training.recipes import load_recipe
-from support import write_model, write_recipe
+from support import stop_at, write_model, write_recipe
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "data"))
 from cifar_builders import Sample, write_imagefolder  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-class StopAt(Reporter):
-    """Raises KeyboardInterrupt, as Ctrl-C would, after the given step of the whole training."""
-
-    def __init__(self, step):
-        self.step_at, self.steps = step, 0
-
-    def step(self, run, step_in_epoch, steps_in_epoch):
-        self.steps += 1
-        if self.steps == self.step_at:
-            raise KeyboardInterrupt
 
 
 def _sample(cifar10, swap: bool) -> Sample:
@@ -66,7 +54,7 @@ def options(tmp_path, data, checkpoint_dir_name="ck", **kw) -> TrainOptions:
 def test_resume_on_other_data_is_refused_and_on_the_same_data_goes_on(tmp_path, folders):
     a, b = folders
     with pytest.raises(KeyboardInterrupt):
-        train(options(tmp_path, a), StopAt(step=6))
+        train(options(tmp_path, a), stop_at(step=6))
     assert ckpt.load_checkpoint(tmp_path / "ck")["data"]
     with pytest.raises(UserError, match=r"checkpoint in .*ck was trained on other data than .*b holds"):
         train(options(tmp_path, b, resume=True))
@@ -77,7 +65,7 @@ def test_resume_on_other_data_is_refused_and_on_the_same_data_goes_on(tmp_path, 
 def test_resume_with_fewer_runs_than_begun_is_refused(tmp_path, folders):
     a, _ = folders
     with pytest.raises(KeyboardInterrupt):  # 4 steps an epoch, 8 a run: step 10 is in run 2
-        train(options(tmp_path, a, runs=2), StopAt(step=10))
+        train(options(tmp_path, a, runs=2), stop_at(step=10))
     state = ckpt.load_checkpoint(tmp_path / "ck")
     assert state["run"] == 1 and len(state["completed"]) == 1
     with pytest.raises(UserError, match=r"different training \(runs: 2 begun there, more than 1\)"):
@@ -87,7 +75,7 @@ def test_resume_with_fewer_runs_than_begun_is_refused(tmp_path, folders):
 def test_resume_after_the_model_file_changed_is_refused_and_after_a_comment_goes_on(tmp_path, folders):
     a, _ = folders
     with pytest.raises(KeyboardInterrupt):
-        train(options(tmp_path, a), StopAt(step=6))
+        train(options(tmp_path, a), stop_at(step=6))
     model = tmp_path / "model.py"
     source = model.read_text()
     model.write_text(source + "\n# a comment changes no graph\n")
@@ -96,7 +84,7 @@ def test_resume_after_the_model_file_changed_is_refused_and_after_a_comment_goes
     assert train(kept).runs[0].epochs[-1].epoch == 2
 
     with pytest.raises(KeyboardInterrupt):
-        train(options(tmp_path, a, checkpoint_dir_name="ck2"), StopAt(step=6))
+        train(options(tmp_path, a, checkpoint_dir_name="ck2"), stop_at(step=6))
     edited = options(tmp_path, a, resume=True, checkpoint_dir_name="ck2")
     # the logit scale, a constant of the model: every weight keeps its shape
     model.write_text(source.replace("weight=0.0625", "weight=0.125"))

@@ -15,10 +15,10 @@ import torch
 
 from fastgraph.core.errors import UserError
 from fastgraph.training import checkpoint as ckpt
-from fastgraph.training.loop import Reporter, TrainOptions, train
+from fastgraph.training.loop import TrainOptions, train
 from fastgraph.training.options import TrainingDiverged
 from fastgraph.training.recipes import load_recipe
-from support import cli_error, real_data_path, write_model, write_recipe
+from support import cli_error, real_data_path, stop_at, write_model, write_recipe
 
 TINY = (8, 16, 16, 32)  # widths: a few ms per step on a CPU
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -40,22 +40,6 @@ def options(tmp_path, directory, **kw):
     return TrainOptions(**{**base, **kw})
 
 
-class StopAt(Reporter):
-    """Raises KeyboardInterrupt, as Ctrl-C would, after a given step or epoch."""
-
-    def __init__(self, epoch=None, step=None):
-        self.epoch, self.step_at, self.steps = epoch, step, 0
-
-    def step(self, run, step_in_epoch, steps_in_epoch):
-        self.steps += 1
-        if self.step_at is not None and self.steps == self.step_at:
-            raise KeyboardInterrupt
-
-    def epoch_end(self, run, record):
-        if self.epoch is not None and record.epoch == self.epoch:
-            raise KeyboardInterrupt
-
-
 @pytest.mark.parametrize(("stop", "runs", "stopped_at"), [
     (dict(epoch=1), 1, 4), (dict(step=6), 1, 6), (dict(step=10), 2, 2),
 ], ids=["after-epoch-1", "mid-epoch-2", "inside-run-2"])
@@ -65,7 +49,7 @@ def test_resumed_run_ends_with_the_weights_of_an_uninterrupted_run(tmp_path, cif
     # into epoch 2), or 2 steps into the second of two runs.
     whole = train(options(tmp_path, "whole", runs=runs))
     with pytest.raises(KeyboardInterrupt):
-        train(options(tmp_path, "stopped", runs=runs), StopAt(**stop))
+        train(options(tmp_path, "stopped", runs=runs), stop_at(**stop))
     stopped = ckpt.load_checkpoint(tmp_path / "stopped")
     assert stopped["step"] == stopped_at and stopped["run"] == runs - 1 and not stopped["finished_run"]
     resumed = train(options(tmp_path, "stopped", resume=True, runs=runs))
@@ -84,7 +68,7 @@ def test_resumed_run_ends_with_the_weights_of_an_uninterrupted_run(tmp_path, cif
 
 def test_resume_refuses_a_different_training(tmp_path, cifar10):
     with pytest.raises(KeyboardInterrupt):
-        train(options(tmp_path, "ck"), StopAt(epoch=1))
+        train(options(tmp_path, "ck"), stop_at(epoch=1))
     with pytest.raises(UserError, match=r"different training \(seed: 0 there\)"):
         train(options(tmp_path, "ck", resume=True, seed=5))
     with pytest.raises(UserError, match="pass --resume"):
