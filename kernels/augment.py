@@ -11,8 +11,10 @@ with ``xs = W - 1 - x`` when ``flip[b]`` else ``x`` (crop, then mirror), ``(dy, 
 in ``[-pad, pad]`` (the random crop of a ``pad``-padded image, i.e. a random translate),
 and ``P`` the source image extended beyond its border by ``pad_mode``: ``"reflect"``
 (reflection without repeating the edge, as ``F.pad(mode="reflect")``) or ``"zeros"``
-(pixel value 0 before normalisation). Cutout (DeVries & Taylor 2017) zeroes a
-``cutout_size`` square whose top-left corner may lie outside the image (clipped).
+(0 after normalisation, i.e. the mean colour: fb.resnet.torch datasets/cifar10.lua
+normalises with ``ColorNormalize`` before ``RandomCrop(32, 4)`` zero-pads). Cutout
+(DeVries & Taylor 2017) zeroes a ``cutout_size`` square whose top-left corner may lie
+outside the image (clipped).
 
 Normalisation is ``(v - mean) / std`` in float32 with a correctly rounded division
 (``tl.math.div_rn``), the same float operations as the reference, so float32 outputs are
@@ -113,6 +115,10 @@ if HAS_TRITON:
             s = tl.load(std_ptr + c)
             v = tl.load(src + c * s_c, mask=inside, other=0).to(tl.float32)
             val = tl.math.div_rn(v - m, s)
+            if not REFLECT:
+                # The zero border is zero in normalised units (fb.resnet.torch pads after
+                # ColorNormalize), not the normalised value of a black pixel.
+                val = tl.where(inside, val, 0.0)
             if HAS_CUTOUT:
                 val = tl.where(hole, 0.0, val)
             tl.store(dst + c * o_c, val.to(out_ptr.dtype.element_ty), mask=mask)
@@ -220,7 +226,8 @@ def augment(images, index, shift, flip, cutout=None, *, mean, std, pad=2, pad_mo
         cutout: int64 (B, 2), top-left (y, x) of a ``cutout_size`` square zeroed in the
             output (may lie partly outside the image), or ``None``.
         mean, std: 3 floats each, 0..255 units (e.g. ``fastgraph.data.CIFAR10_MEAN``).
-        pad: crop padding, pixels; ``pad_mode``: ``"reflect"`` or ``"zeros"``.
+        pad: crop padding, pixels; ``pad_mode``: ``"reflect"`` or ``"zeros"`` (the border
+            is 0 after normalisation, as fb.resnet.torch's ``RandomCrop`` after ``ColorNormalize``).
         cutout_size: side of the cutout square, pixels (0: no cutout).
         out_dtype: float dtype of the output; ``channels_last``: output memory format.
 
@@ -251,12 +258,14 @@ def augment_reference(images, index, shift, flip, cutout=None, *, mean, std, pad
     """Plain-PyTorch :func:`augment`: same arguments, same result bit for bit.
 
     Bytes moved (eager, float32 out, per output element): gather 1 + 4 (float copy) +
-    padded copy 4+4 + crop gather 4+4 + normalise 4+4 + cutout 4+4 (+ layout 4+4), about
+    normalise 4+4 + padded copy 4+4 + crop gather 4+4 + cutout 4+4 (+ layout 4+4), about
     ten times the kernel's 5.
     """
     _check(images, index, shift, flip, cutout, mean, std, pad, pad_mode, cutout_size, out_dtype)
     batch, (height, width), device = index.shape[0], images.shape[2:], images.device
-    src = images[index].to(torch.float32)
+    mean_t, std_t = _mean_std(mean, std, device)
+    # Normalise, then pad: the "zeros" border is 0 in normalised units (fb.resnet.torch).
+    src = (images[index].to(torch.float32) - mean_t.view(1, 3, 1, 1)) / std_t.view(1, 3, 1, 1)
     if pad > 0:
         src = F.pad(src, (pad, pad, pad, pad), mode="reflect" if pad_mode == "reflect" else "constant")
     d = shift.clamp(-pad, pad)
@@ -265,9 +274,7 @@ def augment_reference(images, index, shift, flip, cutout=None, *, mean, std, pad
     cols = torch.where(flip[:, None], width - 1 - cols, cols) + pad + d[:, 1:]  # (B, W)
     b = torch.arange(batch, device=device)[:, None, None, None]
     c = torch.arange(3, device=device)[None, :, None, None]
-    crop = src[b, c, rows[:, None, :, None], cols[:, None, None, :]]
-    mean_t, std_t = _mean_std(mean, std, device)
-    out = (crop - mean_t.view(1, 3, 1, 1)) / std_t.view(1, 3, 1, 1)
+    out = src[b, c, rows[:, None, :, None], cols[:, None, None, :]]
     if cutout is not None and cutout_size > 0:
         ys = torch.arange(height, device=device)
         xs = torch.arange(width, device=device)

@@ -86,10 +86,16 @@ class DeviceAugmenter:
         """
         n_steps = self.steps_per_epoch if steps is None else min(steps, self.steps_per_epoch)
         order = torch.randperm(len(self.images), generator=self.generator, device=self.device)
-        order = order[: self.steps_per_epoch * self.batch_size]
+        # Draw for every image, then drop the last partial batch: the generator then advances
+        # by the same amount at any batch size, so a seed gives the same permutations and
+        # draws whatever the batch (airbench94.py CifarLoader.__iter__ and Page's
+        # core.py Transform.set_random_choices also draw for the whole dataset each epoch).
         shift, flip, corner = self._draw(len(order), self.generator, pad=self.pad,
                                          cutout_size=self.cutout, flip=self.flip, epoch=epoch,
                                          index=order, device=self.device)
+        kept = self.steps_per_epoch * self.batch_size
+        order, shift, flip = order[:kept], shift[:kept], flip[:kept]
+        corner = None if corner is None else corner[:kept]
         for i in range(skip, n_steps):
             rows = slice(i * self.batch_size, (i + 1) * self.batch_size)
             if self.positions is not None:  # this rank's images of the global batch

@@ -91,7 +91,7 @@ def test_crop_flip_semantics(cifar10):
     """Translate then mirror, checked by slicing, independently of the reference's indexing."""
     image = cifar10.test_images[3:4]
     base = normalize(image)[0]
-    fill = ((0 - torch.tensor(CIFAR10_MEAN)) / torch.tensor(CIFAR10_STD)).view(3, 1, 1)
+    fill = torch.zeros(3, 1, 1)  # the zero border is 0 after normalisation
     shift = torch.tensor([[1, -2]])
     out = augment(image, torch.tensor([0]), shift, torch.tensor([False]), pad=2, pad_mode="zeros", **NORM)[0]
     # out[y, x] = image[y + 1, x - 2]: rows 0..30 come from 1..31, columns 2..31 from 0..29
@@ -104,6 +104,27 @@ def test_crop_flip_semantics(cifar10):
     reflect = augment(image, torch.tensor([0]), torch.tensor([[-2, 0]]), torch.tensor([False]), pad=2,
                       pad_mode="reflect", **NORM)[0]
     assert torch.equal(reflect, F.pad(base[None], (0, 0, 2, 0), mode="reflect")[0, :, :32])
+
+
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_zero_padding_is_zero_after_normalisation(cifar10, channels_last):
+    """fb.resnet.torch (datasets/cifar10.lua: ColorNormalize, HorizontalFlip, RandomCrop(32, 4))
+    zero-pads the normalised image, so the border is the mean colour (0), not a black pixel;
+    checked against normalise, zero-pad, crop, mirror at every extreme shift, both flips."""
+    images, pad, n = cifar10.train_images, 4, 9
+    index = torch.arange(n) * 5_000 + 7  # odd batch, images from across the training set
+    corners = torch.tensor([-pad, 0, pad])
+    shift = torch.stack(torch.meshgrid(corners, corners, indexing="ij"), dim=-1).reshape(n, 2)
+    flip = torch.arange(n) % 2 == 1
+    padded = F.pad(normalize(images[index]), (pad,) * 4)  # normalise, then zero-pad
+    crops = [padded[i, :, pad + dy:pad + dy + 32, pad + dx:pad + dx + 32]
+             for i, (dy, dx) in enumerate(shift.tolist())]
+    expected = torch.stack([c.flip(-1) if f else c for c, f in zip(crops, flip.tolist(), strict=True)])
+    kw = dict(NORM, pad=pad, pad_mode="zeros", channels_last=channels_last)
+    for fn in (_launch_augment, augment_reference):
+        out = fn(images, index, shift, flip, **kw)
+        assert torch.equal(out, expected)
+        assert (out[0, :, :pad, :] == 0).all() and (out[8, :, -pad:, :] == 0).all()
 
 
 def test_cutout_is_a_clipped_square(cifar10):
