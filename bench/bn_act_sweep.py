@@ -39,7 +39,6 @@ import argparse
 import datetime as dt
 import importlib.util
 import json
-import os
 import platform
 import sys
 import time
@@ -201,20 +200,15 @@ def main(argv=None) -> int:
     p.add_argument("--dry-run", action="store_true",
                    help="CPU + Triton interpreter, one tiny shape, two configurations; writes nothing")
     args = p.parse_args(argv)
-    if args.dry_run:
-        os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported
-    import torch
-
-    if not args.dry_run and not torch.cuda.is_available():
-        print("bench/bn_act_sweep.py: no CUDA device; GPU numbers are only taken on a GPU "
-              "(--dry-run checks the script on the CPU without writing results)", file=sys.stderr)
+    bk = _bench_kernels()
+    torch = bk.gpu_torch("bench/bn_act_sweep.py", args.dry_run)
+    if torch is None:
         return 2
     import triton
 
     from fastgraph.core.errors import UserError
     from fastgraph.kernels import bn_act as bn
 
-    bk = _bench_kernels()
     device = torch.device("cpu" if args.dry_run else "cuda")
     ctx = bk.Context(torch=torch, device=device, dry_run=args.dry_run)
     ctx.copy_bw = bk._measure_copy_bandwidth(ctx)

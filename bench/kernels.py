@@ -652,15 +652,25 @@ def parse_args(argv):
     return p.parse_args(argv)
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    if args.dry_run:
-        os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported
+def gpu_torch(script: str, dry_run: bool):
+    """``torch`` for a GPU benchmark: imported after ``TRITON_INTERPRET=1`` is set for a dry
+    run (Triton reads it at import); None, after one line on stderr, where there is no CUDA
+    device and this is no dry run (GPU numbers are never taken on a CPU)."""
+    if dry_run:
+        os.environ["TRITON_INTERPRET"] = "1"
     import torch
 
-    if not args.dry_run and not torch.cuda.is_available():
-        print("bench/kernels.py: no CUDA device; GPU numbers are only taken on a GPU "
+    if not dry_run and not torch.cuda.is_available():
+        print(f"{script}: no CUDA device; GPU numbers are only taken on a GPU "
               "(--dry-run checks the script on the CPU without writing results)", file=sys.stderr)
+        return None
+    return torch
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    torch = gpu_torch("bench/kernels.py", args.dry_run)
+    if torch is None:
         return 2
     import triton
 

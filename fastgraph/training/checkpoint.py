@@ -4,12 +4,12 @@
 had never stopped: the model, optimiser and EMA states, the RNG states of torch (CPU and
 CUDA) and of the augmentation generator, where in the schedule it stopped (run, epoch,
 step), the results so far and the seconds of its timed phases, and what it was started
-with (recipe, model file, options), so ``--resume`` refuses a checkpoint of a different
-training. The file is written to a
+with (recipe, model file and its traced graph's digest, data fingerprint, options), so
+``--resume`` refuses a checkpoint of a different training. The file is written to a
 temporary name in the same folder, flushed to disk, then renamed over the old one
 (``os.replace`` is atomic), so a crash mid-write never leaves a torn checkpoint; a write
 that fails or is interrupted removes its temporary file, and one left by a killed process
-is removed by the next save into that folder.
+of this machine is removed by the next save into that folder.
 
 A file that is not such a checkpoint (another program's, a plain ``state_dict``, one
 missing a key) is a one-line :class:`~fastgraph.core.errors.UserError` naming the file and
